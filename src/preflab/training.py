@@ -1,0 +1,62 @@
+"""Small pieces every training loop shares: the accelerator, the learning-rate schedule, the budget."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import torch
+
+
+def set_threads(threads: int) -> None:
+    """Use `threads` intra-op threads (0 keeps torch's default: one per core)."""
+    if threads and threads > 0:
+        torch.set_num_threads(threads)
+
+
+def make_accelerator(cpu: bool | None = None, gradient_accumulation_steps: int = 1):
+    """An `accelerate.Accelerator`: CPU when no GPU is visible; `accelerate launch`/`torchrun` give DDP/FSDP."""
+    from accelerate import Accelerator
+
+    if cpu is None:
+        cpu = not torch.cuda.is_available() or os.environ.get("PREFLAB_CPU") == "1"
+    return Accelerator(cpu=cpu, gradient_accumulation_steps=gradient_accumulation_steps)
+
+
+def lr_factor(progress: float, warmup: float = 0.05, floor: float = 0.0) -> float:
+    """Linear warm-up over the first `warmup` of training, then cosine decay to `floor` (progress in [0, 1])."""
+    progress = min(max(progress, 0.0), 1.0)
+    if warmup > 0 and progress < warmup:
+        return progress / warmup
+    t = (progress - warmup) / max(1e-8, 1 - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class Budget:
+    """Stops a loop at `max_steps` or `max_seconds`, whichever comes first (0 = no limit)."""
+
+    def __init__(self, max_steps: int = 0, max_seconds: float = 0.0):
+        assert max_steps > 0 or max_seconds > 0, "a budget needs max_steps or max_seconds"
+        self.max_steps, self.max_seconds = max_steps, max_seconds
+        self.start = time.time()
+
+    @property
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+    def progress(self, step: int) -> float:
+        parts = []
+        if self.max_steps:
+            parts.append(step / self.max_steps)
+        if self.max_seconds:
+            parts.append(self.elapsed / self.max_seconds)
+        return max(parts)
+
+    def done(self, step: int) -> bool:
+        return self.progress(step) >= 1.0
