@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny models built locally from a config, offline, on CPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFLAB_QUIET", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from preflab.models import ModelSize, tiny_config, train_tokenizer
+
+HH_RLHF = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl"
+# A model small enough that a training step takes milliseconds.
+MICRO = ModelSize(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                  vocab_size=300, max_position_embeddings=256)
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A 300-token byte-level BPE trained on the tutoring world's corpus (pad, bos, eos distinct)."""
+    from preflab.world import corpus
+
+    return train_tokenizer(corpus(2000, seed=0), vocab_size=MICRO.vocab_size)
+
+
+def make_model(tokenizer, seed: int = 0):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_config(MICRO, tokenizer))
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def model(tokenizer):
+    """A freshly initialised micro Llama (random weights, seed 0)."""
+    return make_model(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tokenizer):
+    """A saved Hugging Face directory of the micro Llama (safetensors + tokenizer)."""
+    path = tmp_path_factory.mktemp("micro-llama")
+    make_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def hh_rlhf_path():
+    if not HH_RLHF.exists():
+        pytest.skip(f"{HH_RLHF} not present")
+    return HH_RLHF
