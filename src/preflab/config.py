@@ -80,6 +80,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         flag = "--" + field.name.replace("_", "-")
         tp = _field_type(cls, field)
         help_text = f"{field.metadata.get('help', '')} (default: {default!r})"
+        if field.metadata.get("positional"):  # `opt(..., positional=True)`: also accepted as a bare argument
+            group.add_argument(f"_{field.name}_positional", nargs="?", type=_converter(tp), default=None,
+                               help=help_text, metavar=field.name.upper())
         group.add_argument(flag, dest=field.name, type=_converter(tp), default=None, help=help_text,
                            metavar=field.name.upper())
 
@@ -126,6 +129,8 @@ def resolve_config(cls: type, args: argparse.Namespace, stage: str | None = None
     values = {k: v for k, v in values.items() if k in names or not isinstance(v, dict)}
     for name in names:
         given = getattr(args, name, None)
+        if given is None:
+            given = getattr(args, f"_{name}_positional", None)
         if given is not None:
             values[name] = given
     return build_config(cls, values, source=str(config_file or preset or "command line"))
