@@ -1,0 +1,176 @@
+"""Evaluation statistics: pure functions on arrays (no models), each with the formula it implements.
+
+* `bootstrap_mean` / `paired_difference`: mean with a 95% percentile-bootstrap CI (resampling prompts);
+* `win_rate`: P(a beats b) with ties counted as half a win;
+* `length_controlled_win_rate`: AlpacaEval 2's length-controlled win rate (Dubois et al. 2024);
+* `fit_best_of_n` / `fit_rl`: the over-optimisation forms of Gao, Schulman and Hilton (2022) and their peak;
+* `best_of_n_kl`, `best_of_n_win_bound`: the analytic best-of-n KL bound and win-rate bound.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass
+class Estimate:
+    """A mean and its 95% bootstrap confidence interval."""
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def excludes_zero(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+
+def bootstrap_mean(values, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> Estimate:
+    """Mean of `values` with a percentile-bootstrap CI: resample the values with replacement `n_boot` times."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), 0)
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return Estimate(float(x.mean()), float(low), float(high), int(x.size))
+
+
+def paired_difference(a, b, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> Estimate:
+    """Mean of a_i - b_i over the same prompts i, with a bootstrap CI over prompts (a paired comparison)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired_difference needs equal shapes, got {a.shape} and {b.shape}")
+    return bootstrap_mean(a - b, n_boot, level, seed)
+
+
+def outcomes(a, b) -> np.ndarray:
+    """Per pair: 1 where a > b, 0.5 where a == b, 0 where a < b."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return (a > b).astype(np.float64) + 0.5 * (a == b)
+
+
+def win_rate(a, b) -> float:
+    """P(a beats b) over paired scores, ties as half a win: mean(1[a > b] + 0.5 * 1[a == b])."""
+    o = outcomes(a, b)
+    return float(o.mean()) if o.size else float("nan")
+
+
+def _fit_logistic(X: np.ndarray, y: np.ndarray, l2: float, iters: int = 100) -> np.ndarray:
+    """Weights w minimising sum_i BCE(y_i, sigmoid(X_i w)) + l2/2 |w|^2 (soft labels allowed), by Newton steps."""
+    w = np.zeros(X.shape[1])
+    for _ in range(iters):
+        p = 1 / (1 + np.exp(-(X @ w)))
+        grad = X.T @ (p - y) + l2 * w
+        hess = (X * (p * (1 - p))[:, None]).T @ X + l2 * np.eye(X.shape[1])
+        step = np.linalg.lstsq(hess, grad, rcond=None)[0]  # (a zero length column makes hess singular)
+        w -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return w
+
+
+@dataclass
+class LengthControlled:
+    win_rate: float            # the raw win rate (ties half)
+    lc_win_rate: float         # predicted preference at length difference 0
+    model_coef: float          # theta: the model's log-odds advantage once length is accounted for
+    length_coef: float         # phi: weight of tanh(standardised length difference)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def length_controlled_win_rate(a_scores, b_scores, a_lengths, b_lengths, l2: float = 1e-3) -> LengthControlled:
+    """AlpacaEval 2's length-controlled win rate of a over b (Dubois et al. 2024, eq. 1 without instruction terms).
+
+        logit P(a > b) = theta + phi * tanh((len_a - len_b) / std(len_a - len_b))
+
+    fitted by logistic regression on the outcomes (ties as 0.5). As in AlpacaEval there is no global
+    intercept besides the model term theta (with one model against one baseline, theta plays that role);
+    the LC win rate is the preference predicted at length difference 0, sigmoid(theta). A small L2 penalty
+    keeps theta finite when a wins every pair. Properties: LC(a, a) = 0.5 and LC(a, b) = 1 - LC(b, a).
+    """
+    y = outcomes(a_scores, b_scores)
+    diff = np.asarray(a_lengths, dtype=np.float64) - np.asarray(b_lengths, dtype=np.float64)
+    std = diff.std()
+    z = np.tanh(diff / std) if std > 0 else np.zeros_like(diff)
+    X = np.stack([np.ones_like(z), z], axis=1)
+    theta, phi = _fit_logistic(X, y, l2)
+    return LengthControlled(float(y.mean()), float(1 / (1 + math.exp(-theta))), float(theta), float(phi))
+
+
+# ---- over-optimisation: Gao, Schulman and Hilton (2022), "Scaling laws for reward model over-optimization" ----
+
+@dataclass
+class GaoFit:
+    form: str          # "bon": R(d) = d (a - b d);  "rl": R(d) = d (a - b log d)
+    a: float
+    b: float
+    d_star: float      # the d = sqrt(KL) where the fitted gold reward peaks (inf when it never turns)
+    r_star: float      # the fitted gold reward at d_star
+    rmse: float
+
+    def predict(self, d) -> np.ndarray:
+        d = np.asarray(d, dtype=np.float64)
+        if self.form == "bon":
+            return d * (self.a - self.b * d)
+        return d * (self.a - self.b * np.log(np.maximum(d, 1e-12)))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _least_squares(features: np.ndarray, r: np.ndarray) -> tuple[float, float]:
+    (a, b), *_ = np.linalg.lstsq(features, r, rcond=None)
+    return float(a), float(b)
+
+
+def fit_best_of_n(d, r) -> GaoFit:
+    """Gao et al. (2022) eq. 1: R_bon(d) = d (alpha - beta d), least squares; peak d* = alpha / (2 beta).
+
+    `d` = sqrt(KL(pi || pi_init)), `r` = gold (true) reward gain over the initial policy (R(0) = 0).
+    """
+    d, r = np.asarray(d, dtype=np.float64), np.asarray(r, dtype=np.float64)
+    a, b = _least_squares(np.stack([d, -d * d], axis=1), r)
+    fit = GaoFit("bon", a, b, math.inf, math.nan, 0.0)
+    if b > 0:
+        fit.d_star = a / (2 * b)
+    return _finish(fit, d, r)
+
+
+def fit_rl(d, r) -> GaoFit:
+    """Gao et al. (2022) eq. 2: R_RL(d) = d (alpha - beta log d), least squares; peak d* = exp(alpha / beta - 1).
+
+    (dR/dd = alpha - beta log d - beta = 0.) `d` = sqrt(KL), `r` = gold reward gain (R(0) = 0; d log d -> 0).
+    """
+    d, r = np.asarray(d, dtype=np.float64), np.asarray(r, dtype=np.float64)
+    dlogd = np.where(d > 0, d * np.log(np.maximum(d, 1e-12)), 0.0)
+    a, b = _least_squares(np.stack([d, -dlogd], axis=1), r)
+    fit = GaoFit("rl", a, b, math.inf, math.nan, 0.0)
+    if b > 0 and a / b - 1 < 50:
+        fit.d_star = math.exp(a / b - 1)
+    return _finish(fit, d, r)
+
+
+def _finish(fit: GaoFit, d: np.ndarray, r: np.ndarray) -> GaoFit:
+    fit.rmse = float(np.sqrt(np.mean((fit.predict(d) - r) ** 2))) if d.size else math.nan
+    if math.isfinite(fit.d_star):
+        fit.r_star = float(fit.predict(fit.d_star))
+    return fit
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-n || pi) <= log n - (n - 1) / n (the analytic bound; Stiennon et al. 2020, Gao et al. 2022)."""
+    return math.log(n) - (n - 1) / n
+
+
+def best_of_n_win_bound(n: int) -> float:
+    """Best-of-n's win rate against its own base policy, under the reward it selects with, is at most n / (n + 1)."""
+    return n / (n + 1)

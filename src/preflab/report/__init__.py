@@ -1,0 +1,1 @@
+"""Reports: matplotlib figures embedded in one self-contained HTML file."""

@@ -1,0 +1,109 @@
+import math
+
+import numpy as np
+import pytest
+
+from preflab.evaluate.stats import (
+    best_of_n_kl,
+    best_of_n_win_bound,
+    bootstrap_mean,
+    fit_best_of_n,
+    fit_rl,
+    length_controlled_win_rate,
+    paired_difference,
+    win_rate,
+)
+
+
+def test_bootstrap_mean_ci_brackets_mean_and_shrinks_with_n():
+    rng = np.random.default_rng(1)
+    small = bootstrap_mean(rng.normal(1.0, 1.0, 50), seed=0)
+    large = bootstrap_mean(rng.normal(1.0, 1.0, 2000), seed=0)
+    assert small.low < small.mean < small.high
+    assert (large.high - large.low) < (small.high - small.low) / 4
+    # the CI of a normal mean is ~ mean +- 1.96 sigma / sqrt(n)
+    assert large.high - large.low == pytest.approx(2 * 1.96 / math.sqrt(2000), rel=0.15)
+    assert large.low < 1.0 < large.high
+
+
+def test_bootstrap_constant_values_have_zero_width_and_empty_is_nan():
+    e = bootstrap_mean([2.0] * 10)
+    assert (e.mean, e.low, e.high, e.n) == (2.0, 2.0, 2.0, 10)
+    assert math.isnan(bootstrap_mean([]).mean)
+
+
+def test_paired_difference_sees_a_shift_that_unpaired_noise_hides():
+    rng = np.random.default_rng(0)
+    base = rng.normal(0, 5, 200)              # large per-prompt variation
+    better = base + 0.3                       # a small, consistent gain
+    d = paired_difference(better, base)
+    assert d.mean == pytest.approx(0.3)
+    assert d.excludes_zero() and d.low == pytest.approx(0.3)
+    with pytest.raises(ValueError):
+        paired_difference([1, 2], [1])
+
+
+def test_win_rate_counts_ties_as_half():
+    assert win_rate([1, 2, 3, 4], [0, 2, 5, 1]) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    assert win_rate([1, 1], [1, 1]) == 0.5
+
+
+def test_length_controlled_win_rate_properties():
+    rng = np.random.default_rng(0)
+    n = 400
+    la, lb = rng.integers(5, 40, n), rng.integers(5, 40, n)
+    a, b = rng.normal(0, 1, n), rng.normal(0, 1, n)
+    ab = length_controlled_win_rate(a, b, la, lb)
+    ba = length_controlled_win_rate(b, a, lb, la)
+    assert ab.lc_win_rate + ba.lc_win_rate == pytest.approx(1.0, abs=1e-9)   # wr(a, b) = 1 - wr(b, a)
+    self_ = length_controlled_win_rate(a, a, la, la)
+    assert self_.lc_win_rate == pytest.approx(0.5) and self_.win_rate == 0.5   # wr(a, a) = 0.5
+
+
+def test_length_controlled_win_rate_removes_a_pure_length_preference():
+    # a judge who only prefers the longer answer: raw win rate high, LC win rate ~ 0.5
+    rng = np.random.default_rng(0)
+    n = 2000
+    lb = rng.integers(10, 30, n)
+    la = lb + rng.integers(-5, 20, n)       # a is usually longer
+    diff = (la - lb) / (la - lb).std()
+    p = 1 / (1 + np.exp(-3 * np.tanh(diff)))
+    a_wins = rng.random(n) < p
+    res = length_controlled_win_rate(a_wins.astype(float), (~a_wins).astype(float), la, lb)
+    assert res.win_rate > 0.7
+    assert res.lc_win_rate == pytest.approx(0.5, abs=0.05)
+    assert res.length_coef == pytest.approx(3.0, rel=0.2)
+
+
+def test_length_controlled_equals_raw_when_lengths_equal():
+    res = length_controlled_win_rate([1, 1, 1, 0], [0, 0, 0, 1], [5] * 4, [5] * 4, l2=0.0)
+    assert res.lc_win_rate == pytest.approx(0.75, abs=1e-6)
+
+
+def test_gao_best_of_n_fit_recovers_parameters_and_peak():
+    d = np.linspace(0.1, 3.0, 20)
+    fit = fit_best_of_n(d, d * (2.0 - 0.5 * d))
+    assert (fit.a, fit.b) == (pytest.approx(2.0), pytest.approx(0.5))
+    assert fit.d_star == pytest.approx(2.0)            # alpha / (2 beta)
+    assert fit.r_star == pytest.approx(2.0)            # 2 (2 - 1)
+    assert fit.rmse == pytest.approx(0.0, abs=1e-9)
+
+
+def test_gao_rl_fit_recovers_parameters_and_peak():
+    d = np.linspace(0.05, 4.0, 30)
+    fit = fit_rl(np.concatenate([[0.0], d]), np.concatenate([[0.0], d * (1.0 - 0.8 * np.log(d))]))
+    assert (fit.a, fit.b) == (pytest.approx(1.0), pytest.approx(0.8))
+    assert fit.d_star == pytest.approx(math.exp(1.0 / 0.8 - 1))
+    grid = np.linspace(0.01, 4, 4000)
+    assert fit.d_star == pytest.approx(grid[np.argmax(fit.predict(grid))], abs=2e-3)
+
+
+def test_gao_fit_without_a_turn_has_no_peak():
+    d = np.linspace(0.1, 2, 10)
+    assert math.isinf(fit_best_of_n(d, d * (1 + 0.3 * d)).d_star)
+
+
+def test_best_of_n_bounds():
+    assert best_of_n_kl(1) == 0.0
+    assert best_of_n_kl(4) == pytest.approx(math.log(4) - 0.75)
+    assert best_of_n_win_bound(4) == pytest.approx(0.8)
