@@ -1,0 +1,163 @@
+"""`preflab report RUN_DIR`: one self-contained HTML file (figures as base64 PNGs, no external files).
+
+    1. find what the folder holds: every run folder with a metrics.jsonl (the folder itself and its
+       sub-folders), an eval.json + samples.jsonl (`preflab eval policy`), a sweep.json (`preflab eval sweep`),
+       a demo summary (headline.json), reward and bias-audit summaries
+    2. draw the figures that have data: training curves, the reward-vs-KL frontier, true vs proxy reward
+       along the sweep with the Gao et al. fit, length drift, reward-model calibration against the truth
+    3. write report.html with the headline table, the gain by component, the figures and sample responses
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from preflab.cli import stage
+from preflab.config import check, opt
+from preflab.report import figures
+from preflab.runs import read_metrics
+
+
+@dataclass
+class ReportConfig:
+    run_dir: str = opt("", "the run folder to report on (a demo folder or any stage's run folder)", positional=True)
+    out: str = opt("", "the HTML file to write (default RUN_DIR/report.html)")
+    n_samples: int = opt(8, "sample responses shown per policy")
+
+    def __post_init__(self):
+        check(bool(self.run_dir), "give the run folder: preflab report RUN_DIR")
+        check(Path(self.run_dir).is_dir(), f"run folder {self.run_dir!r} does not exist")
+        check(self.n_samples >= 0, f"n_samples must be >= 0, got {self.n_samples}")
+
+
+def _find(root: Path, name: str) -> Path | None:
+    """The shallowest file called `name` under root (sweep sub-runs are deeper than the demo's own)."""
+    hits = sorted(root.rglob(name), key=lambda p: (len(p.parts), str(p)))
+    return hits[0] if hits else None
+
+
+def _load_json(path: Path | None):
+    return json.loads(path.read_text()) if path and path.exists() else None
+
+
+def find_runs(root: Path, max_depth: int = 2) -> dict[str, list[dict]]:
+    """Relative name -> metrics rows, for every run folder with metrics (sweep sub-runs skipped)."""
+    runs = {}
+    for path in sorted(root.rglob("metrics.jsonl")):
+        rel = path.parent.relative_to(root)
+        if len(rel.parts) > max_depth:
+            continue
+        rows = read_metrics(path.parent)
+        if rows:
+            runs[str(rel) if rel.parts else root.name] = rows
+    return runs
+
+
+def _fmt(x, digits: int = 3) -> str:
+    if isinstance(x, float):
+        return "nan" if math.isnan(x) else f"{x:.{digits}f}"
+    return html.escape(str(x))
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def policy_tables(evaluation: dict) -> str:
+    from preflab.world import COMPONENTS
+
+    rows, gains = [], []
+    for name, r in evaluation["policies"].items():
+        u, g = r["true_utility"], r["gain"]
+        rows.append([name, f"{u['mean']:.3f} [{u['low']:.3f}, {u['high']:.3f}]",
+                     f"{g['mean']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}]",
+                     r.get("proxy_reward", {}).get("mean", float("nan")), r["win_rate_true"], r["lc_win_rate_true"],
+                     r.get("win_rate_proxy", float("nan")), ("&le; " if r.get("kl_is_bound") else "") + f"{r['kl']:.3f}",
+                     r["mean_length"]])
+        gains.append([name] + [f"{r['gain_by_component'][c]['mean']:+.3f} [{r['gain_by_component'][c]['low']:+.3f}, "
+                               f"{r['gain_by_component'][c]['high']:+.3f}]" for c in COMPONENTS])
+    head = ["policy", "true utility [95% CI]", "gain vs reference [95% CI]", "proxy reward", "win rate (true)",
+            "LC win rate (true)", "win rate (RM)", "KL to reference", "mean length"]
+    out = _table(head, rows).replace("&amp;le; ", "&le; ")
+    out += "<h3>Gain over the reference by component (paired by prompt, 95% CI)</h3>"
+    out += _table(["policy", *COMPONENTS], gains)
+    return out
+
+
+def sample_table(samples: list[dict], n: int) -> str:
+    from preflab.world import question_of
+
+    policies = list(dict.fromkeys(s["policy"] for s in samples))
+    by = {p: [s for s in samples if s["policy"] == p] for p in policies}
+    rows = []
+    for i in range(min(n, min(len(v) for v in by.values()))):
+        rows.append([question_of(by[policies[0]][i]["prompt"])] +
+                    [f"{by[p][i]['response']}  [{by[p][i]['utility']:+.2f}]" for p in policies])
+    return _table(["prompt", *policies], rows)
+
+
+STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+         "table{border-collapse:collapse;font-size:12px;margin:0.5em 0}"
+         "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}th{background:#f3f3f3}"
+         "img{max-width:100%}h2{border-bottom:1px solid #ddd}.note{color:#555;font-size:13px}")
+
+
+def build_report(root: Path, n_samples: int = 8) -> tuple[str, dict]:
+    """(html text, what was found) for a run folder."""
+    evaluation = _load_json(_find(root, "eval.json"))
+    sweep_data = _load_json(_find(root, "sweep.json"))
+    headline = _load_json(root / "headline.json")
+    samples_path = _find(root, "samples.jsonl")
+    samples = [json.loads(x) for x in samples_path.read_text().splitlines()] if samples_path else []
+    runs = find_runs(root)
+    calib = figures.calibration_table(samples, evaluation["reference"]) if evaluation and samples else []
+
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>preflab report: {html.escape(root.name)}</title>"
+             f"<style>{STYLE}</style></head><body><h1>preflab report: {html.escape(str(root))}</h1>"]
+    if headline:
+        parts.append("<h2>Headline</h2>" + _table(["figure", "value"], [[k, v] for k, v in headline.items()]))
+    if evaluation:
+        parts.append(f"<h2>Policies on {evaluation['n_prompts']} held-out prompts</h2>" + policy_tables(evaluation))
+    drawn = {}
+    for title, fig, note in [
+        ("Training curves", figures.training_curves(runs), "from each stage's metrics.jsonl"),
+        ("Reward vs KL frontier", figures.frontier(evaluation, sweep_data), "KL of best-of-n is the analytic bound"),
+        ("True vs proxy reward (over-optimisation)", figures.true_vs_proxy(sweep_data),
+         "Gao, Schulman and Hilton (2022): R(d) = d (a - b log d), d = sqrt(KL)"),
+        ("Length drift", figures.length_drift(evaluation, sweep_data), "mean response length in tokens"),
+        ("Calibration", figures.calibration(calib), "pairs of (policy, reference) responses to one held-out prompt"),
+    ]:
+        if fig is None:
+            continue
+        drawn[title] = True
+        parts.append(f"<h2>{title}</h2><p class='note'>{html.escape(note)}</p>"
+                     f"<img alt='{html.escape(title)}' src='data:image/png;base64,{figures.png_base64(fig)}'>")
+    if sweep_data:
+        rows = [[p["arm"], p["steps"], p["kl"], p["sqrt_kl"], p["true_utility"], p["proxy"], p["length"]]
+                for p in sweep_data["points"]]
+        parts.append("<h2>Sweep points</h2>" + _table(["arm", "steps", "KL", "sqrt KL", "true utility", "proxy", "length"], rows))
+    if calib:
+        parts.append("<h2>Calibration table</h2>" + _table(["bin", "n", "predicted", "observed"],
+                                                             [[r["bin"], r["n"], r["predicted"], r["observed"]] for r in calib]))
+    if samples and n_samples:
+        parts.append("<h2>Sample responses (true utility in brackets)</h2>" + sample_table(samples, n_samples))
+    parts.append("</body></html>")
+    found = {"runs": len(runs), "eval": evaluation is not None, "sweep": sweep_data is not None,
+             "figures": len(drawn), "calibration_bins": len(calib)}
+    return "\n".join(parts), found
+
+
+@stage(ReportConfig)
+def report(config: ReportConfig) -> dict:
+    root = Path(config.run_dir)
+    text, found = build_report(root, config.n_samples)
+    out = Path(config.out) if config.out else root / "report.html"
+    out.write_text(text, encoding="utf-8")
+    print(f"[report] {out} ({found['figures']} figures, {found['runs']} runs)", flush=True)
+    return {"report": str(out), **found}

@@ -1,0 +1,81 @@
+import base64
+import json
+import re
+
+import pytest
+
+from preflab.config import ConfigError
+from preflab.evaluate.policy import score, summarise
+from preflab.evaluate.sweep import fit_arm
+from preflab.report.figures import calibration_table
+from preflab.report.html import ReportConfig, report
+from preflab.reward.interface import function_reward
+from preflab.world import prompts as world_prompts
+
+PROMPTS = world_prompts(6, seed=0, split="eval")
+
+
+def _fake_policy(texts, kl):
+    return {"texts": texts, "lengths": [len(t.split()) for t in texts], "finished": [True] * len(texts),
+            "kl": [kl] * len(texts)}
+
+
+def make_demo_folder(root):
+    """A folder shaped like a demo run: stage sub-runs with metrics, an eval and a sweep."""
+    (root / "ppo").mkdir(parents=True)
+    with open(root / "ppo" / "metrics.jsonl", "w") as f:
+        for step in range(1, 6):
+            f.write(json.dumps({"step": step, "ppo/objective/scores": 0.1 * step, "ppo/objective/kl": 0.05 * step}) + "\n")
+    reward = function_reward(lambda p, r: float(len(r.split())))
+    sft = score(PROMPTS, _fake_policy(["I am not sure."] * 6, 0.0), reward)
+    ppo = score(PROMPTS, _fake_policy(["Sure! I am not sure. Thanks for asking."] * 6, 2.0), reward)
+    (root / "eval").mkdir()
+    table = summarise({"sft": sft, "ppo": ppo}, "sft")
+    (root / "eval" / "eval.json").write_text(json.dumps({"reference": "sft", "n_prompts": 6, "policies": table}))
+    with open(root / "eval" / "samples.jsonl", "w") as f:
+        for name, s in (("sft", sft), ("ppo", ppo)):
+            for i, p in enumerate(PROMPTS):
+                f.write(json.dumps({"policy": name, "prompt": p, "response": s["texts"][i], "length": s["lengths"][i],
+                                    "utility": s["utility"][i], "proxy": s["proxy"][i], "kl": s["kl"][i]}) + "\n")
+    points = [{"arm": "beta=0", "beta": 0.0, "steps": n, "kl": kl, "sqrt_kl": kl ** 0.5, "true_utility": u,
+               "proxy": pr, "length": 8 + n} for n, kl, u, pr in [(5, 0.5, 0.3, 0.5), (10, 2.0, 0.4, 1.2), (20, 6.0, -0.2, 2.0)]]
+    base = {"kl": 0.0, "sqrt_kl": 0.0, "true_utility": 0.0, "proxy": 0.0, "length": 8.0}
+    (root / "sweep").mkdir()
+    (root / "sweep" / "sweep.json").write_text(json.dumps(
+        {"reference": base, "points": points, "fits": {"beta=0": fit_arm(points, 0.0)}}))
+    (root / "headline.json").write_text(json.dumps({"ppo_gain": 0.5}))
+
+
+def test_report_embeds_every_figure_as_png(tmp_path):
+    make_demo_folder(tmp_path / "demo")
+    summary = report(ReportConfig(run_dir=str(tmp_path / "demo")))
+    text = (tmp_path / "demo" / "report.html").read_text()
+    images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", text)
+    assert summary["figures"] == len(images) == 5
+    for img in images:
+        assert base64.b64decode(img)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "src='http" not in text and "<link" not in text       # self-contained
+    assert "ppo_gain" in text and "Sample responses" in text and "I am not sure." in text
+    assert summary["eval"] and summary["sweep"] and summary["runs"] == 1
+
+
+def test_report_on_a_bare_training_run_draws_only_curves(tmp_path):
+    run = tmp_path / "sft"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "sft/loss": 3.0 / s}) + "\n" for s in range(1, 4)))
+    summary = report(ReportConfig(run_dir=str(run), out=str(tmp_path / "r.html")))
+    assert summary["figures"] == 1 and (tmp_path / "r.html").exists()
+
+
+def test_calibration_pairs_policy_with_reference_samples():
+    rows = [{"policy": "sft", "prompt": "q", "response": "a", "utility": 0.0, "proxy": 0.0},
+            {"policy": "sft", "prompt": "q", "response": "b", "utility": 1.0, "proxy": 0.0},
+            {"policy": "ppo", "prompt": "q", "response": "c", "utility": 1.0, "proxy": 3.0},
+            {"policy": "ppo", "prompt": "q", "response": "d", "utility": 0.0, "proxy": -3.0}]
+    table = calibration_table(rows, "sft", bins=2)
+    assert [(r["n"], r["observed"]) for r in table] == [(1, 0.0), (1, 1.0)]
+
+
+def test_report_config_rejects_a_missing_folder(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        ReportConfig(run_dir=str(tmp_path / "nope"))
