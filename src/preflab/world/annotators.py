@@ -45,7 +45,7 @@ class Annotator:
     def p_first(self, u_a: float, u_b: float, len_a: int, len_b: int) -> float:
         """P(A preferred): the module docstring's formula."""
         z = (u_a - u_b) / self.temperature + self.length_bias * (len_a - len_b) + self.position_bias
-        return 1.0 / (1.0 + math.exp(-z))
+        return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))  # no overflow
 
 
 def length(text: str) -> int:
