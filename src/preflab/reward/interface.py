@@ -4,7 +4,8 @@
   * `world`                 the tutoring world's true utility (the lab's ground truth; never a training signal
                             in the lab's reported runs unless you ask for it);
   * `module:function`       a Python function `f(prompt, response) -> float`, called once per pair;
-  * a reward-model folder   a trained reward model (`preflab.reward.model.RewardModel`), scored in batches.
+  * a reward-model folder   a trained reward model (`preflab.reward.model.RewardModel`) or an ensemble
+                            (`RewardEnsemble`, reduced by mean / min / mean-minus-std), scored in batches.
 Prompts are given as the data gives them (a string or a list of chat messages); responses are strings.
 """
 
@@ -41,6 +42,6 @@ def load_reward(spec: str) -> RewardFn:
         except (ImportError, AttributeError) as exc:
             raise ModelError(f"reward {spec!r}: cannot import {name} from {module} ({exc})") from None
         return function_reward(fn)
-    from preflab.reward.model import RewardModel  # a trained reward-model folder
+    from preflab.reward.model import load_reward_model  # a trained reward-model (or ensemble) folder
 
-    return RewardModel.load(spec)
+    return load_reward_model(spec).reward  # the bound method: `.__self__` is the RewardModel / RewardEnsemble

@@ -1,0 +1,271 @@
+"""`preflab reward`: train a Bradley-Terry reward model (or an ensemble of them) on comparisons.
+
+    1. read the comparisons; split off a reproducible held-out share (or read --eval-data); tokenise in token
+       space (prompt ids + chosen ids + rejected ids), truncating prompts at the start and completions at the end
+    2. for each ensemble member k (seed + k: its own head init and data order):
+       a. load the backbone (a causal LM) and put a scalar head on it (`RewardModel`)
+       b. one epoch by default, AdamW, learning rate warmed up then annealed to 0 (RLHF detail 8)
+       c. each optimiser step: `gradient_accumulation` micro-batches of `batch_size` pairs, chosen and rejected
+          in one forward pass, loss = Bradley-Terry (InstructGPT eq. 1) averaged over all pairs of the step
+       d. normalise: gain and bias so that reference responses (the training pairs' chosen + rejected, or
+          --reference) score mean 0 and std 1 (RLHF detail 7)
+       e. score the held-out pairs, save the member, free it
+    3. save the model (or the ensemble: `ensemble.json` + `member-k/`) and print the held-out summary
+
+Ensembles use separate backbones: each member fine-tunes its own copy. Members that share a fine-tuned
+backbone and differ only in the head are nearly identical in what they know, so their disagreement says
+little about where the reward is uncertain (Coste et al. 2023 train whole separate models). The cost is K
+times the training time and, at scoring time, K forward passes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+from preflab.cli import stage
+from preflab.config import check, opt
+from preflab.data import DataError, collate_pairs, load_demonstrations, load_preferences, split_rows, tokenize_rows
+from preflab.data.tokenize import encode_completion, encode_prompt, truncate
+from preflab.models import describe, load_model
+from preflab.reward.evaluate import calibration, score_pairs
+from preflab.reward.loss import bradley_terry_loss, pair_statistics, summarise
+from preflab.reward.model import REDUCTIONS, RewardModel, reduce_ensemble, write_ensemble_index
+from preflab.runs import Run, progress, seed_everything
+from preflab.training import Budget, lr_factor, make_accelerator, set_lr, set_threads
+
+
+@dataclass
+class RewardConfig:
+    model: str = opt("", "backbone: a Hugging Face causal-LM directory, a run folder, a .gguf file or 'smollm2'")
+    data: str = opt("", "preference JSONL (prompt/chosen/rejected, optional margin, tie, subset)")
+    out: str = opt("", "run folder to write (default runs/reward-<time>)")
+    eval_data: str = opt("", "held-out preference JSONL (default: a held_out share of --data)")
+    held_out: float = opt(0.1, "share of --data held out when no --eval-data is given (0: no held-out set)")
+    split_seed: int = opt(0, "seed of the train/held-out split: the same seed and file give the same split")
+    max_rows: int = opt(0, "train on the first N training rows only (0: all); the held-out set is unchanged")
+    max_eval_rows: int = opt(0, "score the first N held-out rows only (0: all)")
+    epochs: int = opt(1, "passes over the training pairs (1 is the published recipe: more overfits)")
+    lr: float = opt(1e-4, "peak learning rate (AdamW), annealed to 0")
+    warmup: float = opt(0.05, "share of training spent warming the learning rate up")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    batch_size: int = opt(8, "pairs per micro-batch (each pair is two sequences)")
+    gradient_accumulation: int = opt(1, "micro-batches per optimiser step")
+    grad_clip: float = opt(1.0, "clip the gradient norm to this (0: off)")
+    use_margin: bool = opt(True, "use the data's `margin` column (Llama 2 margin loss) where rows give one")
+    margin_scale: float = opt(1.0, "multiply the data's margins by this")
+    label_smoothing: float = opt(0.0, "target P(chosen wins) = 1 - label_smoothing (robust to flipped labels)")
+    max_prompt_length: int = opt(192, "prompt tokens kept (the end of the prompt); 0: all")
+    max_completion_length: int = opt(64, "completion tokens kept (the start of the response); 0: all")
+    max_steps: int = opt(0, "stop each member after this many optimiser steps (0: the epochs decide)")
+    max_seconds: float = opt(0.0, "stop each member after this many seconds (0: no time limit)")
+    ensemble: int = opt(1, "members to train (different seeds and data orders; separate backbones)")
+    reduce: str = opt("mean", "how an ensemble combines members: mean, min or mean_minus_std")
+    reference: str = opt("", "responses for normalisation, a demonstration JSONL (prompt + completion); "
+                             "default: the training pairs' chosen and rejected responses")
+    reference_rows: int = opt(512, "at most this many reference pairs/rows for normalisation")
+    eval_batch_size: int = opt(32, "sequences per scoring batch")
+    eval_every: int = opt(0, "score the held-out set every N steps (0: only at the end)")
+    log_every: int = opt(10, "log training metrics (means over the interval) every N steps")
+    seed: int = opt(0, "random seed; member k uses seed + k")
+    threads: int = opt(0, "torch intra-op threads (0: torch's default)")
+
+    def __post_init__(self):
+        check(bool(self.model), "give --model (a backbone: directory, run folder, .gguf or 'smollm2')")
+        check(bool(self.data), "give --data (a preference JSONL file)")
+        check(0 <= self.held_out < 1, f"held_out must be in [0, 1), got {self.held_out}")
+        check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        check(0 <= self.warmup < 1, f"warmup must be in [0, 1), got {self.warmup}")
+        check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        check(self.gradient_accumulation >= 1, f"gradient_accumulation must be >= 1, got {self.gradient_accumulation}")
+        check(0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        check(self.max_prompt_length >= 0 and self.max_completion_length >= 0,
+              f"max lengths must be >= 0, got {self.max_prompt_length} and {self.max_completion_length}")
+        check(self.max_steps >= 0 and self.max_seconds >= 0, f"max_steps/max_seconds must be >= 0, got {self.max_steps}/{self.max_seconds}")
+        check(self.ensemble >= 1, f"ensemble must be >= 1, got {self.ensemble}")
+        check(self.reduce in REDUCTIONS, f"reduce must be one of {REDUCTIONS}, got {self.reduce!r}")
+        check(self.reference_rows >= 1, f"reference_rows must be >= 1, got {self.reference_rows}")
+
+
+def train_step(model: RewardModel, optimizer, pairs: list, micro_batch_size: int, config: RewardConfig,
+               backward=None) -> tuple[float, dict]:
+    """One optimiser step over `pairs` in micro-batches; returns (sum of per-pair losses, pair statistics).
+
+    Each micro-batch's mean loss is weighted by its share of the step's pairs, so the accumulated gradient is
+    that of the mean loss over all `pairs`: batch 4 x accumulation 1 equals batch 1 x accumulation 4.
+    """
+    backward = backward or (lambda loss: loss.backward())
+    pad = model.tokenizer.pad_token_id
+    loss_sum, sums = 0.0, {}
+    for start in range(0, len(pairs), micro_batch_size):
+        micro = pairs[start:start + micro_batch_size]
+        batch = collate_pairs(micro, pad)  # rows 0..B-1 chosen, B..2B-1 rejected
+        rewards = model(batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device), normalise=False)
+        chosen, rejected = rewards[:len(micro)], rewards[len(micro):]
+        margin = batch["margin"].to(model.device) * config.margin_scale if config.use_margin else None
+        loss = bradley_terry_loss(chosen, rejected, margin, config.label_smoothing, batch["tie"])
+        backward(loss * len(micro) / len(pairs))
+        loss_sum += loss.item() * len(micro)
+        for key, value in pair_statistics(chosen.detach(), rejected.detach(), batch["tie"]).items():
+            sums[key] = sums.get(key, 0.0) + value
+    if config.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, sums
+
+
+def held_out_metrics(model, pairs: list, config: RewardConfig, prefix: str = "reward/eval") -> dict:
+    """Held-out loss, accuracy, margin, chosen, rejected (raw scale, as trained) and ECE."""
+    raw_w, raw_l = score_pairs(model, pairs, config.eval_batch_size)
+    chosen, rejected = raw_w[0], raw_l[0]
+    tie = torch.tensor([p.tie for p in pairs])
+    losses = sum(bradley_terry_loss(chosen[i:i + 1], rejected[i:i + 1], None, config.label_smoothing, tie[i:i + 1]).item()
+                 for i in range(len(pairs)))
+    metrics = summarise(pair_statistics(chosen, rejected, tie), losses, prefix)
+    strict = ~tie
+    _, ece = calibration(torch.sigmoid(chosen - rejected)[strict].numpy())
+    metrics[f"{prefix}/ece"] = ece
+    return metrics
+
+
+def reference_ids(config: RewardConfig, tokenizer, train_pairs: list) -> tuple[list, list, str]:
+    """Prompt ids and completion ids of the responses whose rewards are normalised to mean 0, std 1."""
+    if config.reference:
+        rows = load_demonstrations(config.reference).rows[:config.reference_rows]
+        prompts, completions = [], []
+        for row in rows:
+            p, c, _ = truncate(encode_prompt(tokenizer, row.prompt), encode_completion(tokenizer, row.completion),
+                               config.max_prompt_length, config.max_completion_length)
+            prompts.append(p)
+            completions.append(c)
+        return prompts, completions, config.reference
+    pairs = train_pairs[:config.reference_rows]
+    return ([p.prompt_ids for p in pairs] * 2, [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs],
+            f"{len(pairs)} training pairs (chosen + rejected)")
+
+
+def train_member(config: RewardConfig, k: int, train_pairs: list, eval_pairs: list, run: Run, step0: int,
+                 loaded: tuple | None = None):
+    """Steps 2a-2d for member k (on `loaded` = (backbone, tokenizer) if given); returns (model, last global
+    step, final training metrics)."""
+    seed = config.seed + k
+    seed_everything(seed)
+    # a. backbone + head
+    backbone, tokenizer = loaded or load_model(config.model)
+    model = RewardModel(backbone, tokenizer, seed=seed, max_prompt_length=config.max_prompt_length,
+                        max_completion_length=config.max_completion_length, batch_size=config.eval_batch_size)
+    accelerator = make_accelerator()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    # b. schedule: one epoch by default, lr annealed to 0
+    pairs_per_step = config.batch_size * config.gradient_accumulation
+    steps_per_epoch = math.ceil(len(train_pairs) / pairs_per_step)
+    total = config.epochs * steps_per_epoch
+    budget = Budget(min(config.max_steps or total, total), config.max_seconds)
+    order_rng = random.Random(seed)
+    step, interval, loss_sum, last = 0, {}, 0.0, {}
+    bar = progress(total=budget.max_steps, desc=f"reward member {k}" if config.ensemble > 1 else "reward")
+    while not budget.done(step):
+        epoch_pairs = train_pairs[:]
+        order_rng.shuffle(epoch_pairs)  # each member its own data order
+        for start in range(0, len(epoch_pairs), pairs_per_step):
+            if budget.done(step):
+                break
+            lr = config.lr * lr_factor(budget.progress(step), config.warmup, floor=0.0)
+            set_lr(optimizer, lr)
+            # c. one optimiser step over gradient_accumulation micro-batches
+            step_loss, sums = train_step(model, optimizer, epoch_pairs[start:start + pairs_per_step], config.batch_size,
+                                         config, backward=accelerator.backward)
+            step += 1
+            bar.update(1)
+            loss_sum += step_loss
+            for key, value in sums.items():
+                interval[key] = interval.get(key, 0.0) + value
+            if step % config.log_every == 0 or budget.done(step):
+                last = summarise(interval, loss_sum, "reward")
+                run.log(step0 + step, {**last, "reward/lr": lr, "reward/member": k})
+                bar.set_postfix(loss=f"{last['reward/loss']:.3f}", acc=f"{last['reward/accuracy']:.2f}")
+                interval, loss_sum = {}, 0.0
+            if config.eval_every and eval_pairs and step % config.eval_every == 0:
+                run.log(step0 + step, held_out_metrics(model, eval_pairs, config))
+                model.train()
+    bar.close()
+    model = accelerator.unwrap_model(model).eval()
+    # d. normalisation on reference responses
+    prompts, completions, source = reference_ids(config, model.tokenizer, train_pairs)
+    model.set_normalisation(model.score_ids(prompts, completions, normalise=False), source)
+    return model, step0 + step, last
+
+
+def load_pairs(config: RewardConfig, tokenizer) -> tuple[list, list, int]:
+    """Step 1: (train pairs, held-out pairs, number truncated)."""
+    rows = load_preferences(config.data).rows
+    if config.eval_data:
+        train_rows, eval_rows = rows, load_preferences(config.eval_data).rows
+    else:
+        train_rows, eval_rows = split_rows(rows, config.held_out, config.split_seed)
+    train_rows = train_rows[:config.max_rows] if config.max_rows else train_rows
+    eval_rows = eval_rows[:config.max_eval_rows] if config.max_eval_rows else eval_rows
+    if not train_rows:
+        raise DataError(config.data, f"no training rows left after holding out {config.held_out}", "lower --held-out")
+    train, t1 = tokenize_rows(tokenizer, train_rows, config.max_prompt_length, config.max_completion_length)
+    held, t2 = tokenize_rows(tokenizer, eval_rows, config.max_prompt_length, config.max_completion_length)
+    return train, held, t1 + t2
+
+
+@stage(RewardConfig)
+def train_reward(config: RewardConfig) -> dict:
+    set_threads(config.threads)
+    # 1. the backbone (a clear error if it is not a causal LM) and the data, tokenised with its tokenizer
+    first = load_model(config.model)
+    train_pairs, eval_pairs, n_truncated = load_pairs(config, first[1])
+    run = Run(config.out or None, "reward", config)
+    print(f"[reward] {len(train_pairs)} training pairs, {len(eval_pairs)} held out, {n_truncated} truncated; "
+          f"{config.ensemble} member(s)", flush=True)
+    # 2. members
+    step, members, held_scores, member_summaries = 0, [], [], []
+    for k in range(config.ensemble):
+        model, step, last = train_member(config, k, train_pairs, eval_pairs, run, step, first if k == 0 else None)
+        first = None
+        if k == 0:
+            print(f"[reward] backbone {describe(model.backbone)}", flush=True)
+        summary = {"member": k, "train_loss": last.get("reward/loss"), "train_accuracy": last.get("reward/accuracy"),
+                   "gain": model.gain.item(), "bias": model.bias.item()}
+        if eval_pairs:  # e. held-out scores of this member
+            metrics = held_out_metrics(model, eval_pairs, config)
+            run.log(step, {**metrics, "reward/member": k})
+            summary.update(eval_accuracy=metrics["reward/eval/accuracy"], eval_loss=metrics["reward/eval/loss"],
+                           eval_ece=metrics["reward/eval/ece"])
+            raw_w, raw_l = score_pairs(model, eval_pairs, config.eval_batch_size)
+            held_scores.append((raw_w[0] * model.gain + model.bias, raw_l[0] * model.gain + model.bias))
+        member_summaries.append(summary)
+        if config.ensemble == 1:
+            model.save(run.model_dir)
+        else:
+            model.save(run.model_dir / f"member-{k}")
+            members.append(f"member-{k}")
+            del model  # members are trained one at a time; only one backbone is in memory
+    # 3. the ensemble file and the held-out summary
+    if config.ensemble > 1:
+        write_ensemble_index(run.model_dir, members, config.reduce)
+    out = {"train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "steps": step, "members": config.ensemble,
+           "train_loss": member_summaries[-1]["train_loss"], "train_accuracy": member_summaries[-1]["train_accuracy"]}
+    if held_scores:
+        chosen = reduce_ensemble(torch.stack([w for w, _ in held_scores]), config.reduce)
+        rejected = reduce_ensemble(torch.stack([r for _, r in held_scores]), config.reduce)
+        strict = ~torch.tensor([p.tie for p in eval_pairs])
+        out["eval_accuracy"] = float((chosen > rejected)[strict].float().mean())
+        out["eval_accuracy_members"] = [m["eval_accuracy"] for m in member_summaries]
+        out["eval_ece_members"] = [m["eval_ece"] for m in member_summaries]
+        if config.ensemble > 1:
+            run.log(step, {"reward/eval/ensemble_accuracy": out["eval_accuracy"]})
+    out["model"] = str(run.model_dir)
+    (run.dir / "members.json").write_text(json.dumps(member_summaries, indent=2) + "\n")
+    return run.finish(out)

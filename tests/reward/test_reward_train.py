@@ -1,0 +1,120 @@
+"""`preflab reward` and `preflab eval reward` through the real entry point, on the micro model."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from preflab.cli import main
+from preflab.data import write_jsonl
+from preflab.reward import load_reward
+from preflab.runs import read_metrics
+
+
+def synthetic_prefs(n=40, seed=0):
+    """Chosen answers are polite and correct, rejected ones curt: a pattern a micro model can pick up."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        rows.append({"prompt": f"What is {a} plus {b}?", "chosen": f"The answer is {a + b}.", "rejected": "No.",
+                     "subset": "math/add" if i % 2 else "chat/easy"})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def prefs(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prefs") / "prefs.jsonl"
+    write_jsonl(path, synthetic_prefs())
+    return path
+
+
+@pytest.mark.slow
+def test_cli_trains_saves_normalises_and_evaluates(model_dir, prefs, tmp_path, capsys):
+    out = tmp_path / "rm"
+    code = main(["reward", "--model", str(model_dir), "--data", str(prefs), "--out", str(out), "--held-out", "0.25",
+                 "--batch-size", "4", "--gradient-accumulation", "2", "--epochs", "3", "--lr", "3e-3", "--log-every", "2"])
+    assert code == 0
+    # artefacts: a Hugging Face directory + head + json, metrics, summary
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "reward_head.safetensors", "reward_model.json"):
+        assert (out / "model" / name).exists(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_pairs"] == 30 and summary["eval_pairs"] == 10
+    assert summary["steps"] == 3 * 4  # ceil(30 / (4 x 2)) steps per epoch
+    metrics = read_metrics(out)
+    names = set().union(*metrics)
+    for name in ("reward/loss", "reward/accuracy", "reward/margin", "reward/chosen", "reward/rejected",
+                 "reward/eval/loss", "reward/eval/accuracy", "reward/eval/ece"):
+        assert name in names, name
+    losses = [m["reward/loss"] for m in metrics if "reward/loss" in m]
+    assert losses[-1] < losses[0]  # it learns the pattern
+    assert summary["eval_accuracy"] == 1.0
+    # normalisation: the training pairs' chosen + rejected responses score mean 0, std 1
+    rows = synthetic_prefs()
+    from preflab.data import load_preferences, split_rows
+
+    train, _ = split_rows(load_preferences(prefs).rows, 0.25, 0)
+    reward = load_reward(str(out))
+    scores = reward([r.prompt for r in train] * 2, [r.chosen for r in train] + [r.rejected for r in train])
+    assert scores.mean().item() == pytest.approx(0.0, abs=1e-4)
+    assert scores.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-3)
+    assert len(rows) == 40
+    # evaluation on the held-out side of the same split
+    capsys.readouterr()
+    ev = tmp_path / "ev"
+    assert main(["eval", "reward", "--model", str(out), "--data", str(prefs), "--split", "heldout",
+                 "--held-out", "0.25", "--out", str(ev)]) == 0
+    printed = capsys.readouterr().out
+    assert "| longer wins |" in printed and "Calibration" in printed
+    report = json.loads((ev / "report.json").read_text())
+    assert report["pairs"] == 10 and report["accuracy"] == pytest.approx(summary["eval_accuracy"])
+    assert report["longer_wins"] == 1.0 and report["shorter_wins"] == 0.0  # chosen is always longer here
+    assert {s["section"] for s in report["sections"]} == {"math", "chat"}
+    assert len((ev / "pairs.jsonl").read_text().splitlines()) == 10
+    assert (ev / "report.md").read_text().startswith("## Reward model")
+
+
+@pytest.mark.slow
+def test_cli_ensemble_of_two_members(model_dir, prefs, tmp_path):
+    out = tmp_path / "ens"
+    assert main(["reward", "--model", str(model_dir), "--data", str(prefs), "--out", str(out), "--ensemble", "2",
+                 "--batch-size", "8", "--max-steps", "2", "--reduce", "min"]) == 0
+    index = json.loads((out / "model" / "ensemble.json").read_text())
+    assert index == {"members": ["member-0", "member-1"], "reduce": "min", "lam": 1.0}
+    from preflab.reward.model import RewardModel
+
+    members = [RewardModel.load(out / "model" / m) for m in index["members"]]
+    # different seeds: different heads
+    assert not torch.equal(members[0].head.weight, members[1].head.weight)
+    prompts, responses = ["What is 1 plus 2?"] * 2, ["The answer is 3.", "No."]
+    each = torch.stack([m.reward(prompts, responses) for m in members])
+    torch.testing.assert_close(load_reward(str(out))(prompts, responses), each.min(0).values)
+    ev = tmp_path / "ev"
+    assert main(["eval", "reward", "--model", str(out), "--data", str(prefs), "--out", str(ev), "--reduce", "mean"]) == 0
+    report = json.loads((ev / "report.json").read_text())
+    assert report["members"] == 2 and "disagreement" in report
+    first = json.loads((ev / "pairs.jsonl").read_text().splitlines()[0])
+    assert len(first["member_margins"]) == 2 and first["disagreement"] >= 0
+
+
+def test_a_file_with_no_usable_rows_is_a_clear_error(model_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert main(["reward", "--model", str(model_dir), "--data", str(empty), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "no usable rows" in err and "Traceback" not in err
+
+
+def test_a_model_that_is_not_a_causal_lm_is_a_clear_error(prefs, tmp_path, capsys):
+    bad = tmp_path / "encoder"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "distilbert"}))
+    assert main(["reward", "--model", str(bad), "--data", str(prefs), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "not a causal LM" in err and "Traceback" not in err
+
+
+def test_bad_options_are_refused_with_the_value(model_dir, prefs, capsys):
+    assert main(["reward", "--model", str(model_dir), "--data", str(prefs), "--label-smoothing", "0.7"]) == 2
+    assert "0.7" in capsys.readouterr().err
