@@ -1,0 +1,177 @@
+"""Critic-free policy optimisation: RLOO (`preflab rloo`) and GRPO (`preflab grpo`), one loop for both.
+
+Each step samples k responses for each of `batch_size` prompts (prompt-major: rows i*k .. i*k+k-1 share a
+prompt) with the one rollout engine, and scores them with the one reward interface. The methods differ in
+three lines:
+
+    RLOO (Ahmadian et al. 2024)   R_i = score_i - beta sum_t KL_t   (KL folded into the reward, as in PPO)
+                                  A_i = R_i - mean of the other k-1 R_j          (leave-one-out baseline)
+                                  loss_i = sum_t clip-loss_t                     (REINFORCE on the sequence)
+    GRPO (Shao et al. 2024)       A_i = (score_i - mean_j score_j) / std_j score_j
+                                  loss_i = mean_t clip-loss_t + beta mean_t k3_t (KL as a separate loss term)
+
+Both use PPO's clipped ratio (Schulman et al. 2017, eq. 7) against the rollout-time log-probs; with one
+epoch and one minibatch per batch the ratio is 1 and the update is plain REINFORCE with a baseline.
+Departures: Ahmadian et al. give no clipping (it only acts with epochs > 1 or several minibatches); the
+sequence loss is averaged over the sequences of a minibatch (not over tokens) so that micro-batch
+accumulation is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from preflab.cli import stage
+from preflab.config import check, opt
+from preflab.data.tokenize import encode_prompt
+from preflab.policy.kl_control import make_kl_controller
+from preflab.policy.logps import masked_mean, sequence_logps
+from preflab.policy.losses import (approx_kl, clipped_policy_loss, grpo_advantages, kl_estimate, kl_k3,
+                                   rloo_advantages)
+from preflab.policy.ppo import (OnlineConfig, chunked_logps, evaluate_policy, finish_online, prompt_cycle,
+                                score_responses, setup_online, take, to_device)
+from preflab.rollout import generate
+from preflab.runs import progress
+from preflab.training import Budget
+
+
+@dataclass
+class RLOOConfig(OnlineConfig):
+    k: int = opt(4, "samples per prompt (the group); rollout rows per step = batch_size x k")
+    batch_size: int = opt(8, "prompts per rollout batch")
+    mini_batch_size: int = opt(32, "rollout rows per optimiser step")
+    micro_batch_size: int = opt(16, "rows per forward/backward (gradients accumulate over a minibatch)")
+    epochs: int = opt(1, "passes over each rollout batch, reshuffled each time")
+    lr: float = opt(3e-5, "learning rate (AdamW, constant)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.k >= 2, f"k must be >= 2 (a leave-one-out or group baseline needs 2 samples), got {self.k}")
+        rows = self.batch_size * self.k
+        check(rows % self.mini_batch_size == 0,
+              f"batch_size x k ({rows}) must be a multiple of mini_batch_size ({self.mini_batch_size})")
+
+
+@dataclass
+class GRPOConfig(RLOOConfig):
+    beta: float = opt(0.04, "weight of the k3 KL loss term (Shao et al.: 0.04)")
+    kl_estimator: str = opt("k3", "KL estimator for the logged KL; the loss term is always k3 (GRPO eq. 4)")
+    lr: float = opt(1e-4, "learning rate (AdamW, constant); the per-token mean loss wants a larger one than RLOO")
+
+
+def critic_free_minibatch(policy, mb: dict, config: RLOOConfig, method: str, beta: float, stats: dict | None = None) -> dict:
+    """Forward/backward over the micro-batches of one minibatch; the loss is the mean over its sequences, so
+    accumulation over micro-batches is exact. `mb` holds the batch plus old_logps, ref_logps, advantages [B]."""
+    stats = stats if stats is not None else {}
+    n_rows = mb["input_ids"].shape[0]
+    for start in range(0, n_rows, config.micro_batch_size):
+        mu = take(mb, slice(start, start + config.micro_batch_size))
+        mask = mu["completion_mask"].float()
+        length = mask.sum(-1).clamp(min=1)
+        logp, _, entropy = sequence_logps(policy, mu, config.temperature, return_entropy=True)
+        adv = mu["advantages"][:, None].expand_as(logp)
+        pg, ratio, clipped = clipped_policy_loss(logp, mu["old_logps"], adv, config.cliprange)
+        if method == "rloo":
+            per_seq = (pg * mask).sum(-1)                                     # REINFORCE on the whole sequence
+            kl_term = torch.zeros_like(per_seq)
+        else:
+            per_seq = (pg * mask).sum(-1) / length                            # GRPO eq. 3: 1/|o_i| sum_t
+            kl_term = beta * (kl_k3(logp, mu["ref_logps"]) * mask).sum(-1) / length   # GRPO eq. 3-4
+        loss = (per_seq + kl_term).sum() / n_rows
+        loss.backward()
+        with torch.no_grad():
+            stats["loss/policy"] = stats.get("loss/policy", 0.0) + per_seq.sum().item()
+            stats["loss/kl"] = stats.get("loss/kl", 0.0) + kl_term.sum().item()
+            stats["rows"] = stats.get("rows", 0.0) + mu["input_ids"].shape[0]
+            for name, value in (("policy/clipfrac", clipped.float()), ("policy/approxkl", approx_kl(logp, mu["old_logps"])),
+                                ("val/ratio", ratio)):
+                stats[name] = stats.get(name, 0.0) + (value * mask).sum().item()
+            stats["tokens"] = stats.get("tokens", 0.0) + mask.sum().item()
+            stats["ratio_max_dev"] = max(stats.get("ratio_max_dev", 0.0), ((ratio - 1).abs() * mask).max().item())
+    return stats
+
+
+def critic_free(config: RLOOConfig, method: str) -> dict:
+    run, accelerator, policy, ref, tokenizer, reward_fn, train_prompts, eval_prompts = setup_online(config, method)
+    device = accelerator.device
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, eps=1e-5)
+    kl_ctl = make_kl_controller(config.beta, config.target_kl, config.horizon)
+    gen = torch.Generator().manual_seed(config.seed)
+    batches = prompt_cycle(train_prompts, config.batch_size, gen)
+    before = evaluate_policy(policy, ref, tokenizer, eval_prompts, reward_fn, config, config.seed + 7)
+    budget = Budget(config.max_steps, config.max_seconds)
+    bar = progress(total=config.max_steps, desc=method)
+    step, k = 0, config.k
+    while not budget.done(step):
+        prompts = [p for p in next(batches) for _ in range(k)]               # prompt-major groups of k
+        # 1. rollout
+        rollout = generate(policy, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], config.max_new_tokens,
+                           temperature=config.temperature, generator=torch.Generator(device=device).manual_seed(config.seed * 100003 + step))
+        batch = to_device(rollout.batch, device)
+        mask = batch["completion_mask"].float()
+        with torch.no_grad():
+            # 2. old and reference log-probs (temperature on both)
+            old_logps, entropy = chunked_logps(policy, batch, config.temperature, config.mini_batch_size, entropy=True)
+            ref_logps = chunked_logps(ref, batch, config.temperature, config.mini_batch_size)
+            # 3. scores with the missing-EOS penalty
+            scores = score_responses(reward_fn, prompts, rollout, config.missing_eos_penalty).to(device)
+            kl = (kl_estimate(old_logps, ref_logps, config.kl_estimator) * mask).sum(-1)
+            # 4. advantages: leave-one-out on the KL-penalised reward, or group-normalised scores
+            if method == "rloo":
+                advantages = rloo_advantages(scores - kl_ctl.value * kl, k)
+            else:
+                advantages = grpo_advantages(scores, k)
+        data = {**batch, "old_logps": old_logps, "ref_logps": ref_logps, "advantages": advantages}
+        # 5. epochs over reshuffled minibatches, one optimiser step per minibatch
+        policy.train()
+        stats: dict = {}
+        first_dev = None
+        for _epoch in range(config.epochs):
+            order = torch.randperm(len(prompts), generator=gen).to(device)
+            for start in range(0, len(prompts), config.mini_batch_size):
+                optimizer.zero_grad(set_to_none=True)
+                critic_free_minibatch(policy, take(data, order[start:start + config.mini_batch_size]), config, method,
+                                      kl_ctl.value, stats)
+                if first_dev is None:
+                    first_dev = stats["ratio_max_dev"]
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+                optimizer.step()
+        policy.eval()
+        step += 1
+        # 6. KL controller, then 7. log means over the step
+        beta_used = kl_ctl.value
+        kl_ctl.update(kl.mean().item(), len(prompts))
+        n, rows = max(stats["tokens"], 1.0), max(stats["rows"], 1.0)
+        if step % config.log_every == 0 or step == config.max_steps:
+            metrics = {
+                "objective/kl": kl.mean(), "objective/scores": scores.mean(),
+                "objective/rlhf_reward": (scores - beta_used * kl).mean(), "objective/entropy": masked_mean(entropy, mask),
+                "policy/approxkl": stats["policy/approxkl"] / n, "policy/clipfrac": stats["policy/clipfrac"] / n,
+                "policy/first_ratio_dev": first_dev, "val/ratio": stats["val/ratio"] / n,
+                "loss/policy": stats["loss/policy"] / rows, "beta": beta_used,
+                "rollout/length": rollout.lengths.float().mean(), "rollout/eos_rate": rollout.finished.float().mean(),
+                "objective/group_std": scores.view(-1, k).std(-1).mean(),
+            }
+            if method == "grpo":
+                metrics["loss/kl"] = stats["loss/kl"] / rows
+            run.log(step, {f"{method}/{name}": value for name, value in metrics.items()})
+        bar.update(1)
+        bar.set_postfix(score=f"{scores.mean().item():.3f}", kl=f"{kl.mean().item():.2f}")
+        if config.checkpoint_every and step % config.checkpoint_every == 0:
+            run.save_checkpoint(policy, tokenizer, optimizer, step, extra={"beta": kl_ctl.value})
+    bar.close()
+    return finish_online(run, method, policy, ref, tokenizer, reward_fn, eval_prompts, config, before, step, kl_ctl.value)
+
+
+@stage(RLOOConfig)
+def rloo(config: RLOOConfig) -> dict:
+    """REINFORCE leave-one-out; returns the summary dict (also in the run folder's summary.json)."""
+    return critic_free(config, "rloo")
+
+
+@stage(GRPOConfig)
+def grpo(config: GRPOConfig) -> dict:
+    """Group relative policy optimisation; returns the summary dict."""
+    return critic_free(config, "grpo")

@@ -1,0 +1,27 @@
+"""Known reward functions `f(prompt, response) -> float` for checking RL on a reward we can read.
+
+Use them as `--reward preflab.world.rewards:<name>`. They are deliberately simple: when PPO, RLOO, GRPO or
+best-of-n raise one of them on held-out prompts, the optimiser works; nothing about the tutoring world's true
+utility is implied (a length target rewards padding, which the true utility punishes).
+"""
+
+from __future__ import annotations
+
+import re
+
+TARGET_WORDS = 12
+WORD = "capital"
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[A-Za-z0-9']+", text)
+
+
+def length_closeness(prompt, response: str, target: int = TARGET_WORDS) -> float:
+    """1 at exactly `target` words, falling linearly: 1 - |n - target| / target (0 at 0 or 2x target words)."""
+    return 1.0 - abs(len(words(response)) - target) / target
+
+
+def word_count(prompt, response: str, word: str = WORD) -> float:
+    """How many times `word` appears (case-insensitive, whole words), capped at 5."""
+    return float(min(5, sum(w.lower() == word for w in words(response))))

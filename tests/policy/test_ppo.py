@@ -1,0 +1,154 @@
+"""PPO: the first-step checks, micro-batch accumulation, every parameter moving, and the CLI end to end."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import make_model
+from preflab.config import ConfigError
+from preflab.data import encode_prompt
+from preflab.policy.losses import gae, masked_whiten, rlhf_rewards
+from preflab.policy.ppo import (PPOConfig, ValueModel, chunked_logps, make_value_model, ppo_minibatch, read_prompts,
+                                take)
+from preflab.rollout import generate
+from preflab.runs import read_metrics
+from preflab.world import prompts as world_prompts
+
+REWARD = "preflab.world.rewards:length_closeness"
+
+
+def config(**kw):
+    base = dict(model="m", reward=REWARD, batch_size=4, mini_batch_size=4, micro_batch_size=4, max_new_tokens=6)
+    return PPOConfig(**{**base, **kw})
+
+
+def ppo_data(model, tokenizer, value_model, n=4, seed=0):
+    """A rollout batch in the shape the PPO loop builds (steps 1-6), with a non-trivial score."""
+    prompts = world_prompts(n, seed=seed)
+    rollout = generate(model, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], 6,
+                       generator=torch.Generator().manual_seed(seed))
+    batch = rollout.batch
+    mask = batch["completion_mask"].float()
+    with torch.no_grad():
+        old = chunked_logps(model, batch, 1.0, 2)
+        values = value_model(batch)
+    scores = torch.linspace(-1, 1, n)
+    rewards, kl = rlhf_rewards(old, old, scores, mask, 0.1)
+    adv, ret = gae(rewards, values, mask, 1.0, 0.95)
+    return {**batch, "old_logps": old, "old_values": values, "advantages": masked_whiten(adv, mask), "returns": ret}
+
+
+def test_first_minibatch_ratio_is_one_and_approxkl_zero(tokenizer, model):
+    value = make_value_model(model, config())
+    data = ppo_data(model, tokenizer, value)
+    model.train()
+    stats = ppo_minibatch(model, value, take(data, torch.tensor([2, 0, 3, 1])), config(micro_batch_size=2))
+    assert stats["ratio_max_dev"] < 1e-6
+    assert stats["policy/approxkl"] / stats["tokens"] < 1e-12
+    assert stats["policy/clipfrac"] == 0.0
+
+
+def test_zero_init_value_head_starts_at_zero_and_is_a_copy(tokenizer, model):
+    value = make_value_model(model, config())
+    data = ppo_data(model, tokenizer, value)
+    assert torch.equal(data["old_values"], torch.zeros_like(data["old_values"]))
+    assert value.backbone is not model.get_decoder()
+    for a, b in zip(value.backbone.parameters(), model.get_decoder().parameters()):
+        assert torch.equal(a, b)
+
+
+def _grads(module):
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in module.parameters()]
+
+
+def test_micro_batch_accumulation_4x1_equals_1x4(tokenizer):
+    policy = make_model(tokenizer, seed=1)
+    value = make_value_model(policy, config())
+    torch.nn.init.normal_(value.head.weight, std=0.5)   # a live critic, so the value loss has gradients too
+    data = ppo_data(policy, tokenizer, value)
+    data["old_logps"] = data["old_logps"] - 0.05 * torch.arange(4.0)[:, None] * data["completion_mask"]  # ratio != 1
+    p1, v1 = copy.deepcopy(policy).train(), copy.deepcopy(value)
+    p4, v4 = copy.deepcopy(policy).train(), copy.deepcopy(value)
+    s1 = ppo_minibatch(p1, v1, data, config(micro_batch_size=1))
+    s4 = ppo_minibatch(p4, v4, data, config(micro_batch_size=4))
+    for a, b in zip(_grads(p1) + _grads(v1), _grads(p4) + _grads(v4)):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    assert s1["loss/policy"] == pytest.approx(s4["loss/policy"], rel=1e-5)
+    assert any(g.abs().sum() > 0 for g in _grads(v4))
+
+
+def test_every_policy_parameter_changes_after_a_ppo_step(tokenizer):
+    policy = make_model(tokenizer, seed=2).train()
+    value = make_value_model(policy, config())
+    data = ppo_data(policy, tokenizer, value)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    optimizer = torch.optim.AdamW([*policy.parameters(), *value.parameters()], lr=1e-3)
+    ppo_minibatch(policy, value, data, config(micro_batch_size=2))
+    optimizer.step()
+    unchanged = [n for n, p in policy.named_parameters() if torch.equal(p, before[n])]
+    assert unchanged == []
+
+
+def test_config_validation_quotes_the_bad_value():
+    with pytest.raises(ConfigError, match="'k2'"):
+        config(kl_estimator="k2")
+    with pytest.raises(ConfigError, match=r"\(6\).*\(4\)"):
+        config(batch_size=6, mini_batch_size=4)
+    with pytest.raises(ConfigError, match="'critic'"):
+        config(value_init="critic")
+
+
+def test_read_prompts_errors_name_file_and_line(tmp_path):
+    from preflab.data.preferences import DataError
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "hi"}\n{"text": "no prompt"}\n')
+    with pytest.raises(DataError, match=r"p.jsonl:2"):
+        read_prompts(str(path))
+    path.write_text('{"prompt": "hi"}\n{"prompt": [{"role": "user", "content": "x"}]}\n')
+    assert read_prompts(str(path))[1] == [{"role": "user", "content": "x"}]
+
+
+def test_value_init_from_reward_model(tokenizer, tmp_path):
+    model_mod = pytest.importorskip("preflab.reward.model")
+    RewardModel = getattr(model_mod, "RewardModel", None)
+    if RewardModel is None or not hasattr(RewardModel, "load") or not hasattr(RewardModel, "save"):
+        pytest.skip("preflab.reward.model.RewardModel.load/save not there yet")
+    rm = RewardModel(make_model(tokenizer, seed=3), tokenizer, seed=0)
+    rm.save(tmp_path / "rm")
+    value = make_value_model(make_model(tokenizer), config(value_init="reward", reward=str(tmp_path / "rm")))
+    assert torch.equal(value.head.weight, rm.head.weight)
+    for a, b in zip(value.backbone.parameters(), rm.backbone.get_decoder().parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_ppo_cli_writes_a_loadable_policy_and_every_metric(model_dir, tmp_path):
+    from preflab.cli import main
+    from preflab.models import load_model
+
+    out = tmp_path / "ppo"
+    rc = main(["ppo", "--model", str(model_dir), "--reward", REWARD, "--max-steps", "2", "--batch-size", "8",
+               "--mini-batch-size", "4", "--micro-batch-size", "2", "--epochs", "2", "--max-new-tokens", "6",
+               "--eval-prompts", "4", "--target-kl", "1", "--horizon", "100", "--checkpoint-every", "1",
+               "--out", str(out)])
+    assert rc == 0
+    rows = read_metrics(out)
+    first = rows[0]
+    assert first["ppo/objective/kl"] == 0.0                       # policy == reference at step 1
+    assert first["ppo/policy/first_ratio_dev"] < 1e-6             # detail #17
+    assert first["ppo/objective/rlhf_reward"] == pytest.approx(first["ppo/objective/scores"])
+    for name in ("ppo/objective/entropy", "ppo/policy/approxkl", "ppo/policy/clipfrac", "ppo/val/ratio",
+                 "ppo/val/explained_variance", "ppo/val/clipfrac", "ppo/loss/policy", "ppo/loss/value", "ppo/beta",
+                 "ppo/rollout/length", "ppo/rollout/eos_rate"):
+        assert name in first, name
+    assert rows[1]["ppo/beta"] != first["ppo/beta"]               # the adaptive controller moved beta
+    assert "ppo/eval/reward" in rows[-1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and "eval_reward_after" in summary
+    assert (out / "checkpoint" / "trainer_state.pt").exists()
+    trained, _ = load_model(out)                                  # a later stage takes the run folder
+    original, _ = load_model(model_dir)
+    assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), original.parameters()))
