@@ -141,6 +141,17 @@ def test_precomputed_reference_equals_on_the_fly(tokenizer, pairs):
     assert all(torch.allclose(g_table[n], g_live[n], atol=1e-6) for n in g_table)
 
 
+def test_rpo_term_adds_the_chosen_per_token_nll(tokenizer, model, pairs):
+    batch = collate_pairs(pairs[:3], tokenizer.pad_token_id)
+    ref = torch.tensor([[-20.0, -25.0], [-18.0, -19.0], [-30.0, -22.0]])
+    plain, _ = batch_loss(model, batch, ref, DPOConfig())
+    with_rpo, metrics = batch_loss(model, batch, ref, DPOConfig(rpo_alpha=0.5))
+    chosen, _ = pair_logps(model, batch)
+    nll = -(chosen / batch["completion_mask"].sum(-1)[:3]).mean()
+    assert metrics["nll_loss"] == pytest.approx(nll.item(), rel=1e-5)
+    assert torch.allclose(with_rpo, plain + 0.5 * nll, atol=1e-5)
+
+
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_one_step_moves_every_parameter(tokenizer, loss_type):
     model = make_model(tokenizer)

@@ -75,6 +75,7 @@ class DPOConfig:
     beta: float = opt(0.1, "strength of the KL regularisation toward the reference (IPO's tau)")
     label_smoothing: float = opt(0.0, "assumed label-flip rate eps for sigmoid (cDPO) and robust (rDPO), in [0, 0.5)")
     length_normalize: bool = opt(False, "divide each completion's summed log-prob by its length in tokens")
+    rpo_alpha: float = opt(0.0, "weight of the chosen responses' per-token NLL added to the loss (RPO; 0: off)")
     precompute_ref: bool = opt(True, "compute reference log-probs once over the dataset, then free the reference")
     lr: float = opt(5e-4, "peak learning rate (AdamW); the tiny world model wants ~1e-3..1e-4, a 135M model ~5e-7")
     weight_decay: float = opt(0.0, "AdamW weight decay")
@@ -104,6 +105,7 @@ class DPOConfig:
         check(self.label_smoothing == 0 or self.loss_type in ("sigmoid", "robust"),
               f"label_smoothing applies to sigmoid and robust only, got {self.label_smoothing} with {self.loss_type!r}")
         check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        check(self.rpo_alpha >= 0, f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
         check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         self.micro_batch_size = self.micro_batch_size or self.batch_size
         check(self.batch_size % self.micro_batch_size == 0,
@@ -120,13 +122,18 @@ class DPOConfig:
 
 # ---- the pieces the loop is made of -----------------------------------------------------------------------
 
-def pair_logps(model, batch: dict, length_normalize: bool = False):
-    """(chosen [B], rejected [B]) summed (or per-token mean) log-probs from ONE forward over the 2B rows."""
-    per_token, summed = sequence_logps(model, batch)
-    if length_normalize:
-        summed = summed / batch["completion_mask"].sum(-1).clamp(min=1)
+def pair_logps(model, batch: dict, length_normalize: bool = False, with_token_mean: bool = False):
+    """(chosen [B], rejected [B]) summed (or per-token mean) log-probs from ONE forward over the 2B rows.
+
+    With `with_token_mean`, also the chosen responses' mean log-prob per token [B] (for the RPO term).
+    """
+    _, summed = sequence_logps(model, batch)
+    token_mean = summed / batch["completion_mask"].sum(-1).clamp(min=1)
     B = summed.shape[0] // 2
-    return summed[:B], summed[B:]
+    logps = token_mean if length_normalize else summed
+    if with_token_mean:
+        return logps[:B], logps[B:], token_mean[:B]
+    return logps[:B], logps[B:]
 
 
 @torch.no_grad()
@@ -144,9 +151,15 @@ def reference_logps(ref_model, pairs: list, pad_id: int, batch_size: int, length
 
 def batch_loss(model, batch: dict, ref: torch.Tensor, config: DPOConfig):
     """Mean DPO loss of one micro-batch and its metrics; `ref` is [B, 2] reference log-probs."""
-    chosen, rejected = pair_logps(model, batch, config.length_normalize)
+    chosen, rejected, chosen_token_mean = pair_logps(model, batch, config.length_normalize, with_token_mean=True)
     losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], config.beta,
                                                         config.loss_type, config.label_smoothing)
+    loss = losses.mean()
+    if config.rpo_alpha:
+        # RPO (Pang et al. 2024, eq. 1): + alpha * NLL of the chosen response per token, so that DPO cannot buy
+        # its margin by lowering the chosen response's likelihood too (likelihood displacement).
+        nll = -chosen_token_mean.mean()
+        loss = loss + config.rpo_alpha * nll
     metrics = {
         "loss": losses.detach().mean().item(),
         "rewards/chosen": chosen_rewards.mean().item(),
@@ -156,7 +169,9 @@ def batch_loss(model, batch: dict, ref: torch.Tensor, config: DPOConfig):
         "logps/chosen": chosen.detach().mean().item(),
         "logps/rejected": rejected.detach().mean().item(),
     }
-    return losses.mean(), metrics
+    if config.rpo_alpha:
+        metrics["nll_loss"] = nll.item()
+    return loss, metrics
 
 
 class Reference:
