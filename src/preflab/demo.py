@@ -1,0 +1,219 @@
+"""`preflab demo`: the whole RLHF loop on the built-in tutoring world, measured against its known true utility.
+
+     1. pretrain   a tiny Llama from scratch on the world's corpus (mixed-quality answers)
+     2. sft        fine-tune on imperfect demonstrations
+     3. generate   sample 4 responses per training prompt from the SFT policy: every distinct pair is a candidate
+     4. annotate   simulated annotators vote (noise per annotator, a planted length bias and position bias);
+                   votes split by pair into train / held-out files; the noise ceiling of the held-out pairs
+     5. reward     a Bradley-Terry reward model on the SFT backbone; held-out accuracy beside the ceiling
+     6. bias       audit the votes: the planted length bias must be found
+     7. ppo, dpo   (and rloo when asked) from the SFT policy, on the reward model / the votes
+     8. eval       every policy (+ the base model and best-of-n) on held-out prompts against the truth
+     9. sweep      KL coefficients x training length: true and proxy reward against sqrt(KL)
+    10. report     report.html, headline.json, and the headline printed
+
+Every stage is the same function its CLI command calls (`fn(Config) -> summary`), writing its run folder
+under the demo folder. Stage options are the stage's own config fields: `DEFAULTS` below, overridden by
+the preset (`configs/demo.yaml`, `configs/fast.yaml`) and by YAML given with `--config`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from preflab.cli import STAGES, GROUPS, stage
+from preflab.config import build_config, check, opt
+from preflab.runs import default_out
+from preflab.training import set_threads
+
+# Per-stage options of the demo (each stage's own config fields), measured to fit ~5-8 minutes on 2 cores.
+DEFAULTS: dict[str, dict] = {
+    "pretrain": {"max_seconds": 120.0, "size": "tiny"},
+    "sft": {"world_demos": 2000, "epochs": 1.0, "lr": 3e-4},
+    "generate": {"n_prompts": 1000, "n": 4, "max_new_tokens": 40},
+    "reward": {"epochs": 1, "lr": 1e-4, "batch_size": 16, "max_completion_length": 48},
+    "ppo": {"max_steps": 30, "batch_size": 32, "mini_batch_size": 16, "micro_batch_size": 16, "lr": 1e-4,
+            "beta": 0.05, "max_new_tokens": 40, "eval_prompts": 0},
+    "dpo": {"beta": 0.1, "lr": 5e-4, "batch_size": 32, "epochs": 1.0, "eval_every": 0, "max_completion_length": 48},
+    "rloo": {"max_steps": 30, "lr": 3e-5, "beta": 0.05, "max_new_tokens": 40, "eval_prompts": 0},
+    "eval": {"n_prompts": 200, "max_new_tokens": 40},
+    "sweep": {"algorithm": "ppo", "betas": [0.0, 0.2], "steps": [10, 30], "n_prompts": 200, "max_new_tokens": 40,
+              "rl_options": {"batch_size": 32, "mini_batch_size": 16, "micro_batch_size": 16, "lr": 1e-4}},
+}
+SECTIONS = tuple(DEFAULTS)
+
+
+@dataclass
+class DemoConfig:
+    out: str = opt("", "the demo folder (default runs/demo-<time>): one sub-folder per stage, report.html")
+    seed: int = opt(0, "seed for every stage")
+    threads: int = opt(0, "torch intra-op threads (0: torch's default)")
+    annotators: int = opt(8, "simulated annotators in the pool")
+    temperature_low: float = opt(0.3, "annotator noise: temperatures drawn uniformly from [low, high]")
+    temperature_high: float = opt(1.0, "annotator noise: temperatures drawn uniformly from [low, high]")
+    length_bias: float = opt(0.1, "the planted length bias: logit per word of length difference")
+    position_bias: float = opt(0.2, "the planted position bias: logit in favour of the first-shown response")
+    held_out: float = opt(0.1, "share of candidate pairs whose votes are held out for the reward model")
+    bon_n: int = opt(4, "best-of-n's n (0: no best-of-n policy)")
+    run_rloo: bool = opt(False, "also train RLOO")
+    run_sweep: bool = opt(True, "run the over-optimisation sweep")
+    ensemble: int = opt(0, "K > 1: also train a K-member reward ensemble (min) as a sweep arm")
+    pretrain: dict = opt({}, "pretrain options over the demo's defaults (YAML)", cli=False)
+    sft: dict = opt({}, "sft options (YAML)", cli=False)
+    generate: dict = opt({}, "generate options (YAML)", cli=False)
+    reward: dict = opt({}, "reward options (YAML)", cli=False)
+    ppo: dict = opt({}, "ppo options (YAML)", cli=False)
+    dpo: dict = opt({}, "dpo options (YAML)", cli=False)
+    rloo: dict = opt({}, "rloo options (YAML)", cli=False)
+    eval: dict = opt({}, "eval policy options (YAML)", cli=False)
+    sweep: dict = opt({}, "eval sweep options (YAML)", cli=False)
+
+    def __post_init__(self):
+        check(self.annotators >= 1, f"annotators must be >= 1, got {self.annotators}")
+        check(0 < self.temperature_low <= self.temperature_high,
+              f"need 0 < temperature_low <= temperature_high, got {self.temperature_low}, {self.temperature_high}")
+        check(0 < self.held_out < 0.5, f"held_out must be in (0, 0.5), got {self.held_out}")
+        check(self.bon_n >= 0 and self.ensemble >= 0, f"bon_n and ensemble must be >= 0, got {self.bon_n}, {self.ensemble}")
+        for name in SECTIONS:
+            check(isinstance(getattr(self, name), dict), f"{name} must be a mapping of options, got {getattr(self, name)!r}")
+
+
+def _stage_fn(name: str):
+    module, function, _ = STAGES[name] if name in STAGES else GROUPS["eval"][name]
+    return getattr(importlib.import_module(module), function)
+
+
+class Pipeline:
+    """Runs stages into one folder, printing a banner and the time each took."""
+
+    def __init__(self, root: Path, config: DemoConfig, n_stages: int):
+        self.root, self.config, self.n, self.i = root, config, n_stages, 0
+        self.started = time.time()
+        self.times: dict[str, float] = {}
+
+    def banner(self, title: str) -> float:
+        self.i += 1
+        print(f"\n=== [{self.i}/{self.n}] {title}  (t={time.time() - self.started:.0f}s)", flush=True)
+        return time.time()
+
+    def run(self, name: str, title: str, section: str | None = None, **values) -> dict:
+        start = self.banner(title)
+        fn = _stage_fn(name)
+        section = section or name
+        options = {**DEFAULTS.get(section, {}), **getattr(self.config, section, {}), **values}
+        options.setdefault("seed", self.config.seed)
+        options.setdefault("out", str(self.root / section))
+        summary = fn(build_config(fn.config_class, options, source=f"demo {section}"))
+        self.times[section] = time.time() - start
+        return summary
+
+
+def annotate(root: Path, pairs_file: Path, config: DemoConfig) -> dict:
+    """Simulated votes on the SFT candidate pairs, split by pair; the held-out noise ceiling."""
+    from preflab.world.annotators import annotator_pool, ceiling_accuracy, describe_pool, simulate_votes, write_votes
+
+    rows = [json.loads(x) for x in pairs_file.read_text().splitlines() if x.strip()]
+    pairs = [(r["prompt"], r["response_a"], r["response_b"]) for r in rows]
+    random.Random(config.seed).shuffle(pairs)
+    n_held = max(1, int(len(pairs) * config.held_out))
+    held, train = pairs[:n_held], pairs[n_held:]
+    pool = annotator_pool(config.annotators, seed=config.seed, temperature=(config.temperature_low, config.temperature_high),
+                          length_bias=config.length_bias, position_bias=config.position_bias)
+    out = root / "votes"
+    out.mkdir(parents=True, exist_ok=True)
+    write_votes(out / "train.jsonl", simulate_votes(train, pool, seed=config.seed))
+    write_votes(out / "heldout.jsonl", simulate_votes(held, pool, seed=config.seed + 1))
+    write_votes(out / "all.jsonl", [json.loads(x) for f in ("train", "heldout") for x in (out / f"{f}.jsonl").read_text().splitlines()])
+    info = {"train_pairs": len(train), "heldout_pairs": len(held), "ceiling_accuracy": ceiling_accuracy(held, pool),
+            "annotators": describe_pool(pool)}
+    (out / "annotators.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"[annotate] {len(train)} train + {len(held)} held-out votes; noise ceiling on held-out pairs "
+          f"{info['ceiling_accuracy']:.3f}", flush=True)
+    return info
+
+
+def headline(root: Path, ev: dict, rm: dict, votes: dict, bias: dict, sweep: dict | None) -> dict:
+    """The numbers the lesson is about, flat, for headline.json, the report and the console."""
+    h = {"report": str(root / "report.html")}
+    for name, r in ev["policies"].items():
+        g = r["gain"]
+        h[f"{name}: true utility"] = round(r["true_utility"]["mean"], 3)
+        if name != ev["reference"]:
+            h[f"{name}: gain vs sft [95% CI]"] = f"{g['mean']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}]"
+            h[f"{name}: gain by component"] = ", ".join(f"{c} {v['mean']:+.2f}" for c, v in r["gain_by_component"].items())
+            h[f"{name}: KL"] = round(r["kl"], 3)
+    h["reward model held-out accuracy"] = round(rm.get("eval_accuracy", float("nan")), 3)
+    h["annotators' noise ceiling (held-out)"] = round(votes["ceiling_accuracy"], 3)
+    h["bias audit: length bias (logit/word) [95% CI]"] = (f"{bias['length_bias']:.3f} [{bias['length_bias_low']:.3f}, "
+                                                         f"{bias['length_bias_high']:.3f}]")
+    if sweep:
+        base = sweep["reference"]
+        for arm in sweep["fits"]:
+            last = max((p for p in sweep["points"] if p["arm"] == arm), key=lambda p: p["steps"])
+            h[f"sweep {arm}: longest run proxy / true gain"] = (f"{last['proxy'] - base['proxy']:+.2f} / "
+                                                               f"{last['true_utility'] - base['true_utility']:+.2f}")
+    return h
+
+
+@stage(DemoConfig)
+def demo(config: DemoConfig) -> dict:
+    set_threads(config.threads)
+    root = Path(config.out) if config.out else default_out("demo")
+    root.mkdir(parents=True, exist_ok=True)
+    p = Pipeline(root, config, n_stages=10 + config.run_rloo + config.run_sweep)
+    print(f"[demo] writing to {root}", flush=True)
+
+    # 1-3. pretrain, SFT, candidates from the SFT policy
+    p.run("pretrain", "pretrain: a tiny Llama from scratch on the world corpus")
+    p.run("sft", "sft: imperfect demonstrations", model=str(root / "pretrain"))
+    gen = p.run("generate", "generate: candidate pairs from the SFT policy", model=str(root / "sft"), pairs=True, split="train")
+    # 4. annotators
+    p.banner("annotate: simulated annotators with a planted length bias")
+    votes = annotate(root, Path(gen["run_dir"]) / "pairs.jsonl", config)
+    # 5-6. reward model, bias audit
+    rm = p.run("reward", "reward: Bradley-Terry reward model", model=str(root / "sft"), data=str(root / "votes" / "train.jsonl"),
+               eval_data=str(root / "votes" / "heldout.jsonl"), held_out=0.0)
+    print(f"[demo] reward model held-out accuracy {rm.get('eval_accuracy', float('nan')):.3f} vs the annotators' "
+          f"noise ceiling {votes['ceiling_accuracy']:.3f}", flush=True)
+    bias = p.run("bias", "bias audit of the votes", section="bias", file=str(root / "votes" / "all.jsonl"))
+    ens = None
+    if config.ensemble > 1:
+        ens = p.run("reward", f"reward: {config.ensemble}-member ensemble (min)", section="reward", model=str(root / "sft"),
+                    data=str(root / "votes" / "train.jsonl"), eval_data=str(root / "votes" / "heldout.jsonl"),
+                    held_out=0.0, ensemble=config.ensemble, reduce="min", out=str(root / "reward-ensemble"))
+    # 7. policies
+    p.run("ppo", "ppo: against the reward model", model=str(root / "sft"), reward=str(root / "reward"))
+    p.run("dpo", "dpo: on the votes", model=str(root / "sft"), data=str(root / "votes" / "train.jsonl"))
+    policies = [f"base={root / 'pretrain'}", f"ppo={root / 'ppo'}", f"dpo={root / 'dpo'}"]
+    if config.run_rloo:
+        p.run("rloo", "rloo: against the reward model", model=str(root / "sft"), reward=str(root / "reward"))
+        policies.append(f"rloo={root / 'rloo'}")
+    if config.bon_n:
+        policies.append(f"bon{config.bon_n}=bon:{config.bon_n}")
+    # 8. evaluation against the truth
+    p.run("policy", "eval: policies on held-out prompts", section="eval", reference=str(root / "sft"),
+          policies=policies, reward_model=str(root / "reward"))
+    ev = json.loads((root / "eval" / "eval.json").read_text())
+    # 9. over-optimisation sweep
+    sweep = None
+    if config.run_sweep:
+        extra = [f"ensemble={ens['model']}"] if ens else []
+        p.run("sweep", "sweep: KL coefficient x training length", model=str(root / "sft"), reward=str(root / "reward"),
+              extra_rewards=extra)
+        sweep = json.loads((root / "sweep" / "sweep.json").read_text())
+    # 10. headline and report
+    h = headline(root, ev, rm, votes, bias, sweep)
+    h["demo seconds"] = round(time.time() - p.started, 1)
+    (root / "headline.json").write_text(json.dumps(h, indent=2) + "\n")
+    p.banner("report")
+    from preflab.report.html import ReportConfig, report
+
+    report(ReportConfig(run_dir=str(root)))
+    print("\n" + "\n".join(f"  {k}: {v}" for k, v in h.items()), flush=True)
+    print(f"\n[demo] done in {h['demo seconds']:.0f}s; open {root / 'report.html'}", flush=True)
+    return {**h, "stage_seconds": {k: round(v, 1) for k, v in p.times.items()}}
