@@ -76,3 +76,19 @@ def test_evaluate_policies_end_to_end(tmp_path, tokenizer, model_dir):
     md = (tmp_path / "eval" / "eval.md").read_text()
     assert "| bon2 |" in md and "<= " in md and "Sample responses" in md
     assert summary["sft/kl"] == 0.0
+
+
+def test_sweep_arms_and_fit():
+    from preflab.evaluate.sweep import SweepConfig, arms, fit_arm
+
+    config = SweepConfig(model="m", reward="rm", betas=[0.2, 0.0], steps=[5], extra_rewards=["ens=rm-ens"])
+    assert arms(config) == [("beta=0.2", 0.2, "rm"), ("beta=0", 0.0, "rm"), ("ens beta=0", 0.0, "rm-ens")]
+    with pytest.raises(ConfigError, match="LABEL=REWARD"):
+        SweepConfig(model="m", reward="rm", extra_rewards=["rm-ens"])
+    # true gain d (1 - 0.5 log d) measured at three KLs, reference utility 0.2
+    pts = [{"sqrt_kl": d, "true_utility": 0.2 + d * (1 - 0.5 * math.log(d)), "steps": s}
+           for s, d in [(5, 1.0), (10, 3.0), (20, 8.0)]]
+    fit = fit_arm(pts, 0.2)
+    assert (fit["a"], fit["b"]) == (pytest.approx(1.0), pytest.approx(0.5))
+    assert fit["d_star"] == pytest.approx(math.exp(1.0))
+    assert fit["best_measured"]["steps"] == 10
