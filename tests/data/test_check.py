@@ -48,6 +48,10 @@ def test_detects_demonstrations_and_token_lengths(tmp_path, model_dir, tokenizer
                                 + [len(tokenizer("Sure! Hello.", add_special_tokens=False)["input_ids"]) + 1])
     assert report["token_lengths"]["completion"] == percentiles(completion_lengths)
     assert report["token_lengths"]["completion"]["max"] == completion_lengths[-1]
+    # a length limit counts the rows it would cut; the percentiles stay those of the untruncated rows
+    limit = completion_lengths[0]
+    cut = describe(CheckConfig(file=str(write(tmp_path, rows)), model=str(model_dir), max_completion_length=limit))
+    assert cut["truncated"] == sum(n > limit for n in completion_lengths) > 0 and cut["token_lengths"] == report["token_lengths"]
 
 
 def test_percentiles_and_reason_key():

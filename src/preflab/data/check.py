@@ -102,23 +102,25 @@ def percentiles(values: list[int]) -> dict:
 
 
 def token_lengths(tokenizer, data: DataSet, kind: str, max_prompt: int, max_completion: int) -> tuple[dict, list, int]:
-    """({field: [lengths]}, [(file:line, reason)] rows that cannot be tokenised, rows truncated)."""
+    """({field: [untruncated lengths]}, [(file:line, reason)] rows that cannot be tokenised, rows the limits cut)."""
     lengths: dict[str, list[int]] = defaultdict(list)
     failed, truncated = [], 0
     for row in data.rows:
         try:
             if kind == "preferences":
-                pair, cut = encode_preference(tokenizer, row, max_prompt, max_completion)
-                lengths["prompt"].append(len(pair.prompt_ids))
-                lengths["chosen"].append(len(pair.chosen_ids))
-                lengths["rejected"].append(len(pair.rejected_ids))
+                pair, _ = encode_preference(tokenizer, row)
+                prompt, completions = len(pair.prompt_ids), {"chosen": len(pair.chosen_ids), "rejected": len(pair.rejected_ids)}
             else:
-                ex, cut = encode_demonstration(tokenizer, row, max_prompt, max_completion)
-                lengths["prompt"].append(len(ex.prompt_ids))
-                lengths["completion"].append(len(ex.completion_ids))
-            truncated += int(cut)
+                ex, _ = encode_demonstration(tokenizer, row)
+                prompt, completions = len(ex.prompt_ids), {"completion": len(ex.completion_ids)}
         except DataError as err:
             failed.append((err.source, err.reason))
+            continue
+        lengths["prompt"].append(prompt)
+        for name, n in completions.items():
+            lengths[name].append(n)
+        truncated += int(bool(max_prompt and prompt > max_prompt)
+                         or bool(max_completion and max(completions.values()) > max_completion))
     return dict(lengths), failed, truncated
 
 
