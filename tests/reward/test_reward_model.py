@@ -171,3 +171,16 @@ def test_a_backbone_that_is_not_a_causal_lm_is_refused(tokenizer):
 
     with pytest.raises(ModelError, match="causal-LM"):
         RewardModel(LlamaModel(make_model(tokenizer).config), tokenizer)
+
+
+def test_train_layers_freezes_everything_below_the_top_layers(rm, tokenizer):
+    from preflab.reward.train import freeze_lower_layers
+
+    freeze_lower_layers(rm, 1)
+    before = {n: p.detach().clone() for n, p in rm.named_parameters()}
+    rm.train()
+    optimizer = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=1e-3)
+    train_step(rm, optimizer, pairs(tokenizer, 3), 3, RewardConfig(model="m", data="d"))
+    moved = {n for n, p in rm.named_parameters() if not torch.equal(p, before[n])}
+    top = {n for n in before if n.startswith("backbone.model.layers.1.") or n == "backbone.model.norm.weight"}
+    assert moved == top | {"head.weight"}

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from preflab.cli import stage
-from preflab.config import check, opt
+from preflab.config import ConfigError, check, opt
 from preflab.data import DataError, collate_pairs, load_demonstrations, load_preferences, split_rows, tokenize_rows
 from preflab.data.tokenize import encode_completion, encode_prompt, truncate
 from preflab.models import describe, load_model
@@ -61,6 +61,8 @@ class RewardConfig:
     label_smoothing: float = opt(0.0, "target P(chosen wins) = 1 - label_smoothing (robust to flipped labels)")
     max_prompt_length: int = opt(192, "prompt tokens kept (the end of the prompt); 0: all")
     max_completion_length: int = opt(64, "completion tokens kept (the start of the response); 0: all")
+    train_layers: int = opt(-1, "train only the top N transformer layers, the final norm and the head (-1: all; "
+                                "a CPU budget option for large backbones: the frozen layers need no backward pass)")
     max_steps: int = opt(0, "stop each member after this many optimiser steps (0: the epochs decide)")
     max_seconds: float = opt(0.0, "stop each member after this many seconds (0: no time limit)")
     ensemble: int = opt(1, "members to train (different seeds and data orders; separate backbones)")
@@ -87,9 +89,23 @@ class RewardConfig:
         check(self.max_prompt_length >= 0 and self.max_completion_length >= 0,
               f"max lengths must be >= 0, got {self.max_prompt_length} and {self.max_completion_length}")
         check(self.max_steps >= 0 and self.max_seconds >= 0, f"max_steps/max_seconds must be >= 0, got {self.max_steps}/{self.max_seconds}")
+        check(self.train_layers >= -1, f"train_layers must be >= -1, got {self.train_layers}")
         check(self.ensemble >= 1, f"ensemble must be >= 1, got {self.ensemble}")
         check(self.reduce in REDUCTIONS, f"reduce must be one of {REDUCTIONS}, got {self.reduce!r}")
         check(self.reference_rows >= 1, f"reference_rows must be >= 1, got {self.reference_rows}")
+
+
+def freeze_lower_layers(model: RewardModel, n: int) -> None:
+    """Leave only the top `n` decoder layers, the final norm and the head trainable (n = -1: everything)."""
+    if n < 0:
+        return
+    decoder = model.backbone.get_decoder()
+    layers, norm = getattr(decoder, "layers", None), getattr(decoder, "norm", None)
+    if layers is None or norm is None:
+        raise ConfigError(f"train_layers {n}: {type(decoder).__name__} has no `layers`/`norm` to freeze below; use -1")
+    model.backbone.requires_grad_(False)
+    for module in list(layers)[len(layers) - n:] + [norm]:
+        module.requires_grad_(True)
 
 
 def train_step(model: RewardModel, optimizer, pairs: list, micro_batch_size: int, config: RewardConfig,
@@ -160,8 +176,10 @@ def train_member(config: RewardConfig, k: int, train_pairs: list, eval_pairs: li
     backbone, tokenizer = loaded or load_model(config.model)
     model = RewardModel(backbone, tokenizer, seed=seed, max_prompt_length=config.max_prompt_length,
                         max_completion_length=config.max_completion_length, batch_size=config.eval_batch_size)
+    freeze_lower_layers(model, config.train_layers)
     accelerator = make_accelerator()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     # b. schedule: one epoch by default, lr annealed to 0
