@@ -50,6 +50,9 @@ def test_cli_trains_saves_normalises_and_evaluates(model_dir, prefs, tmp_path, c
     losses = [m["reward/loss"] for m in metrics if "reward/loss" in m]
     assert losses[-1] < losses[0]  # it learns the pattern
     assert summary["eval_accuracy"] == 1.0
+    held = json.loads((out / "report.json").read_text())  # the held-out report written by training
+    assert held["pairs"] == 10 and held["accuracy"] == 1.0 and held["longer_wins"] == 1.0
+    assert summary["eval_ece"] == pytest.approx(held["ece"])
     # normalisation: the training pairs' chosen + rejected responses score mean 0, std 1
     rows = synthetic_prefs()
     from preflab.data import load_preferences, split_rows
@@ -82,6 +85,9 @@ def test_cli_ensemble_of_two_members(model_dir, prefs, tmp_path):
                  "--batch-size", "8", "--max-steps", "2", "--reduce", "min"]) == 0
     index = json.loads((out / "model" / "ensemble.json").read_text())
     assert index == {"members": ["member-0", "member-1"], "reduce": "min", "lam": 1.0}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and len(summary["eval_accuracy_members"]) == 2  # 2 steps per member, one step axis
+    assert json.loads((out / "report.json").read_text())["members"] == 2
     from preflab.reward.model import RewardModel
 
     members = [RewardModel.load(out / "model" / m) for m in index["members"]]

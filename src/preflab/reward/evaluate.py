@@ -166,18 +166,25 @@ def reward_report(model, rows, batch_size: int = 32, max_prompt_length: int = 0,
                   bins: int = 10, length_edges=(-32, -8, 8, 32), reduce: str | None = None) -> tuple[dict, list[dict]]:
     """(report, per-pair rows) for preference `rows` (steps 2-6 of the module docstring)."""
     members = members_of(model)
-    tokenizer = members[0].tokenizer
-    full, _ = tokenize_rows(tokenizer, rows)                    # untruncated: the lengths people see
-    pairs, n_truncated = tokenize_rows(tokenizer, rows, max_prompt_length, max_completion_length)
-    len_w = np.array([len(p.chosen_ids) - 1 for p in full])     # completion tokens, EOS not counted
-    len_l = np.array([len(p.rejected_ids) - 1 for p in full])
+    pairs, n_truncated = tokenize_rows(members[0].tokenizer, rows, max_prompt_length, max_completion_length)
     # 2. score: raw for calibration, normalised (per member) for rewards and the ensemble reduction
     raw_w, raw_l = score_pairs(model, pairs, batch_size)
-    gain = torch.stack([m.gain for m in members]).float().unsqueeze(1)
-    bias = torch.stack([m.bias for m in members]).float().unsqueeze(1)
+    gain = torch.stack([m.gain for m in members]).float()
+    bias = torch.stack([m.bias for m in members]).float()
+    return report_from_scores(rows, pairs, n_truncated, members[0].tokenizer, raw_w, raw_l, gain, bias, bins,
+                              length_edges, reduce or getattr(model, "reduce", "mean"), getattr(model, "lam", 1.0))
+
+
+def report_from_scores(rows, pairs, n_truncated: int, tokenizer, raw_w: torch.Tensor, raw_l: torch.Tensor,
+                       gain: torch.Tensor, bias: torch.Tensor, bins: int = 10, length_edges=(-32, -8, 8, 32),
+                       reduce: str = "mean", lam: float = 1.0) -> tuple[dict, list[dict]]:
+    """Steps 3-6 from raw member rewards [K, N] and each member's gain and bias [K]."""
+    members = raw_w.shape[0]
+    full, _ = tokenize_rows(tokenizer, rows)                    # untruncated: the lengths people see
+    len_w = np.array([len(p.chosen_ids) - 1 for p in full])     # completion tokens, EOS not counted
+    len_l = np.array([len(p.rejected_ids) - 1 for p in full])
+    gain, bias = gain.reshape(-1, 1), bias.reshape(-1, 1)
     norm_w, norm_l = raw_w * gain + bias, raw_l * gain + bias
-    reduce = reduce or getattr(model, "reduce", "mean")
-    lam = getattr(model, "lam", 1.0)
     r_w, r_l = reduce_ensemble(norm_w, reduce, lam).numpy(), reduce_ensemble(norm_l, reduce, lam).numpy()
     p_chosen = torch.sigmoid(raw_w - raw_l).mean(0).numpy()     # mean of member probabilities
     tie = np.array([bool(p.tie) for p in pairs])
@@ -192,7 +199,7 @@ def reward_report(model, rows, batch_size: int = 32, max_prompt_length: int = 0,
     lengths = np.concatenate([len_w, len_l])
     report = {
         "pairs": len(pairs), "ties": int(tie.sum()), "truncated_pairs": n_truncated,
-        "members": len(members), "reduce": reduce if len(members) > 1 else None,
+        "members": members, "reduce": reduce if members > 1 else None,
         "accuracy": float(correct[keep].mean()) if keep.any() else float("nan"),
         "mean_margin": float((r_w - r_l)[keep].mean()) if keep.any() else float("nan"),
         "ece": ece,
@@ -205,7 +212,7 @@ def reward_report(model, rows, batch_size: int = 32, max_prompt_length: int = 0,
         "calibration": table, "length_bins": length_table(delta[keep], correct[keep], list(length_edges)),
     }
     # 6. ensemble disagreement
-    dis = disagreement((norm_w - norm_l)[:, keep], correct[keep]) if len(members) > 1 and keep.any() else None
+    dis = disagreement((norm_w - norm_l)[:, keep], correct[keep]) if members > 1 and keep.any() else None
     if dis is not None:
         report["disagreement"] = {k: v for k, v in dis.items() if k != "per_pair"}
     per_pair_std = np.full(len(pairs), np.nan)
@@ -217,7 +224,7 @@ def reward_report(model, rows, batch_size: int = 32, max_prompt_length: int = 0,
             "source": pair.source, "subset": row.subset, "tie": bool(pair.tie),
             "reward_chosen": float(r_w[i]), "reward_rejected": float(r_l[i]), "p_chosen": float(p_chosen[i]),
             "length_chosen": int(len_w[i]), "length_rejected": int(len_l[i]),
-            "member_margins": [float(x) for x in (norm_w - norm_l)[:, i]] if len(members) > 1 else None,
+            "member_margins": [float(x) for x in (norm_w - norm_l)[:, i]] if members > 1 else None,
             "disagreement": None if math.isnan(per_pair_std[i]) else float(per_pair_std[i]),
         })
     return report, per_pair
@@ -258,6 +265,15 @@ def markdown(report: dict, title: str = "Reward model evaluation") -> str:
     return "\n".join(lines) + "\n"
 
 
+def save_report(directory, report: dict, per_pair: list[dict], title: str) -> str:
+    """Write report.md, report.json and pairs.jsonl into `directory`; returns the markdown."""
+    text = markdown(report, title)
+    (directory / "report.md").write_text(text)
+    (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_jsonl(directory / "pairs.jsonl", per_pair)
+    return text
+
+
 def select_rows(path: str, split: str, held_out: float, split_seed: int, max_rows: int) -> list:
     rows = load_preferences(path).rows
     if split != "all":
@@ -283,11 +299,7 @@ def evaluate_reward(config: EvalRewardConfig) -> dict:
     report, per_pair = reward_report(model, rows, config.batch_size, max_p, max_c, config.calibration_bins,
                                      config.length_edges, config.reduce or None)
     # 7. print and save
-    text = markdown(report, f"Reward model {config.model} on {config.data} ({config.split})")
-    print(text, flush=True)
-    (run.dir / "report.md").write_text(text)
-    (run.dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    write_jsonl(run.dir / "pairs.jsonl", per_pair)
+    print(save_report(run.dir, report, per_pair, f"Reward model {config.model} on {config.data} ({config.split})"), flush=True)
     run.log(0, {"reward/eval/accuracy": report["accuracy"], "reward/eval/ece": report["ece"],
                 "reward/eval/margin": report["mean_margin"], "reward/eval/spearman_length": report["spearman_reward_length"]})
     return run.finish({"pairs": report["pairs"], "accuracy": report["accuracy"], "ece": report["ece"],

@@ -10,7 +10,8 @@
        d. normalise: gain and bias so that reference responses (the training pairs' chosen + rejected, or
           --reference) score mean 0 and std 1 (RLHF detail 7)
        e. score the held-out pairs, save the member, free it
-    3. save the model (or the ensemble: `ensemble.json` + `member-k/`) and print the held-out summary
+    3. write the ensemble index (`ensemble.json` + `member-k/`), the held-out report (accuracy, calibration,
+       length-bias probe beside the length-only baselines, as `preflab eval reward` writes it) and the summary
 
 Ensembles use separate backbones: each member fine-tunes its own copy. Members that share a fine-tuned
 backbone and differ only in the head are nearly identical in what they know, so their disagreement says
@@ -32,9 +33,9 @@ from preflab.config import ConfigError, check, opt
 from preflab.data import DataError, collate_pairs, load_demonstrations, load_preferences, split_rows, tokenize_rows
 from preflab.data.tokenize import encode_completion, encode_prompt, truncate
 from preflab.models import describe, load_model
-from preflab.reward.evaluate import calibration, score_pairs
+from preflab.reward.evaluate import calibration, report_from_scores, save_report, score_pairs
 from preflab.reward.loss import bradley_terry_loss, pair_statistics, summarise
-from preflab.reward.model import REDUCTIONS, RewardModel, reduce_ensemble, write_ensemble_index
+from preflab.reward.model import REDUCTIONS, RewardModel, write_ensemble_index
 from preflab.runs import Run, progress, seed_everything
 from preflab.training import Budget, lr_factor, make_accelerator, set_lr, set_threads
 
@@ -136,17 +137,13 @@ def train_step(model: RewardModel, optimizer, pairs: list, micro_batch_size: int
     return loss_sum, sums
 
 
-def held_out_metrics(model, pairs: list, config: RewardConfig, prefix: str = "reward/eval") -> dict:
-    """Held-out loss, accuracy, margin, chosen, rejected (raw scale, as trained) and ECE."""
-    raw_w, raw_l = score_pairs(model, pairs, config.eval_batch_size)
-    chosen, rejected = raw_w[0], raw_l[0]
-    tie = torch.tensor([p.tie for p in pairs])
+def held_out_metrics(chosen: torch.Tensor, rejected: torch.Tensor, tie: torch.Tensor, config: RewardConfig,
+                     prefix: str = "reward/eval") -> dict:
+    """Held-out loss, accuracy, margin, chosen, rejected and ECE from raw (Bradley-Terry scale) rewards [N]."""
     losses = sum(bradley_terry_loss(chosen[i:i + 1], rejected[i:i + 1], None, config.label_smoothing, tie[i:i + 1]).item()
-                 for i in range(len(pairs)))
+                 for i in range(len(chosen)))
     metrics = summarise(pair_statistics(chosen, rejected, tie), losses, prefix)
-    strict = ~tie
-    _, ece = calibration(torch.sigmoid(chosen - rejected)[strict].numpy())
-    metrics[f"{prefix}/ece"] = ece
+    _, metrics[f"{prefix}/ece"] = calibration(torch.sigmoid(chosen - rejected)[~tie].numpy())
     return metrics
 
 
@@ -212,7 +209,8 @@ def train_member(config: RewardConfig, k: int, train_pairs: list, eval_pairs: li
                 bar.set_postfix(loss=f"{last['reward/loss']:.3f}", acc=f"{last['reward/accuracy']:.2f}")
                 interval, loss_sum = {}, 0.0
             if config.eval_every and eval_pairs and step % config.eval_every == 0:
-                run.log(step0 + step, held_out_metrics(model, eval_pairs, config))
+                raw_w, raw_l = score_pairs(model, eval_pairs, config.eval_batch_size)
+                run.log(step0 + step, held_out_metrics(raw_w[0], raw_l[0], ties(eval_pairs), config))
                 model.train()
     bar.close()
     model = accelerator.unwrap_model(model).eval()
@@ -222,8 +220,12 @@ def train_member(config: RewardConfig, k: int, train_pairs: list, eval_pairs: li
     return model, step0 + step, last
 
 
-def load_pairs(config: RewardConfig, tokenizer) -> tuple[list, list, int]:
-    """Step 1: (train pairs, held-out pairs, number truncated)."""
+def ties(pairs: list) -> torch.Tensor:
+    return torch.tensor([bool(p.tie) for p in pairs], dtype=torch.bool)
+
+
+def load_pairs(config: RewardConfig, tokenizer) -> tuple[list, list, list, int, int]:
+    """Step 1: (train pairs, held-out pairs, held-out rows, truncated train pairs, truncated held-out pairs)."""
     rows = load_preferences(config.data).rows
     if config.eval_data:
         train_rows, eval_rows = rows, load_preferences(config.eval_data).rows
@@ -235,7 +237,7 @@ def load_pairs(config: RewardConfig, tokenizer) -> tuple[list, list, int]:
         raise DataError(config.data, f"no training rows left after holding out {config.held_out}", "lower --held-out")
     train, t1 = tokenize_rows(tokenizer, train_rows, config.max_prompt_length, config.max_completion_length)
     held, t2 = tokenize_rows(tokenizer, eval_rows, config.max_prompt_length, config.max_completion_length)
-    return train, held, t1 + t2
+    return train, held, eval_rows, t1, t2
 
 
 @stage(RewardConfig)
@@ -243,47 +245,47 @@ def train_reward(config: RewardConfig) -> dict:
     set_threads(config.threads)
     # 1. the backbone (a clear error if it is not a causal LM) and the data, tokenised with its tokenizer
     first = load_model(config.model)
-    train_pairs, eval_pairs, n_truncated = load_pairs(config, first[1])
+    tokenizer = first[1]
+    train_pairs, eval_pairs, eval_rows, truncated_train, truncated_eval = load_pairs(config, tokenizer)
     run = Run(config.out or None, "reward", config)
-    print(f"[reward] {len(train_pairs)} training pairs, {len(eval_pairs)} held out, {n_truncated} truncated; "
+    print(f"[reward] {len(train_pairs)} training pairs, {len(eval_pairs)} held out, "
+          f"{truncated_train} + {truncated_eval} truncated; "
           f"{config.ensemble} member(s)", flush=True)
-    # 2. members
-    step, members, held_scores, member_summaries = 0, [], [], []
+    # 2. members, trained one at a time (only one backbone in memory)
+    step, names, member_summaries = 0, [], []
+    raw_w, raw_l, gains, biases = [], [], [], []
     for k in range(config.ensemble):
         model, step, last = train_member(config, k, train_pairs, eval_pairs, run, step, first if k == 0 else None)
         first = None
         if k == 0:
             print(f"[reward] backbone {describe(model.backbone)}", flush=True)
         summary = {"member": k, "train_loss": last.get("reward/loss"), "train_accuracy": last.get("reward/accuracy"),
-                   "gain": model.gain.item(), "bias": model.bias.item()}
-        if eval_pairs:  # e. held-out scores of this member
-            metrics = held_out_metrics(model, eval_pairs, config)
+                   "gain": model.gain.item(), "bias": model.bias.item(), "normalisation": model.normalisation}
+        if eval_pairs:  # e. held-out scores of this member, kept for the report
+            w, l = score_pairs(model, eval_pairs, config.eval_batch_size)
+            metrics = held_out_metrics(w[0], l[0], ties(eval_pairs), config)
             run.log(step, {**metrics, "reward/member": k})
-            summary.update(eval_accuracy=metrics["reward/eval/accuracy"], eval_loss=metrics["reward/eval/loss"],
-                           eval_ece=metrics["reward/eval/ece"])
-            raw_w, raw_l = score_pairs(model, eval_pairs, config.eval_batch_size)
-            held_scores.append((raw_w[0] * model.gain + model.bias, raw_l[0] * model.gain + model.bias))
+            summary.update({"eval_" + name.rsplit("/", 1)[-1]: value for name, value in metrics.items()})
+            raw_w.append(w[0]), raw_l.append(l[0]), gains.append(model.gain.item()), biases.append(model.bias.item())
         member_summaries.append(summary)
-        if config.ensemble == 1:
-            model.save(run.model_dir)
-        else:
-            model.save(run.model_dir / f"member-{k}")
-            members.append(f"member-{k}")
-            del model  # members are trained one at a time; only one backbone is in memory
-    # 3. the ensemble file and the held-out summary
+        names.append(f"member-{k}")
+        model.save(run.model_dir if config.ensemble == 1 else run.model_dir / names[-1])
+        del model
+    # 3. the ensemble index, the held-out report (as `preflab eval reward` writes it) and the summary
     if config.ensemble > 1:
-        write_ensemble_index(run.model_dir, members, config.reduce)
+        write_ensemble_index(run.model_dir, names, config.reduce)
+    (run.dir / "members.json").write_text(json.dumps(member_summaries, indent=2) + "\n")
     out = {"train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "steps": step, "members": config.ensemble,
            "train_loss": member_summaries[-1]["train_loss"], "train_accuracy": member_summaries[-1]["train_accuracy"]}
-    if held_scores:
-        chosen = reduce_ensemble(torch.stack([w for w, _ in held_scores]), config.reduce)
-        rejected = reduce_ensemble(torch.stack([r for _, r in held_scores]), config.reduce)
-        strict = ~torch.tensor([p.tie for p in eval_pairs])
-        out["eval_accuracy"] = float((chosen > rejected)[strict].float().mean())
-        out["eval_accuracy_members"] = [m["eval_accuracy"] for m in member_summaries]
-        out["eval_ece_members"] = [m["eval_ece"] for m in member_summaries]
+    if eval_pairs:
+        report, per_pair = report_from_scores(eval_rows, eval_pairs, truncated_eval, tokenizer, torch.stack(raw_w), torch.stack(raw_l),
+                                              torch.tensor(gains), torch.tensor(biases), reduce=config.reduce)
+        save_report(run.dir, report, per_pair, f"Held-out pairs of {config.data}")
         if config.ensemble > 1:
-            run.log(step, {"reward/eval/ensemble_accuracy": out["eval_accuracy"]})
+            run.log(step, {"reward/eval/ensemble_accuracy": report["accuracy"]})
+        out.update(eval_accuracy=report["accuracy"], eval_ece=report["ece"], longer_wins=report["longer_wins"],
+                   shorter_wins=report["shorter_wins"], spearman_reward_length=report["spearman_reward_length"])
+        if config.ensemble > 1:
+            out["eval_accuracy_members"] = [m["eval_accuracy"] for m in member_summaries]
     out["model"] = str(run.model_dir)
-    (run.dir / "members.json").write_text(json.dumps(member_summaries, indent=2) + "\n")
     return run.finish(out)
