@@ -1,0 +1,44 @@
+import base64
+import json
+import math
+import re
+
+import pytest
+
+from preflab.config import ConfigError, build_config, load_yaml, preset_path
+from preflab.demo import DemoConfig, demo
+
+
+def test_demo_config_validation_and_presets_parse():
+    with pytest.raises(ConfigError, match="held_out"):
+        DemoConfig(held_out=0.7)
+    with pytest.raises(ConfigError, match="temperature"):
+        DemoConfig(temperature_low=2.0, temperature_high=1.0)
+    for name in ("demo", "fast"):
+        config = build_config(DemoConfig, load_yaml(preset_path(name))["demo"], source=name)
+        assert isinstance(config.sweep, dict)
+
+
+@pytest.mark.slow
+def test_fast_demo_end_to_end(tmp_path):
+    """The `fast` preset, end to end: every artefact exists, every figure is a finite PNG, SFT beats the base model."""
+    values = load_yaml(preset_path("fast"))["demo"]
+    summary = demo(build_config(DemoConfig, {**values, "out": str(tmp_path / "demo")}, source="fast"))
+    root = tmp_path / "demo"
+    for rel in ["pretrain/model/config.json", "sft/model/config.json", "generate/pairs.jsonl", "votes/train.jsonl",
+                "votes/heldout.jsonl", "reward/summary.json", "bias/bias.json", "ppo/model/config.json",
+                "dpo/model/config.json", "eval/eval.json", "eval/eval.md", "sweep/sweep.json", "headline.json", "report.html"]:
+        assert (root / rel).exists(), rel
+    ev = json.loads((root / "eval" / "eval.json").read_text())
+    assert set(ev["policies"]) == {"sft", "base", "ppo", "dpo", "bon2"}
+    for row in ev["policies"].values():
+        assert math.isfinite(row["true_utility"]["mean"]) and math.isfinite(row["kl"])
+    # SFT beats the base (pretrained) model on the true utility
+    assert ev["policies"]["sft"]["true_utility"]["mean"] > ev["policies"]["base"]["true_utility"]["mean"]
+    text = (root / "report.html").read_text()
+    images = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", text)
+    assert len(images) == 5 and all(base64.b64decode(i)[:4] == b"\x89PNG" for i in images)
+    sweep = json.loads((root / "sweep" / "sweep.json").read_text())
+    assert all(math.isfinite(p["true_utility"]) and math.isfinite(p["proxy"]) for p in sweep["points"])
+    assert summary["report"] == str(root / "report.html")
+    assert 0.5 <= json.loads((root / "votes" / "annotators.json").read_text())["ceiling_accuracy"] <= 1.0
