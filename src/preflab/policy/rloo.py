@@ -44,7 +44,6 @@ class RLOOConfig(OnlineConfig):
     mini_batch_size: int = opt(32, "rollout rows per optimiser step")
     micro_batch_size: int = opt(16, "rows per forward/backward (gradients accumulate over a minibatch)")
     epochs: int = opt(1, "passes over each rollout batch, reshuffled each time")
-    lr: float = opt(3e-5, "learning rate (AdamW, constant)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -58,7 +57,6 @@ class RLOOConfig(OnlineConfig):
 class GRPOConfig(RLOOConfig):
     beta: float = opt(0.04, "weight of the k3 KL loss term (Shao et al.: 0.04)")
     kl_estimator: str = opt("k3", "KL estimator for the logged KL; the loss term is always k3 (GRPO eq. 4)")
-    lr: float = opt(1e-4, "learning rate (AdamW, constant); the per-token mean loss wants a larger one than RLOO")
 
 
 def critic_free_minibatch(policy, mb: dict, config: RLOOConfig, method: str, beta: float, stats: dict | None = None) -> dict:
