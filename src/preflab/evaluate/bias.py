@@ -293,8 +293,9 @@ def format_report(r: dict) -> str:
 
     longer = r["p_prefer_longer"]
     lines = [f"bias audit of {r['file']}: {r['votes']} votes ({r['ties']} ties); covariate: {r['covariate']}; 95% CI: {r['ci']}",
-             f"  length bias (logit per word, beyond utility): {ci(r['length_bias'])}",
-             f"  position bias (logit for the first shown):    {ci(r['position_bias'])}",
+             f"  length bias (logit per word{', beyond utility' if r['covariate'].startswith('true') else ', no quality covariate'}): "
+             f"{ci(r['length_bias'])}",
+             f"  position bias (logit for the first shown): {ci(r['position_bias'])}",
              f"  P(prefer first):  {rate(r['p_prefer_first'])}",
              f"  P(prefer longer): {rate(longer)}" + (f"; utility alone predicts {longer['predicted_by_utility']:.3f}"
                                                     if "predicted_by_utility" in longer else "")]
