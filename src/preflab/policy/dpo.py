@@ -279,7 +279,7 @@ def train_dpo(model, tokenizer, rows: list, config: DPOConfig, ref_model=None, r
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     steps_per_epoch = len(train_pairs) // config.batch_size
-    planned = int(config.epochs * steps_per_epoch) if config.epochs > 0 else 0
+    planned = max(1, int(config.epochs * steps_per_epoch)) if config.epochs > 0 else 0
     max_steps = min(s for s in (planned, config.max_steps) if s > 0) if (planned or config.max_steps) else 0
     budget = Budget(max_steps, config.max_seconds)
     rng = random.Random(config.seed)
