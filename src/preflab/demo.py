@@ -147,6 +147,7 @@ def headline(root: Path, ev: dict, rm: dict, votes: dict, bias: dict, sweep: dic
             h[f"{name}: gain vs sft [95% CI]"] = f"{g['mean']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}]"
             h[f"{name}: gain by component"] = ", ".join(f"{c} {v['mean']:+.2f}" for c, v in r["gain_by_component"].items())
             h[f"{name}: KL"] = round(r["kl"], 3)
+        h[f"{name}: right answers"] = f"{r['right_answer_rate']:.1%}"
     h["reward model held-out accuracy"] = round(rm.get("eval_accuracy", float("nan")), 3)
     h["annotators' noise ceiling (held-out)"] = round(votes["ceiling_accuracy"], 3)
     h["bias audit: length bias (logit/word) [95% CI]"] = (f"{bias['length_bias']:.3f} [{bias['length_bias_low']:.3f}, "

@@ -36,6 +36,7 @@ def test_score_and_summarise_by_hand():
     assert r["gain_by_component"]["concision"]["mean"] == pytest.approx(-0.125)
     assert r["win_rate_true"] == 0.5 and r["win_rate_proxy"] == 1.0
     assert r["kl"] == 1.5 and r["mean_length"] == 9.5
+    assert r["right_answer_rate"] == 1.0 and table["sft"]["right_answer_rate"] == 0.5
     assert table["sft"]["win_rate_true"] == 0.5 and table["sft"]["gain"]["mean"] == 0.0
     assert table["sft"]["lc_win_rate_true"] == pytest.approx(0.5)
     assert set(r["components"]) == set(COMPONENTS)

@@ -149,6 +149,8 @@ def summarise(scored: dict[str, dict], reference: str, seed: int = 0) -> dict[st
             "kl_is_bound": bool(s.get("kl_is_bound", False)),
             "mean_length": float(np.mean(s["lengths"])),
             "eos_rate": float(np.mean(s["finished"])),
+            # correctness 0 is an honest "not sure": the right-answer rate tells hedging from knowing
+            "right_answer_rate": float(np.mean(np.asarray(s["correctness"]) == 1.0)),
         }
         if s.get("proxy") is not None and ref.get("proxy") is not None:
             row["proxy_reward"] = bootstrap_mean(s["proxy"], seed=seed).as_dict()
@@ -179,6 +181,8 @@ def markdown(table: dict, scored: dict, prompts: list, reference: str, n_table: 
                      f"[{_f(g['low'])}, {_f(g['high'])}] | {proxy} | {_f(r['win_rate_true'])} | "
                      f"{_f(r['lc_win_rate_true'])} | {_f(r.get('win_rate_proxy', math.nan))} | {kl} | "
                      f"{_f(r['mean_length'], 1)} | {_f(r['eos_rate'], 2)} |")
+    lines += ["", "Right answers (correctness +1; a hedge scores 0, a wrong answer -1): " +
+              ", ".join(f"{n} {r['right_answer_rate']:.1%}" for n, r in table.items())]
     lines += ["", "## Gain over the reference by component (mean [95% CI], paired by prompt)", "",
               "| policy | " + " | ".join(COMPONENTS) + " |", "|---|" + "---|" * len(COMPONENTS)]
     for name, r in table.items():
