@@ -184,3 +184,18 @@ def test_train_layers_freezes_everything_below_the_top_layers(rm, tokenizer):
     moved = {n for n, p in rm.named_parameters() if not torch.equal(p, before[n])}
     top = {n for n in before if n.startswith("backbone.model.layers.1.") or n == "backbone.model.norm.weight"}
     assert moved == top | {"head.weight"}
+
+
+def test_a_backbone_loaded_from_gguf_still_saves(tokenizer, tmp_path):
+    """`load_model("smollm2")` leaves transformers' GGUF quantizer on the model, which refuses save_pretrained."""
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    backbone = make_model(tokenizer)
+    backbone.hf_quantizer = GgufHfQuantizer(GgufConfig())
+    backbone.config.quantization_config = GgufConfig()
+    with pytest.raises(ValueError, match="not serializable"):
+        backbone.save_pretrained(tmp_path / "plain")
+    rm = RewardModel(backbone, tokenizer, seed=0)
+    rm.save(tmp_path / "rm")
+    torch.testing.assert_close(RewardModel.load(tmp_path / "rm").reward(PROMPTS, RESPONSES), rm.reward(PROMPTS, RESPONSES))

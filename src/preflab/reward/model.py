@@ -43,6 +43,16 @@ def is_causal_lm(model) -> bool:
     return type(model).__name__ in names and hasattr(model, "get_decoder")
 
 
+def drop_gguf_marker(backbone) -> None:
+    """A model loaded from GGUF holds de-quantised float32 weights but keeps transformers' GGUF quantizer, which
+    makes `save_pretrained` refuse ("quantized with gguf and is not serializable"); drop the marker."""
+    quantizer = getattr(backbone, "hf_quantizer", None)
+    if quantizer is not None and type(quantizer).__name__ == "GgufHfQuantizer":
+        backbone.hf_quantizer = None
+        if hasattr(backbone.config, "quantization_config"):
+            del backbone.config.quantization_config
+
+
 class RewardModel(nn.Module):
     """`forward(input_ids, attention_mask) -> rewards [B]`; `reward(prompts, responses)`; `score(texts)`."""
 
@@ -51,6 +61,7 @@ class RewardModel(nn.Module):
         super().__init__()
         if not is_causal_lm(backbone):
             raise ModelError(f"a reward model needs a causal-LM backbone, got {type(backbone).__name__}")
+        drop_gguf_marker(backbone)
         self.backbone = backbone
         self.tokenizer = tokenizer
         d_model = backbone.config.get_text_config().hidden_size
