@@ -250,6 +250,7 @@ def train_dpo(model, tokenizer, rows: list, config: DPOConfig, ref_model=None, r
 
     accelerator = make_accelerator()
     pad_id = tokenizer.pad_token_id
+    log = run.log if run is not None else (lambda step, metrics: None)
 
     # 1. ties out (counted), held-out split, tokens
     n_ties = sum(bool(r.tie) for r in rows)
@@ -306,19 +307,19 @@ def train_dpo(model, tokenizer, rows: list, config: DPOConfig, ref_model=None, r
             interval.setdefault(key, []).append(value)
         if step % config.log_every == 0 or step == 1:
             means = {f"dpo/{k}": sum(v) / len(v) for k, v in interval.items()}
-            run and run.log(step, means)
+            log(step, means)
             bar.set_postfix(loss=f"{means['dpo/loss']:.3f}", acc=f"{means['dpo/rewards/accuracies']:.2f}")
             interval = {}
         # 5. held-out evaluation
         if eval_pairs and config.eval_every and step % config.eval_every == 0:
             last_eval = evaluate_pairs(model, eval_pairs, eval_ref, pad_id, config)
-            run and run.log(step, {f"dpo/eval/{k}": v for k, v in last_eval.items()})
+            log(step, {f"dpo/eval/{k}": v for k, v in last_eval.items()})
         if run is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
             run.save_checkpoint(accelerator.unwrap_model(model), tokenizer, optimizer, step)
     bar.close()
     if eval_pairs and (not config.eval_every or step % config.eval_every):
         last_eval = evaluate_pairs(model, eval_pairs, eval_ref, pad_id, config)
-        run and run.log(step, {f"dpo/eval/{k}": v for k, v in last_eval.items()})
+        log(step, {f"dpo/eval/{k}": v for k, v in last_eval.items()})
     accelerator.unwrap_model(model).eval()
     return {
         "steps": step, "epochs": step * config.batch_size / max(len(train_pairs), 1), "train_pairs": len(train_pairs),
