@@ -40,10 +40,8 @@ from preflab.training import Budget
 @dataclass
 class RLOOConfig(OnlineConfig):
     k: int = opt(4, "samples per prompt (the group); rollout rows per step = batch_size x k")
-    batch_size: int = opt(8, "prompts per rollout batch")
-    mini_batch_size: int = opt(32, "rollout rows per optimiser step")
-    micro_batch_size: int = opt(16, "rows per forward/backward (gradients accumulate over a minibatch)")
-    epochs: int = opt(1, "passes over each rollout batch, reshuffled each time")
+    batch_size: int = opt(8, "prompts per rollout batch (8 x k=4 = 32 rows: with mini_batch_size 16 and 2 epochs, "
+                             "4 optimiser steps per batch, as PPO's defaults)")
 
     def __post_init__(self):
         super().__post_init__()
