@@ -130,3 +130,20 @@ def test_cli_missing_data_and_model_exit_2(model_dir, tmp_path, capsys):
     assert "file not found" in capsys.readouterr().err
     assert main(["sft", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "r")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_stage_batch_4_accum_1_equals_batch_1_accum_4(model_dir, tmp_path):
+    """Through the real loop: the same examples per step, the same token-mean gradient, the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    def run(batch_size, grad_accum, name):
+        sft(SFTConfig(model=str(model_dir), data="world", world_demos=40, batch_size=batch_size, grad_accum=grad_accum,
+                      max_steps=3, lr=1e-3, max_grad_norm=0.0, out=str(tmp_path / name)))
+        return AutoModelForCausalLM.from_pretrained(tmp_path / name / "model")
+
+    a, b = run(4, 1, "a"), run(1, 4, "b")
+    start = AutoModelForCausalLM.from_pretrained(model_dir)
+    for (name, pa), pb, p0 in zip(a.named_parameters(), b.parameters(), start.parameters()):
+        torch.testing.assert_close(pa, pb, atol=2e-5, rtol=1e-4, msg=name)
+        assert not torch.equal(pa, p0), name
