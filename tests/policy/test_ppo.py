@@ -10,7 +10,7 @@ from conftest import make_model
 from preflab.config import ConfigError
 from preflab.data import encode_prompt
 from preflab.policy.losses import gae, masked_whiten, rlhf_rewards
-from preflab.policy.ppo import (PPOConfig, ValueModel, chunked_logps, make_value_model, ppo_minibatch, read_prompts,
+from preflab.policy.ppo import (PPOConfig, chunked_logps, make_value_model, ppo_minibatch, read_prompts,
                                 take)
 from preflab.rollout import generate
 from preflab.runs import read_metrics
