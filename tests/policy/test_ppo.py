@@ -152,3 +152,30 @@ def test_ppo_cli_writes_a_loadable_policy_and_every_metric(model_dir, tmp_path):
     trained, _ = load_model(out)                                  # a later stage takes the run folder
     original, _ = load_model(model_dir)
     assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), original.parameters()))
+
+
+def test_kl_is_zero_when_policy_is_the_reference_and_eos_penalty_hits_unfinished_rows(tokenizer, model):
+    from preflab.policy.ppo import frozen_copy, score_responses
+
+    prompts = world_prompts(6, seed=3)
+    rollout = generate(model, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], 5,
+                       generator=torch.Generator().manual_seed(3))
+    ref = frozen_copy(model)
+    assert all(not p.requires_grad for p in ref.parameters())
+    mask = rollout.batch["completion_mask"].float()
+    logp, ref_logp = chunked_logps(model, rollout.batch, 0.7, 4), chunked_logps(ref, rollout.batch, 0.7, 3)
+    for estimator in ("k1", "k3"):
+        _, kl = rlhf_rewards(logp, ref_logp, torch.zeros(6), mask, 0.1, estimator)
+        assert torch.equal(kl, torch.zeros_like(kl))
+    finished = torch.tensor([True, False, True, False, True, True])
+    rollout.finished = finished
+    scores = score_responses(lambda p, r: torch.ones(len(r)), prompts, rollout, missing_eos_penalty=2.0)
+    assert scores.tolist() == [1.0, -1.0, 1.0, -1.0, 1.0, 1.0]
+
+
+def test_prompt_cycle_visits_every_prompt_once_per_pass():
+    from preflab.policy.ppo import prompt_cycle
+
+    batches = prompt_cycle(list(range(10)), 4, torch.Generator().manual_seed(0))
+    first = [x for _ in range(5) for x in next(batches)]      # 20 = two passes
+    assert sorted(first[:10]) == list(range(10)) and sorted(first[10:]) == list(range(10))
