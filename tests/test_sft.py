@@ -147,3 +147,22 @@ def test_stage_batch_4_accum_1_equals_batch_1_accum_4(model_dir, tmp_path):
     for (name, pa), pb, p0 in zip(a.named_parameters(), b.parameters(), start.parameters()):
         torch.testing.assert_close(pa, pb, atol=2e-5, rtol=1e-4, msg=name)
         assert not torch.equal(pa, p0), name
+
+
+def test_a_dequantized_gguf_model_saves_after_fine_tuning(tokenizer, tmp_path):
+    """`load_model("smollm2")` de-quantises but leaves transformers' GGUF quantizer on, which refused
+    `save_pretrained` at the end of `preflab sft --model smollm2`; load_model now drops the marker."""
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    from preflab.models import _drop_dequantized_marker
+    from preflab.runs import save_model
+
+    model = make_model(tokenizer)
+    model.hf_quantizer = GgufHfQuantizer(GgufConfig())
+    model.config.quantization_config = GgufConfig()
+    with pytest.raises(ValueError, match="not serializable"):
+        save_model(model, tokenizer, tmp_path / "refused")
+    _drop_dequantized_marker(model)
+    save_model(model, tokenizer, tmp_path / "saved")
+    assert "quantization_config" not in json.loads((tmp_path / "saved" / "config.json").read_text())

@@ -177,6 +177,8 @@ def load_model(spec: str | Path, dtype: torch.dtype = torch.float32, tokenizer=N
             raise ModelError(f"{directory} holds a {config.model_type!r} model, which is not a causal LM")
     tokenizer = tokenizer or load_tokenizer(spec)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
+    if gguf:
+        _drop_dequantized_marker(model)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -185,6 +187,15 @@ def load_model(spec: str | Path, dtype: torch.dtype = torch.float32, tokenizer=N
     disable_dropout(model)
     model.eval()
     return model, tokenizer
+
+
+def _drop_dequantized_marker(model) -> None:
+    """A GGUF model arrives de-quantised (plain float parameters) but still carries its GGUF quantizer, which
+    makes `save_pretrained` refuse: drop the marker so a fine-tuned GGUF model saves as safetensors."""
+    if all(type(p) is torch.nn.Parameter and p.dtype.is_floating_point for p in model.parameters()):
+        model.hf_quantizer = None
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
