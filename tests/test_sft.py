@@ -125,6 +125,21 @@ def test_cli_smoke_writes_a_loadable_model(model_dir, tmp_path, capsys):
     assert main(["sft", "--model", str(out), "--data", str(demos), "--max-steps", "1", "--out", str(tmp_path / "r2")]) == 0
 
 
+def test_bad_demonstration_row_stops_or_is_skipped_and_counted(model_dir, tmp_path, capsys):
+    from preflab.world import demonstrations
+
+    rows = [json.dumps(d) for d in demonstrations(20, seed=0)]
+    rows[4] = json.dumps({"prompt": "What is 2 + 3?", "completion": ""})
+    path = tmp_path / "demos.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    assert main(["sft", "--model", str(model_dir), "--data", str(path), "--out", str(tmp_path / "r1")]) == 2
+    assert "demos.jsonl:5: field 'completion' is empty" in capsys.readouterr().err
+    assert main(["sft", "--model", str(model_dir), "--data", str(path), "--skip-bad-rows", "true", "--max-steps", "1",
+                 "--held-out", "0.2", "--out", str(tmp_path / "r2")]) == 0
+    assert "skipped 1 of 20 rows (first: " in capsys.readouterr().out
+    assert json.loads((tmp_path / "r2" / "summary.json").read_text())["train_examples"] == 15  # 19 rows, 4 held out
+
+
 def test_cli_missing_data_and_model_exit_2(model_dir, tmp_path, capsys):
     assert main(["sft", "--model", str(model_dir), "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "r")]) == 2
     assert "file not found" in capsys.readouterr().err

@@ -37,6 +37,7 @@ class SFTConfig:
     model: str = opt("", "the model to fine-tune: a Hugging Face directory, a run folder, a .gguf file or 'smollm2'")
     data: str = opt("world", "demonstrations: a JSONL file (prompt/completion or chat messages) or 'world'")
     world_demos: int = opt(2000, "demonstrations to generate when data is 'world'")
+    skip_bad_rows: bool = opt(False, "skip (and count) bad rows instead of stopping at the first one with its file:line")
     out: str = opt("", "run folder to write (default runs/sft-<time>)")
     lr: float = opt(3e-4, "peak learning rate (AdamW); 1e-3 damaged the tiny model")
     weight_decay: float = opt(0.0, "AdamW weight decay")
@@ -85,12 +86,12 @@ def sft_loss(per_token_logps: torch.Tensor, completion_mask: torch.Tensor, n_tok
     return -(per_token_logps * mask).sum() / max(float(n), 1.0)
 
 
-def read_demonstrations(spec: str, n_world: int, seed: int) -> list[Demonstration]:
+def read_demonstrations(spec: str, n_world: int, seed: int, strict: bool = True) -> list[Demonstration]:
     if spec == "world":
         from preflab.world import demonstrations
 
         return [parse_demonstration(row, f"world:{i}") for i, row in enumerate(demonstrations(n_world, seed), 1)]
-    data = load_demonstrations(spec, strict=False)
+    data = load_demonstrations(spec, strict=strict)
     if data.skipped:
         where, why = data.skipped[0]
         print(f"[sft] skipped {len(data.skipped)} of {data.lines_read} rows (first: {where}: {why}); "
@@ -138,7 +139,7 @@ def sft(config: SFTConfig) -> dict:
 
     # 1. model and demonstrations
     model, tokenizer = load_model(config.model)
-    demos = read_demonstrations(config.data, config.world_demos, config.seed)
+    demos = read_demonstrations(config.data, config.world_demos, config.seed, strict=not config.skip_bad_rows)
     run = Run(config.out or None, "sft", config)
     accelerator = make_accelerator()
     pad_id = tokenizer.pad_token_id
