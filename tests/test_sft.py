@@ -13,7 +13,7 @@ from preflab.config import ConfigError
 from preflab.data import TokenizedExample, collate_examples, position_ids
 from preflab.policy import sequence_logps
 from preflab.runs import read_metrics
-from preflab.sft import SFTConfig, sft, sft_loss
+from preflab.sft import SFTConfig, heldout_loss, sft, sft_loss
 
 EXAMPLES = [TokenizedExample([1, 40, 41, 42], [50, 51, 2]), TokenizedExample([1, 43], [52, 2]),
             TokenizedExample([1, 44, 45], [53, 54, 55, 56, 2]), TokenizedExample([1, 46, 47, 48, 49], [57, 2])]
@@ -39,6 +39,12 @@ def test_loss_is_token_mean_over_completion_tokens_only(model, tokenizer):
     torch.testing.assert_close(loss, hand_loss(model, EXAMPLES), atol=1e-5, rtol=0)
     # a token-mean, not a mean of per-row means: the 5-token completion weighs 5 times the 1-token one
     assert batch["completion_mask"].sum() == 3 + 2 + 5 + 2
+
+
+def test_heldout_loss_is_a_token_mean_whatever_the_batching(model, tokenizer):
+    expected = hand_loss(model, EXAMPLES).item()
+    for batch_size in (1, 3, 4):
+        assert heldout_loss(model, EXAMPLES, tokenizer.pad_token_id, batch_size) == pytest.approx(expected, abs=1e-5)
 
 
 def test_prompt_tokens_carry_no_loss(model, tokenizer):
