@@ -29,7 +29,6 @@ import torch
 from preflab.cli import stage
 from preflab.config import check, opt
 from preflab.data import DataError, load_preferences, split_rows, tokenize_rows, write_jsonl
-from preflab.data.tokenize import truncate
 from preflab.reward.model import REDUCTIONS, RewardEnsemble, load_reward_model, reduce_ensemble
 from preflab.runs import Run
 from preflab.training import set_threads
