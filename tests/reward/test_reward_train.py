@@ -124,3 +124,28 @@ def test_a_model_that_is_not_a_causal_lm_is_a_clear_error(prefs, tmp_path, capsy
 def test_bad_options_are_refused_with_the_value(model_dir, prefs, capsys):
     assert main(["reward", "--model", str(model_dir), "--data", str(prefs), "--label-smoothing", "0.7"]) == 2
     assert "0.7" in capsys.readouterr().err
+
+
+def test_held_out_split_eval_data_and_reference_responses(tokenizer, prefs, tmp_path):
+    from preflab.data import encode_completion, encode_prompt, load_preferences, split_rows
+    from preflab.reward.train import RewardConfig, load_pairs, reference_ids
+
+    # the held-out split is split_rows(seed): the same seed gives the same held-out prompts
+    config = RewardConfig(model="m", data=str(prefs), held_out=0.25, split_seed=3, max_rows=5)
+    train, held, held_rows, _, _ = load_pairs(config, tokenizer)
+    _, expected = split_rows(load_preferences(prefs).rows, 0.25, 3)
+    assert [r.source for r in held_rows] == [r.source for r in expected] and len(held) == 10 and len(train) == 5
+    # --eval-data: every row of --data trains
+    train, held, _, _, _ = load_pairs(RewardConfig(model="m", data=str(prefs), eval_data=str(prefs)), tokenizer)
+    assert len(train) == 40 and len(held) == 40
+    # default reference: the training pairs' chosen then rejected responses
+    prompts, completions, source = reference_ids(RewardConfig(model="m", data="d", reference_rows=2), tokenizer, train)
+    assert prompts == [train[0].prompt_ids, train[1].prompt_ids] * 2
+    assert completions == [train[0].chosen_ids, train[1].chosen_ids, train[0].rejected_ids, train[1].rejected_ids]
+    # --reference: a demonstration file's prompt + completion, truncated like training
+    ref = tmp_path / "ref.jsonl"
+    write_jsonl(ref, [{"prompt": "What is 4 plus 4?", "completion": "The answer is 8, as four and four make eight."}])
+    config = RewardConfig(model="m", data="d", reference=str(ref), max_completion_length=4)
+    prompts, completions, source = reference_ids(config, tokenizer, train)
+    assert prompts == [encode_prompt(tokenizer, "What is 4 plus 4?")] and source == str(ref)
+    assert completions == [encode_completion(tokenizer, "The answer is 8, as four and four make eight.")[:4]]
