@@ -168,8 +168,8 @@ def reward_report(model, rows, batch_size: int = 32, max_prompt_length: int = 0,
     pairs, n_truncated = tokenize_rows(members[0].tokenizer, rows, max_prompt_length, max_completion_length)
     # 2. score: raw for calibration, normalised (per member) for rewards and the ensemble reduction
     raw_w, raw_l = score_pairs(model, pairs, batch_size)
-    gain = torch.stack([m.gain for m in members]).float()
-    bias = torch.stack([m.bias for m in members]).float()
+    gain = torch.stack([m.gain for m in members]).float().cpu()
+    bias = torch.stack([m.bias for m in members]).float().cpu()
     return report_from_scores(rows, pairs, n_truncated, members[0].tokenizer, raw_w, raw_l, gain, bias, bins,
                               length_edges, reduce or getattr(model, "reduce", "mean"), getattr(model, "lam", 1.0))
 
@@ -289,6 +289,9 @@ def evaluate_reward(config: EvalRewardConfig) -> dict:
     set_threads(config.threads)
     # 1. model and rows
     model = load_reward_model(config.model, reduce=config.reduce or None)
+    if torch.cuda.is_available():
+        for member in members_of(model):
+            member.to("cuda")
     rows = select_rows(config.data, config.split, config.held_out, config.split_seed, config.max_rows)
     first = members_of(model)[0]
     max_p = first.max_prompt_length if config.max_prompt_length < 0 else config.max_prompt_length

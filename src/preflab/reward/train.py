@@ -121,10 +121,10 @@ def train_step(model: RewardModel, optimizer, pairs: list, micro_batch_size: int
     loss_sum, sums = 0.0, {}
     for start in range(0, len(pairs), micro_batch_size):
         micro = pairs[start:start + micro_batch_size]
-        batch = collate_pairs(micro, pad)  # rows 0..B-1 chosen, B..2B-1 rejected
-        rewards = model(batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device), normalise=False)
+        batch = {k: v.to(model.device) for k, v in collate_pairs(micro, pad).items()}  # B chosen rows, then B rejected
+        rewards = model(batch["input_ids"], batch["attention_mask"], normalise=False)
         chosen, rejected = rewards[:len(micro)], rewards[len(micro):]
-        margin = batch["margin"].to(model.device) * config.margin_scale if config.use_margin else None
+        margin = batch["margin"] * config.margin_scale if config.use_margin else None
         loss = bradley_terry_loss(chosen, rejected, margin, config.label_smoothing, batch["tie"])
         backward(loss * len(micro) / len(pairs))
         loss_sum += loss.item() * len(micro)
