@@ -77,7 +77,7 @@ class DPOConfig:
     length_normalize: bool = opt(False, "divide each completion's summed log-prob by its length in tokens")
     rpo_alpha: float = opt(0.0, "weight of the chosen responses' per-token NLL added to the loss (RPO; 0: off)")
     precompute_ref: bool = opt(True, "compute reference log-probs once over the dataset, then free the reference")
-    lr: float = opt(1e-4, "peak learning rate (AdamW); 1e-4 suits the tiny world model (5e-4 broke it), a 135M model ~5e-7")
+    lr: float = opt(1e-4, "peak learning rate (AdamW); 1e-4 for the tiny world model (5e-4 lengthened its samples), ~5e-7 for 135M")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     warmup: float = opt(0.1, "share of the budget spent warming the learning rate up")
     batch_size: int = opt(32, "pairs per optimiser step")
