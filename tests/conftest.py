@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("PREFLAB_QUIET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
