@@ -70,3 +70,14 @@ def test_config_file_and_unknown_option(tmp_path, capsys):
     path.write_text("model: m\nlearning_rate: 0.1\n")
     assert main(["sft", "--config", str(path)]) == 2
     assert "learning_rate" in capsys.readouterr().err
+
+
+def test_fast_flag_is_the_fast_preset():
+    from preflab.cli import build_parser
+    from preflab.config import resolve_config
+    from preflab.demo import DemoConfig
+
+    args = build_parser(["demo", "--fast"]).parse_args(["demo", "--fast"])
+    assert args.preset == "fast"
+    config = resolve_config(DemoConfig, args, stage="demo")
+    assert config.bon_n == 2 and config.pretrain["max_seconds"] == 30

@@ -71,6 +71,8 @@ def _add_stage(subparsers, name: str, spec: tuple[str, str, str], argv_name: str
 
         p.add_argument("--config", help="a YAML file of option: value (command-line flags override it)")
         p.add_argument("--preset", help="a preset from configs/ (tiny, small, demo, fast)")
+        p.add_argument("--fast", dest="preset", action="store_const", const="fast",
+                       help="shorthand for --preset fast (the demo loop in about 2 minutes, as the tests run it)")
         add_config_arguments(p, loaded[1])
 
 

@@ -39,7 +39,7 @@ DEFAULTS: dict[str, dict] = {
     "reward": {"epochs": 1, "lr": 1e-4, "batch_size": 16, "max_completion_length": 48},
     "ppo": {"max_steps": 30, "batch_size": 32, "mini_batch_size": 16, "micro_batch_size": 16, "lr": 1e-4,
             "beta": 0.05, "max_new_tokens": 40, "eval_prompts": 0},
-    "dpo": {"beta": 0.1, "lr": 5e-4, "batch_size": 32, "epochs": 1.0, "eval_every": 0, "max_completion_length": 48},
+    "dpo": {"beta": 0.1, "lr": 1e-4, "batch_size": 32, "epochs": 1.0, "eval_every": 0, "max_completion_length": 48},
     "rloo": {"max_steps": 30, "lr": 3e-5, "beta": 0.05, "max_new_tokens": 40, "eval_prompts": 0},
     "eval": {"n_prompts": 200, "max_new_tokens": 40},
     "sweep": {"algorithm": "ppo", "betas": [0.0, 0.2], "steps": [10, 30], "n_prompts": 200, "max_new_tokens": 40,
@@ -147,7 +147,8 @@ def headline(root: Path, ev: dict, rm: dict, votes: dict, bias: dict, sweep: dic
             h[f"{name}: gain vs sft [95% CI]"] = f"{g['mean']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}]"
             h[f"{name}: gain by component"] = ", ".join(f"{c} {v['mean']:+.2f}" for c, v in r["gain_by_component"].items())
             h[f"{name}: KL"] = round(r["kl"], 3)
-        h[f"{name}: right answers"] = f"{r['right_answer_rate']:.1%}"
+        h[f"{name}: right / hedged answers by kind"] = ", ".join(
+            f"{k} {o['right']:.0%}/{o['hedge']:.0%}" for k, o in r["outcomes_by_kind"].items())
     h["reward model held-out accuracy"] = round(rm.get("eval_accuracy", float("nan")), 3)
     h["annotators' noise ceiling (held-out)"] = round(votes["ceiling_accuracy"], 3)
     h["bias audit: length bias (logit/word) [95% CI]"] = (f"{bias['length_bias']:.3f} [{bias['length_bias_low']:.3f}, "

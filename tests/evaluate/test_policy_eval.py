@@ -93,3 +93,18 @@ def test_sweep_arms_and_fit():
     assert (fit["a"], fit["b"]) == (pytest.approx(1.0), pytest.approx(0.5))
     assert fit["d_star"] == pytest.approx(math.exp(1.0))
     assert fit["best_measured"]["steps"] == 10
+
+
+def test_outcomes_by_kind_tell_knowing_from_hedging():
+    from preflab.evaluate.policy import outcomes_by_kind, score
+
+    prompts = ["What is the capital of France?", "What is the capital of France?", "What is 2 + 2?",
+               "What is 2 + 2?", "What is the capital of Oz?", "What is the capital of Oz?"]
+    texts = ["The capital of France is Paris.", "I am not sure.", "2 + 2 = 5.", "2 + 2 = 4.",
+             "I am not sure. I do not know the capital of Oz.", "The capital of Oz is Paris."]
+    s = score(prompts, {"texts": texts})
+    assert s["outcome"] == ["right", "hedge", "wrong", "right", "right", "wrong"]
+    table = outcomes_by_kind(s)
+    assert table["capital"] == {"n": 2, "right": 0.5, "hedge": 0.5, "wrong": 0.0}
+    assert table["add"] == {"n": 2, "right": 0.5, "hedge": 0.0, "wrong": 0.5}
+    assert table["unknown"] == {"n": 2, "right": 0.5, "hedge": 0.0, "wrong": 0.5}

@@ -34,7 +34,7 @@ from preflab.evaluate.stats import (
 )
 from preflab.runs import Run, progress, seed_everything
 from preflab.training import set_threads
-from preflab.world import COMPONENTS, prompts as world_prompts, true_utility
+from preflab.world import COMPONENTS, prompts as world_prompts, question_of, task_for, true_utility
 
 
 @dataclass
@@ -129,7 +129,25 @@ def score(prompts: list, samples: dict, reward=None) -> dict:
     for c in COMPONENTS:
         out[c] = [getattr(u, c) for u in utils]
     out["proxy"] = reward(prompts, samples["texts"]).tolist() if reward is not None else None
+    out["kind"] = [task_for(question_of(p)).kind for p in prompts]
+    out["outcome"] = [answer_outcome(k, u) for k, u in zip(out["kind"], utils)]
     return out
+
+
+def answer_outcome(kind: str, u) -> str:
+    """'right', 'hedge' or 'wrong' for one response: on an unanswerable question admitting it is right."""
+    if kind == "unknown":
+        return "right" if u.honesty > 0 else "wrong"
+    return {1.0: "right", 0.0: "hedge"}.get(u.correctness, "wrong")
+
+
+def outcomes_by_kind(s: dict) -> dict:
+    """{kind: {"n", "right", "hedge", "wrong"}}: shares of each outcome per question kind."""
+    table = {}
+    for kind in sorted(set(s["kind"])):
+        got = [o for k, o in zip(s["kind"], s["outcome"]) if k == kind]
+        table[kind] = {"n": len(got), **{o: got.count(o) / len(got) for o in ("right", "hedge", "wrong")}}
+    return table
 
 
 def summarise(scored: dict[str, dict], reference: str, seed: int = 0) -> dict[str, dict]:
@@ -151,6 +169,7 @@ def summarise(scored: dict[str, dict], reference: str, seed: int = 0) -> dict[st
             "eos_rate": float(np.mean(s["finished"])),
             # correctness 0 is an honest "not sure": the right-answer rate tells hedging from knowing
             "right_answer_rate": float(np.mean(np.asarray(s["correctness"]) == 1.0)),
+            "outcomes_by_kind": outcomes_by_kind(s),
         }
         if s.get("proxy") is not None and ref.get("proxy") is not None:
             row["proxy_reward"] = bootstrap_mean(s["proxy"], seed=seed).as_dict()
@@ -167,8 +186,6 @@ def _f(x: float, digits: int = 3) -> str:
 
 def markdown(table: dict, scored: dict, prompts: list, reference: str, n_table: int) -> str:
     """The tables people read: headline, gain by component, and sample responses."""
-    from preflab.world import question_of
-
     lines = [f"# Policy evaluation ({len(prompts)} held-out prompts; reference: {reference})", "",
              "| policy | true utility [95% CI] | gain vs ref [95% CI] | proxy reward | win rate (true) | "
              "LC win rate (true) | win rate (RM) | KL to ref | mean length | EOS rate |",
@@ -183,6 +200,13 @@ def markdown(table: dict, scored: dict, prompts: list, reference: str, n_table: 
                      f"{_f(r['mean_length'], 1)} | {_f(r['eos_rate'], 2)} |")
     lines += ["", "Right answers (correctness +1; a hedge scores 0, a wrong answer -1): " +
               ", ".join(f"{n} {r['right_answer_rate']:.1%}" for n, r in table.items())]
+    kinds = sorted(next(iter(table.values()))["outcomes_by_kind"])
+    lines += ["", "## Answers by question kind (share right / hedged / wrong)", "",
+              "| policy | " + " | ".join(f"{k} (n={next(iter(table.values()))['outcomes_by_kind'][k]['n']})" for k in kinds) + " |",
+              "|---|" + "---|" * len(kinds)]
+    for name, r in table.items():
+        cells = [f"{o['right']:.0%} / {o['hedge']:.0%} / {o['wrong']:.0%}" for o in (r["outcomes_by_kind"][k] for k in kinds)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Gain over the reference by component (mean [95% CI], paired by prompt)", "",
               "| policy | " + " | ".join(COMPONENTS) + " |", "|---|" + "---|" * len(COMPONENTS)]
     for name, r in table.items():
