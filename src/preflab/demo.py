@@ -36,9 +36,11 @@ DEFAULTS: dict[str, dict] = {
     "pretrain": {"max_seconds": 120.0, "size": "tiny"},
     "sft": {"world_demos": 2000, "epochs": 1.0, "lr": 3e-4},
     "generate": {"n_prompts": 1000, "n": 4, "max_new_tokens": 40},
-    "reward": {"epochs": 1, "lr": 1e-4, "batch_size": 16, "max_completion_length": 48},
+    # 3 epochs at lr 1e-3 (not the published 1 epoch at 1e-5..1e-4): with less, the 1.1M-parameter reward model
+    # learned style but not which capital is right (right > wrong on 62% of canonical probes; 75% with this).
+    "reward": {"epochs": 3, "lr": 1e-3, "batch_size": 16, "max_completion_length": 48},
     "ppo": {"max_steps": 30, "batch_size": 32, "mini_batch_size": 16, "micro_batch_size": 16, "lr": 1e-4,
-            "beta": 0.05, "max_new_tokens": 40, "eval_prompts": 0},
+            "beta": 0.2, "max_new_tokens": 40, "eval_prompts": 0},
     "dpo": {"beta": 0.1, "lr": 1e-4, "batch_size": 32, "epochs": 1.0, "eval_every": 0, "max_completion_length": 48},
     "rloo": {"max_steps": 30, "lr": 3e-5, "beta": 0.05, "max_new_tokens": 40, "eval_prompts": 0},
     "eval": {"n_prompts": 200, "max_new_tokens": 40},
@@ -54,9 +56,9 @@ class DemoConfig:
     seed: int = opt(0, "seed for every stage")
     threads: int = opt(0, "torch intra-op threads (0: torch's default)")
     annotators: int = opt(8, "simulated annotators in the pool")
-    temperature_low: float = opt(0.3, "annotator noise: temperatures drawn uniformly from [low, high]")
-    temperature_high: float = opt(1.0, "annotator noise: temperatures drawn uniformly from [low, high]")
-    length_bias: float = opt(0.1, "the planted length bias: logit per word of length difference")
+    temperature_low: float = opt(0.2, "annotator noise: temperatures drawn uniformly from [low, high]")
+    temperature_high: float = opt(0.5, "annotator noise: temperatures drawn uniformly from [low, high]")
+    length_bias: float = opt(0.05, "the planted length bias: logit per word of length difference")
     position_bias: float = opt(0.2, "the planted position bias: logit in favour of the first-shown response")
     held_out: float = opt(0.1, "share of candidate pairs whose votes are held out for the reward model")
     bon_n: int = opt(4, "best-of-n's n (0: no best-of-n policy)")

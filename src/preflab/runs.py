@@ -59,7 +59,7 @@ class Run:
         self.started = time.time()
         if config is not None:
             (self.dir / "config.yaml").write_text(yaml.safe_dump({"stage": stage, **to_dict(config)}, sort_keys=False))
-        self._metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        self._metrics = open(self.dir / "metrics.jsonl", "w", buffering=1)  # a reused folder starts afresh
         self._tb = None
         if tensorboard:
             try:

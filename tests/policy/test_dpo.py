@@ -160,7 +160,7 @@ def test_one_step_moves_every_parameter(tokenizer, loss_type):
                        batch_size=4, max_steps=1, warmup=0.0, held_out=0.0, lr=1e-2, max_completion_length=32)
     summary = train_dpo(model, tokenizer, world_rows(8), config)
     assert summary["steps"] == 1
-    unchanged = [n for n, p in model.named_parameters() if torch.equal(p.detach(), before[n])]
+    unchanged = [n for n, p in model.named_parameters() if torch.equal(p.detach().cpu(), before[n].cpu())]
     assert unchanged == []
 
 
