@@ -29,7 +29,6 @@ import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from itertools import combinations
-from pathlib import Path
 
 import numpy as np
 

@@ -11,7 +11,6 @@ Logits are divided by the sampling temperature (RLHF detail #3), for the policy 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from preflab.data.tokenize import position_ids
 

@@ -178,6 +178,21 @@ def chunked_logps(model, batch: dict, temperature: float, chunk: int, entropy: b
     return (torch.cat(parts), torch.cat(ents)) if entropy else torch.cat(parts)
 
 
+@torch.no_grad()
+def rollout_and_score(policy, ref, tokenizer, reward_fn, prompts: list, config: OnlineConfig, device, step: int):
+    """Steps 1-3 of every online loop (PPO, RLOO, GRPO): (rollout, batch on device, old log-probs, entropy,
+    reference log-probs, scores). The old log-probs are recomputed by a full forward, not taken from sampling,
+    so the first PPO ratio is exactly 1 (detail #17)."""
+    generator = torch.Generator(device=device).manual_seed(config.seed * 100003 + step)
+    rollout = generate(policy, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], config.max_new_tokens,
+                       temperature=config.temperature, generator=generator)
+    batch = to_device(rollout.batch, device)
+    old_logps, entropy = chunked_logps(policy, batch, config.temperature, config.mini_batch_size, entropy=True)
+    ref_logps = chunked_logps(ref, batch, config.temperature, config.mini_batch_size)
+    scores = score_responses(reward_fn, prompts, rollout, config.missing_eos_penalty).to(device)
+    return rollout, batch, old_logps, entropy, ref_logps, scores
+
+
 def frozen_copy(model):
     """The reference: a copy of the initial policy, eval mode, no gradients."""
     ref = copy.deepcopy(model).eval()
@@ -316,17 +331,12 @@ def ppo(config: PPOConfig) -> dict:
     step = 0
     while not budget.done(step):
         prompts = next(batches)
-        # 1. rollout: pure sampling at temperature T, stop at EOS (details #3, #4)
-        rollout = generate(policy, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], config.max_new_tokens,
-                           temperature=config.temperature, generator=torch.Generator(device=device).manual_seed(config.seed * 100003 + step))
-        batch = to_device(rollout.batch, device)
+        # 1-3. rollout (pure sampling at temperature T, stop at EOS: details #3, #4); old and reference log-probs
+        #      recomputed with the one log-prob function (temperature on both); scores with the missing-EOS penalty
+        rollout, batch, old_logps, entropy, ref_logps, scores = rollout_and_score(
+            policy, ref, tokenizer, reward_fn, prompts, config, device, step)
         mask = batch["completion_mask"].float()
         with torch.no_grad():
-            # 2. old and reference log-probs, recomputed with the one log-prob function (temperature on both)
-            old_logps, entropy = chunked_logps(policy, batch, config.temperature, config.mini_batch_size, entropy=True)
-            ref_logps = chunked_logps(ref, batch, config.temperature, config.mini_batch_size)
-            # 3. scores on decoded text, missing-EOS penalty (detail #4)
-            scores = score_responses(reward_fn, prompts, rollout, config.missing_eos_penalty).to(device)
             # 4. per-token reward: -beta KL_t, score at the last real token (details #5, #11)
             rewards, kl = rlhf_rewards(old_logps, ref_logps, scores, mask, kl_ctl.value, config.kl_estimator)
             rlhf_reward = rewards.sum(-1)

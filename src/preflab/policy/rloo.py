@@ -25,14 +25,12 @@ import torch
 
 from preflab.cli import stage
 from preflab.config import check, opt
-from preflab.data.tokenize import encode_prompt
 from preflab.policy.kl_control import make_kl_controller
 from preflab.policy.logps import masked_mean, sequence_logps
 from preflab.policy.losses import (approx_kl, clipped_policy_loss, grpo_advantages, kl_estimate, kl_k3,
                                    rloo_advantages)
-from preflab.policy.ppo import (OnlineConfig, chunked_logps, evaluate_policy, finish_online, prompt_cycle,
-                                score_responses, setup_online, take, to_device)
-from preflab.rollout import generate
+from preflab.policy.ppo import (OnlineConfig, evaluate_policy, finish_online, prompt_cycle, rollout_and_score,
+                                setup_online, take)
 from preflab.runs import progress
 from preflab.training import Budget
 
@@ -102,17 +100,11 @@ def critic_free(config: RLOOConfig, method: str) -> dict:
     step, k = 0, config.k
     while not budget.done(step):
         prompts = [p for p in next(batches) for _ in range(k)]               # prompt-major groups of k
-        # 1. rollout
-        rollout = generate(policy, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], config.max_new_tokens,
-                           temperature=config.temperature, generator=torch.Generator(device=device).manual_seed(config.seed * 100003 + step))
-        batch = to_device(rollout.batch, device)
+        # 1-3. rollout, old and reference log-probs (temperature on both), scores with the missing-EOS penalty
+        rollout, batch, old_logps, entropy, ref_logps, scores = rollout_and_score(
+            policy, ref, tokenizer, reward_fn, prompts, config, device, step)
         mask = batch["completion_mask"].float()
         with torch.no_grad():
-            # 2. old and reference log-probs (temperature on both)
-            old_logps, entropy = chunked_logps(policy, batch, config.temperature, config.mini_batch_size, entropy=True)
-            ref_logps = chunked_logps(ref, batch, config.temperature, config.mini_batch_size)
-            # 3. scores with the missing-EOS penalty
-            scores = score_responses(reward_fn, prompts, rollout, config.missing_eos_penalty).to(device)
             kl = (kl_estimate(old_logps, ref_logps, config.kl_estimator) * mask).sum(-1)
             # 4. advantages: leave-one-out on the KL-penalised reward, or group-normalised scores
             if method == "rloo":
