@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
 from preflab.cli import stage
 from preflab.config import check, opt
-from preflab.data.preferences import DataError, _check_text, read_jsonl, write_jsonl
+from preflab.data.preferences import load_prompts, write_jsonl
 from preflab.data.tokenize import encode_prompt
 from preflab.models import load_model
 from preflab.rollout import generate
@@ -60,20 +59,14 @@ class GenerateConfig:
         check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
 
 
-def _parse_prompt(row, src: str, notes: Counter):
-    if not isinstance(row, dict):
-        raise DataError(src, f"expected a JSON object, got {type(row).__name__}")
-    return _check_text(row, "prompt", src)
-
-
 def read_prompts(spec: str, n: int, split: str, seed: int) -> list:
     """Prompts (strings or chat message lists) from 'world' or a JSONL file of `prompt` rows."""
     if spec == "world":
         from preflab.world import prompts
 
         return prompts(n, seed=seed, split=split)
-    data = read_jsonl(spec, _parse_prompt, strict=True)
-    return data.rows[:n] if n else data.rows
+    rows = load_prompts(spec).rows
+    return rows[:n] if n else rows
 
 
 def candidate_pairs(prompt, responses: list[str], rng: random.Random) -> list[dict]:

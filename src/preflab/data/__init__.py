@@ -7,6 +7,7 @@ from preflab.data.preferences import (
     Preference,
     load_demonstrations,
     load_preferences,
+    load_prompts,
     split_rows,
     write_jsonl,
 )
@@ -25,7 +26,7 @@ from preflab.data.tokenize import (
 )
 
 __all__ = [
-    "DataError", "DataSet", "Demonstration", "Preference", "load_demonstrations", "load_preferences",
+    "DataError", "DataSet", "Demonstration", "Preference", "load_demonstrations", "load_preferences", "load_prompts",
     "split_rows", "write_jsonl", "TokenizedExample", "TokenizedPair", "collate", "collate_examples",
     "collate_pairs", "encode_completion", "encode_preference", "encode_prompt", "last_token_index",
     "position_ids", "tokenize_rows",

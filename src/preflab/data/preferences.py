@@ -184,6 +184,12 @@ def parse_demonstration(row: Any, src: str, notes: Counter | None = None) -> Dem
     return Demonstration(prompt=prompt, completion=completion, source=src)
 
 
+def parse_prompt(row: Any, src: str, notes: Counter | None = None) -> Text:
+    if not isinstance(row, dict):
+        raise DataError(src, f"expected a JSON object, got {type(row).__name__}")
+    return _check_text(row, "prompt", src)
+
+
 def read_jsonl(path: str | Path, parse, strict: bool = True) -> DataSet:
     path = Path(path)
     if not path.exists():
@@ -219,6 +225,11 @@ def read_jsonl(path: str | Path, parse, strict: bool = True) -> DataSet:
 def load_preferences(path: str | Path, strict: bool = True) -> DataSet:
     """Read a preference JSONL file into `Preference` rows (see the module docstring for the forms)."""
     return read_jsonl(path, parse_preference, strict=strict)
+
+
+def load_prompts(path: str | Path, strict: bool = True) -> DataSet:
+    """Read a JSONL file of {"prompt": string | chat messages} rows (for generation and online RL)."""
+    return read_jsonl(path, parse_prompt, strict=strict)
 
 
 def load_demonstrations(path: str | Path, strict: bool = True) -> DataSet:

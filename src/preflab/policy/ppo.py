@@ -28,7 +28,6 @@ here too; `rloo.py` and `bon.py` import them.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,27 +116,9 @@ class PPOConfig(OnlineConfig):
 
 def read_prompts(path: str) -> list:
     """Prompts from a JSONL file of {"prompt": str | [chat messages]} rows; errors name file:line."""
-    from preflab.data.preferences import DataError
+    from preflab.data import load_prompts
 
-    file = Path(path)
-    if not file.exists():
-        raise DataError(path, "prompt file not found", "give a JSONL file of {\"prompt\": ...} rows, or 'world'")
-    rows = []
-    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{n}", f"not valid JSON ({exc.msg})") from None
-        prompt = row.get("prompt") if isinstance(row, dict) else None
-        if not (isinstance(prompt, str) and prompt.strip()) and not (isinstance(prompt, list) and prompt):
-            raise DataError(f"{path}:{n}", "expected a non-empty 'prompt' (a string or a list of chat messages)",
-                            "each line must be a JSON object like {\"prompt\": \"...\"}")
-        rows.append(prompt)
-    if not rows:
-        raise DataError(path, "the prompt file holds no rows")
-    return rows
+    return load_prompts(path).rows
 
 
 def load_prompt_sets(spec: str, n_prompts: int, n_eval: int, seed: int) -> tuple[list, list]:
