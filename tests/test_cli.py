@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from preflab import cli
-from preflab.cli import GROUPS, STAGES, main
+from preflab.cli import main
+from preflab.stages import GROUPS, STAGES, load_stage
 
 
 def help_text(argv, capsys) -> str:
@@ -35,7 +35,7 @@ def spec_of(path):
 
 @pytest.mark.parametrize("path", list(all_stages()), ids=" ".join)
 def test_each_built_stage_help_explains_every_option(path, capsys):
-    loaded = cli._load(*spec_of(path)[:2])
+    loaded = load_stage(*spec_of(path)[:2])
     if loaded is None:
         pytest.skip(f"{' '.join(path)} is not built yet")
     out = help_text([*path, "--help"], capsys)

@@ -1,14 +1,13 @@
 """The `preflab` command: one subcommand per pipeline stage. Thin on purpose: parse, build config, call.
 
-Each stage is `module:function` taking its config dataclass (the module's `CONFIG`); options come from the
-dataclass fields, `--config FILE.yaml` and `--preset NAME` (a file in configs/) supply values beneath explicit
+Each stage is a function taking its config dataclass (the table is in `preflab.stages`; only the stage asked
+for is imported); options come from the dataclass fields, `--config FILE.yaml` and `--preset NAME` (a file in configs/) supply values beneath explicit
 flags. Known user errors (bad data, bad config, a missing model) print one clear message and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
@@ -17,53 +16,12 @@ import sys
 # slower here (measured: pretrain 16k -> 0.7k tokens/s). Set OMP_WAIT_POLICY yourself to choose otherwise.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-# name -> (module, function, one-line help). Order is the pipeline's order.
-STAGES: dict[str, tuple[str, str, str]] = {
-    "pretrain": ("preflab.pretrain", "pretrain", "train a small causal LM from scratch on text"),
-    "sft": ("preflab.sft", "sft", "fine-tune on demonstrations (loss on completion tokens only)"),
-    "generate": ("preflab.generate", "generate_stage", "sample candidate responses (and comparison pairs) from a policy"),
-    "collect": ("preflab.collect.app", "serve", "the web app where people compare responses (A / B / tie / both bad)"),
-    "reward": ("preflab.reward.train", "train_reward", "train a Bradley-Terry reward model on comparisons"),
-    "ppo": ("preflab.policy.ppo", "ppo", "PPO with a per-token KL penalty to a frozen reference"),
-    "rloo": ("preflab.policy.rloo", "rloo", "REINFORCE leave-one-out (critic-free)"),
-    "grpo": ("preflab.policy.rloo", "grpo", "group relative policy optimisation (critic-free)"),
-    "dpo": ("preflab.policy.dpo", "dpo", "direct preference optimisation and its relatives"),
-    "bon": ("preflab.policy.bon", "best_of_n", "best-of-n sampling against a reward (no training)"),
-    "report": ("preflab.report.html", "report", "write a self-contained HTML report for a run folder"),
-    "demo": ("preflab.demo", "demo", "the whole loop end to end on the built-in tutoring world"),
-}
-# Commands with their own sub-commands: name -> {sub: (module, function, help)}.
-GROUPS: dict[str, dict[str, tuple[str, str, str]]] = {
-    "data": {
-        "check": ("preflab.data.check", "check", "validate a preference or demonstration file and describe it"),
-        "world": ("preflab.world.export", "export_world", "write the tutoring world's corpus, demonstrations and prompts"),
-    },
-    "eval": {
-        "reward": ("preflab.reward.evaluate", "evaluate_reward", "accuracy, calibration and length bias of a reward model"),
-        "policy": ("preflab.evaluate.policy", "evaluate_policies", "true utility, proxy reward, win rates and KL of policies"),
-        "sweep": ("preflab.evaluate.sweep", "sweep", "over-optimisation sweep: true and proxy reward against sqrt(KL)"),
-        "bias": ("preflab.evaluate.bias", "audit", "annotator bias audit of a comparison file (length, position)"),
-    },
-}
-
-
-def _load(module: str, function: str):
-    """(function, config class) or None when the stage is not built yet."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name and (exc.name == module or module.startswith(exc.name + ".")):
-            return None
-        raise
-    fn = getattr(mod, function, None)
-    if fn is None:
-        return None
-    return fn, getattr(fn, "config_class", None)
+from preflab.stages import GROUPS, STAGES, load_stage  # noqa: E402
 
 
 def _add_stage(subparsers, name: str, spec: tuple[str, str, str], argv_name: str | None) -> None:
     module, function, help_text = spec
-    loaded = _load(module, function) if argv_name == name else None
+    loaded = load_stage(module, function) if argv_name == name else None
     p = subparsers.add_parser(name, help=help_text, description=help_text)
     p.set_defaults(_spec=spec, _name=name)
     if loaded is not None and loaded[1] is not None:
@@ -106,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if not argv else 2
     module, function, _ = args._spec
-    loaded = _load(module, function)
+    loaded = load_stage(module, function)
     if loaded is None:
         print(f"preflab {' '.join(a for a in argv if not a.startswith('-'))[:40]}: this stage is not built yet "
               f"(see the open issues)", file=sys.stderr)
@@ -126,14 +84,6 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: the last good checkpoint (if any) is in the run folder's checkpoint/", file=sys.stderr)
         return 130
     return 0
-
-
-def stage(config_class):
-    """Decorator marking a function as a CLI stage taking `config_class`."""
-    def wrap(fn):
-        fn.config_class = config_class
-        return fn
-    return wrap
 
 
 if __name__ == "__main__":

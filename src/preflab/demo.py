@@ -19,16 +19,25 @@ the preset (`configs/demo.yaml`, `configs/fast.yaml`) and by YAML given with `--
 
 from __future__ import annotations
 
-import importlib
 import json
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from preflab.cli import STAGES, GROUPS, stage
 from preflab.config import build_config, check, opt
+from preflab.evaluate.bias import audit
+from preflab.evaluate.policy import evaluate_policies
+from preflab.evaluate.sweep import sweep
+from preflab.generate import generate_stage
+from preflab.policy.dpo import dpo
+from preflab.policy.ppo import ppo
+from preflab.policy.rloo import rloo
+from preflab.pretrain import pretrain
+from preflab.reward.train import train_reward
 from preflab.runs import default_out
+from preflab.sft import sft
+from preflab.stages import stage
 from preflab.training import set_threads
 
 # Per-stage options of the demo (each stage's own config fields), measured to fit ~5-8 minutes on 2 cores.
@@ -85,11 +94,6 @@ class DemoConfig:
             check(isinstance(getattr(self, name), dict), f"{name} must be a mapping of options, got {getattr(self, name)!r}")
 
 
-def _stage_fn(name: str):
-    module, function, _ = STAGES[name] if name in STAGES else GROUPS["eval"][name]
-    return getattr(importlib.import_module(module), function)
-
-
 class Pipeline:
     """Runs stages into one folder, printing a banner and the time each took."""
 
@@ -103,10 +107,9 @@ class Pipeline:
         print(f"\n=== [{self.i}/{self.n}] {title}  (t={time.time() - self.started:.0f}s)", flush=True)
         return time.time()
 
-    def run(self, name: str, title: str, section: str | None = None, **values) -> dict:
+    def run(self, fn, section: str, title: str, **values) -> dict:
+        """`fn(fn.config_class(**options))`: options = DEFAULTS[section] < the demo config's section < values."""
         start = self.banner(title)
-        fn = _stage_fn(name)
-        section = section or name
         options = {**DEFAULTS.get(section, {}), **getattr(self.config, section, {}), **values}
         options.setdefault("seed", self.config.seed)
         options.setdefault("out", str(self.root / section))
@@ -173,45 +176,45 @@ def demo(config: DemoConfig) -> dict:
     print(f"[demo] writing to {root}", flush=True)
 
     # 1-3. pretrain, SFT, candidates from the SFT policy
-    p.run("pretrain", "pretrain: a tiny Llama from scratch on the world corpus")
-    p.run("sft", "sft: imperfect demonstrations", model=str(root / "pretrain"))
-    gen = p.run("generate", "generate: candidate pairs from the SFT policy", model=str(root / "sft"), pairs=True, split="train")
+    p.run(pretrain, "pretrain", "pretrain: a tiny Llama from scratch on the world corpus")
+    p.run(sft, "sft", "sft: imperfect demonstrations", model=str(root / "pretrain"))
+    gen = p.run(generate_stage, "generate", "generate: candidate pairs from the SFT policy", model=str(root / "sft"), pairs=True, split="train")
     # 4. annotators
     p.banner("annotate: simulated annotators with a planted length bias")
     votes = annotate(root, Path(gen["run_dir"]) / "pairs.jsonl", config)
     # 5-6. reward model, bias audit
-    rm = p.run("reward", "reward: Bradley-Terry reward model", model=str(root / "sft"), data=str(root / "votes" / "train.jsonl"),
+    rm = p.run(train_reward, "reward", "reward: Bradley-Terry reward model", model=str(root / "sft"), data=str(root / "votes" / "train.jsonl"),
                eval_data=str(root / "votes" / "heldout.jsonl"), held_out=0.0)
     print(f"[demo] reward model held-out accuracy {rm.get('eval_accuracy', float('nan')):.3f} vs the annotators' "
           f"noise ceiling {votes['ceiling_accuracy']:.3f}", flush=True)
-    bias = p.run("bias", "bias audit of the votes", section="bias", file=str(root / "votes" / "all.jsonl"))
+    bias = p.run(audit, "bias", "bias audit of the votes", file=str(root / "votes" / "all.jsonl"))
     ens = None
     if config.ensemble > 1:
-        ens = p.run("reward", f"reward: {config.ensemble}-member ensemble (min)", section="reward", model=str(root / "sft"),
+        ens = p.run(train_reward, "reward", f"reward: {config.ensemble}-member ensemble (min)", model=str(root / "sft"),
                     data=str(root / "votes" / "train.jsonl"), eval_data=str(root / "votes" / "heldout.jsonl"),
                     held_out=0.0, ensemble=config.ensemble, reduce="min", out=str(root / "reward-ensemble"))
     # 7. policies
-    p.run("ppo", "ppo: against the reward model", model=str(root / "sft"), reward=str(root / "reward"))
-    p.run("dpo", "dpo: on the votes", model=str(root / "sft"), data=str(root / "votes" / "train.jsonl"))
+    p.run(ppo, "ppo", "ppo: against the reward model", model=str(root / "sft"), reward=str(root / "reward"))
+    p.run(dpo, "dpo", "dpo: on the votes", model=str(root / "sft"), data=str(root / "votes" / "train.jsonl"))
     policies = [f"base={root / 'pretrain'}", f"ppo={root / 'ppo'}", f"dpo={root / 'dpo'}"]
     if config.run_rloo:
-        p.run("rloo", "rloo: against the reward model", model=str(root / "sft"), reward=str(root / "reward"))
+        p.run(rloo, "rloo", "rloo: against the reward model", model=str(root / "sft"), reward=str(root / "reward"))
         policies.append(f"rloo={root / 'rloo'}")
     if config.bon_n:
         policies.append(f"bon{config.bon_n}=bon:{config.bon_n}")
     # 8. evaluation against the truth
-    p.run("policy", "eval: policies on held-out prompts", section="eval", reference=str(root / "sft"),
+    p.run(evaluate_policies, "eval", "eval: policies on held-out prompts", reference=str(root / "sft"),
           policies=policies, reward_model=str(root / "reward"))
     ev = json.loads((root / "eval" / "eval.json").read_text())
     # 9. over-optimisation sweep
-    sweep = None
+    swept = None
     if config.run_sweep:
         extra = [f"ensemble={ens['model']}"] if ens else []
-        p.run("sweep", "sweep: KL coefficient x training length", model=str(root / "sft"), reward=str(root / "reward"),
+        p.run(sweep, "sweep", "sweep: KL coefficient x training length", model=str(root / "sft"), reward=str(root / "reward"),
               extra_rewards=extra)
-        sweep = json.loads((root / "sweep" / "sweep.json").read_text())
+        swept = json.loads((root / "sweep" / "sweep.json").read_text())
     # 10. headline and report
-    h = headline(root, ev, rm, votes, bias, sweep)
+    h = headline(root, ev, rm, votes, bias, swept)
     h["demo seconds"] = round(time.time() - p.started, 1)
     (root / "headline.json").write_text(json.dumps(h, indent=2) + "\n")
     p.banner("report")

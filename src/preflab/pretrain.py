@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from preflab.cli import stage
+from preflab.stages import stage
 from preflab.config import check, opt
 from preflab.models import SIZES, describe, train_tokenizer, tiny_config
 from preflab.runs import Run, progress, save_model, seed_everything

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from preflab.cli import stage
+from preflab.stages import stage
 from preflab.config import check, opt
 from preflab.data.preferences import DataError, Demonstration, load_demonstrations, parse_demonstration, split_rows
 from preflab.data.tokenize import batches, collate_examples, tokenize_rows

@@ -15,7 +15,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from preflab.cli import stage
+from preflab.stages import stage
 from preflab.config import check as check_value
 from preflab.config import opt
 from preflab.data.preferences import DataError, DataSet, Preference, load_demonstrations, load_preferences

@@ -32,7 +32,7 @@ from itertools import combinations
 
 import numpy as np
 
-from preflab.cli import stage
+from preflab.stages import stage
 from preflab.config import check, opt
 
 Z95 = 1.959963984540054

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from preflab.cli import stage
+from preflab.stages import stage
 from preflab.config import check, opt
 from preflab.evaluate.stats import (
     best_of_n_kl,

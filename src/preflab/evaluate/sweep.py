@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from preflab.cli import STAGES, stage
 from preflab.config import build_config, check, opt
 from preflab.evaluate.policy import EvalConfig, sample_with_kl, score
 from preflab.evaluate.stats import fit_rl
 from preflab.runs import Run, seed_everything
+from preflab.stages import stage
 from preflab.training import set_threads
 
 
@@ -81,10 +81,10 @@ def fit_arm(points: list[dict], base_true: float) -> dict:
 
 def run_rl(config: SweepConfig, beta: float, reward: str, steps: int, out: Path) -> Path:
     """One ordinary run of the RL stage; returns its folder."""
-    import importlib
+    from preflab.policy.ppo import ppo
+    from preflab.policy.rloo import grpo, rloo
 
-    module, function, _ = STAGES[config.algorithm]
-    fn = getattr(importlib.import_module(module), function)
+    fn = {"ppo": ppo, "rloo": rloo, "grpo": grpo}[config.algorithm]
     values = {"eval_prompts": 0, **config.rl_options, "model": config.model, "reward": reward, "beta": beta,
               "max_steps": steps, "max_new_tokens": config.max_new_tokens, "out": str(out), "seed": config.seed}
     fn(build_config(fn.config_class, values, source="sweep"))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from preflab.cli import stage
+from preflab.stages import stage
 from preflab.config import check, opt
 from preflab.data.preferences import write_jsonl
 from preflab.data.tokenize import encode_prompt

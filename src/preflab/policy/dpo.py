@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from preflab.cli import stage
+from preflab.stages import stage
 from preflab.config import check, opt
 from preflab.data import DataError, collate_pairs, split_rows, tokenize_rows
 from preflab.policy.logps import sequence_logps

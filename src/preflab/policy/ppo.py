@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from preflab.cli import stage
+from preflab.stages import stage
 from preflab.config import check, opt
 from preflab.data.tokenize import encode_prompt, position_ids
 from preflab.policy.kl_control import make_kl_controller

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from preflab.cli import stage
+from preflab.stages import stage
 from preflab.config import check, opt
 from preflab.policy.kl_control import make_kl_controller
 from preflab.policy.logps import masked_mean, sequence_logps

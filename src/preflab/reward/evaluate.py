@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from preflab.cli import stage
+from preflab.stages import stage
 from preflab.config import check, opt
 from preflab.data import DataError, load_preferences, split_rows, tokenize_rows, write_jsonl
 from preflab.reward.model import REDUCTIONS, RewardEnsemble, load_reward_model, reduce_ensemble

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from preflab.cli import stage
+from preflab.stages import stage
 from preflab.config import ConfigError, check, opt
 from preflab.data import DataError, collate_pairs, load_demonstrations, load_preferences, split_rows, tokenize_rows
 from preflab.data.tokenize import encode_completion, encode_prompt, truncate
