@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,41 @@ def check(condition: bool, message: str) -> None:
     """Raise ConfigError(message) unless condition holds: `check(lr > 0, f"lr must be > 0, got {lr}")`."""
     if not condition:
         raise ConfigError(message)
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """What every stage that writes a run folder shares. A stage re-declares a field only to change its default
+    or help; the checks stay here."""
+
+    out: str = opt("", "run folder to write (default runs/<stage>-<time>)")
+    seed: int = opt(0, "random seed")
+    threads: int = opt(0, "torch intra-op threads (0: torch's default)")
+
+    def __post_init__(self):
+        check(self.threads >= 0, f"threads must be >= 0, got {self.threads}")
+
+
+@dataclass(kw_only=True)
+class OptimConfig(RunConfig):
+    """What every training stage shares: AdamW, gradient clipping and the budget (steps and/or seconds)."""
+
+    lr: float = opt(1e-4, "peak learning rate (AdamW)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0: no clipping)")
+    max_steps: int = opt(0, "stop after this many optimiser steps (0: no step limit)")
+    max_seconds: float = opt(0.0, "also stop after this many seconds (0: no time limit)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        check(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        check(self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}")
+        check(self.max_seconds >= 0, f"max_seconds must be >= 0, got {self.max_seconds}")
+
+
+SHARED_BASES = (RunConfig, OptimConfig)
 
 
 def to_dict(config: Any) -> dict:

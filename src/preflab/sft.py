@@ -27,7 +27,7 @@ from preflab.config import check, opt
 from preflab.data.preferences import DataError, Demonstration, load_demonstrations, parse_demonstration, split_rows
 from preflab.data.tokenize import batches, collate_examples, tokenize_rows
 from preflab.models import describe, load_model
-from preflab.policy.logps import sequence_logps
+from preflab.logps import sequence_logps
 from preflab.runs import Run, progress, save_model, seed_everything
 from preflab.training import Budget, lr_factor, make_accelerator, set_lr, set_threads
 

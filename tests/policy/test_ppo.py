@@ -10,8 +10,11 @@ from conftest import make_model
 from preflab.config import ConfigError
 from preflab.data import encode_prompt
 from preflab.policy.losses import gae, masked_whiten, rlhf_rewards
-from preflab.policy.ppo import (PPOConfig, chunked_logps, make_value_model, ppo_minibatch, read_prompts,
-                                take)
+from preflab.data.tokenize import take
+from preflab.logps import chunked_logps
+from preflab.policy.online import frozen_copy, load_prompt_sets, prompt_cycle, score_responses
+from preflab.policy.ppo import PPOConfig, ppo_minibatch
+from preflab.policy.value import load_value_model, make_value_model
 from preflab.rollout import generate
 from preflab.runs import read_metrics
 from preflab.world import prompts as world_prompts
@@ -41,7 +44,7 @@ def ppo_data(model, tokenizer, value_model, n=4, seed=0):
 
 
 def test_first_minibatch_ratio_is_one_and_approxkl_zero(tokenizer, model):
-    value = make_value_model(model, config())
+    value = make_value_model(model, tokenizer, "policy")
     data = ppo_data(model, tokenizer, value)
     model.train()
     stats = ppo_minibatch(model, value, take(data, torch.tensor([2, 0, 3, 1])), config(micro_batch_size=2))
@@ -51,7 +54,7 @@ def test_first_minibatch_ratio_is_one_and_approxkl_zero(tokenizer, model):
 
 
 def test_zero_init_value_head_starts_at_zero_and_is_a_copy(tokenizer, model):
-    value = make_value_model(model, config())
+    value = make_value_model(model, tokenizer, "policy")
     data = ppo_data(model, tokenizer, value)
     assert torch.equal(data["old_values"], torch.zeros_like(data["old_values"]))
     assert value.backbone is not model.get_decoder()
@@ -65,7 +68,7 @@ def _grads(module):
 
 def test_micro_batch_accumulation_4x1_equals_1x4(tokenizer):
     policy = make_model(tokenizer, seed=1)
-    value = make_value_model(policy, config())
+    value = make_value_model(policy, tokenizer, "policy")
     torch.nn.init.normal_(value.head.weight, std=0.5)   # a live critic, so the value loss has gradients too
     data = ppo_data(policy, tokenizer, value)
     data["old_logps"] = data["old_logps"] - 0.05 * torch.arange(4.0)[:, None] * data["completion_mask"]  # ratio != 1
@@ -81,7 +84,7 @@ def test_micro_batch_accumulation_4x1_equals_1x4(tokenizer):
 
 def test_every_policy_parameter_changes_after_a_ppo_step(tokenizer):
     policy = make_model(tokenizer, seed=2).train()
-    value = make_value_model(policy, config())
+    value = make_value_model(policy, tokenizer, "policy")
     data = ppo_data(policy, tokenizer, value)
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     optimizer = torch.optim.AdamW([*policy.parameters(), *value.parameters()], lr=1e-3)
@@ -100,28 +103,64 @@ def test_config_validation_quotes_the_bad_value():
         config(value_init="critic")
 
 
-def test_read_prompts_errors_name_file_and_line(tmp_path):
+def test_prompt_file_errors_name_file_and_line_and_hold_out_the_last_rows(tmp_path):
     from preflab.data.preferences import DataError
 
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "hi"}\n{"text": "no prompt"}\n')
     with pytest.raises(DataError, match=r"p.jsonl:2"):
-        read_prompts(str(path))
-    path.write_text('{"prompt": "hi"}\n{"prompt": [{"role": "user", "content": "x"}]}\n')
-    assert read_prompts(str(path))[1] == [{"role": "user", "content": "x"}]
+        load_prompt_sets(str(path), 10, 1, 0)
+    path.write_text('{"prompt": "hi"}\n{"prompt": "a"}\n{"prompt": [{"role": "user", "content": "x"}]}\n')
+    train, held = load_prompt_sets(str(path), 10, 1, 0)
+    assert train == ["hi", "a"] and held == [[{"role": "user", "content": "x"}]]
+    with pytest.raises(ConfigError, match="too few"):
+        load_prompt_sets(str(path), 10, 3, 0)
 
 
-def test_value_init_from_reward_model(tokenizer, tmp_path):
-    model_mod = pytest.importorskip("preflab.reward.model")
-    RewardModel = getattr(model_mod, "RewardModel", None)
-    if RewardModel is None or not hasattr(RewardModel, "load") or not hasattr(RewardModel, "save"):
-        pytest.skip("preflab.reward.model.RewardModel.load/save not there yet")
+def test_value_init_from_reward_model_starts_at_the_normalised_reward(tokenizer, tmp_path):
+    from preflab.reward.model import RewardModel
+
     rm = RewardModel(make_model(tokenizer, seed=3), tokenizer, seed=0)
+    rm.gain.fill_(2.5)                                        # a normalisation that is not the identity
+    rm.bias.fill_(-0.7)
     rm.save(tmp_path / "rm")
-    value = make_value_model(make_model(tokenizer), config(value_init="reward", reward=str(tmp_path / "rm")))
-    assert torch.equal(value.head.weight, rm.head.weight)
+    rm = RewardModel.load(tmp_path / "rm")
+    policy = make_model(tokenizer)
+    value = make_value_model(policy, tokenizer, "reward", str(tmp_path / "rm"))
     for a, b in zip(value.backbone.parameters(), rm.backbone.get_decoder().parameters()):
         assert torch.equal(a, b)
+    # V(s_t) reads the state before completion token t: the normalised reward of the prompt + the first t tokens
+    prompts = world_prompts(3, seed=1)
+    rollout = generate(policy, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], 6,
+                       generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        values = value(rollout.batch)
+    for i, prompt in enumerate(prompts):
+        p_ids, c_ids = encode_prompt(tokenizer, prompt), rollout.completion_ids[i]
+        expected = rm.score_ids([p_ids] * len(c_ids), [c_ids[:t] for t in range(len(c_ids))])
+        assert torch.allclose(values[i, :len(c_ids)], expected, atol=1e-5)
+
+
+def test_value_init_from_a_reward_model_with_another_tokenizer_is_refused(tokenizer, tmp_path):
+    from preflab.models import ModelError, train_tokenizer
+    from preflab.reward.model import RewardModel
+
+    other = train_tokenizer(["a b c d e f g h"] * 50, vocab_size=280)
+    RewardModel(make_model(tokenizer, seed=3), other, seed=0).save(tmp_path / "rm")
+    with pytest.raises(ModelError, match="another tokenizer"):
+        make_value_model(make_model(tokenizer), tokenizer, "reward", str(tmp_path / "rm"))
+
+
+def test_value_model_saves_and_loads_back(tokenizer, tmp_path):
+    from preflab.policy.value import save_value_model
+
+    value = make_value_model(make_model(tokenizer), tokenizer, "policy")
+    torch.nn.init.normal_(value.head.weight, std=0.5)
+    data = ppo_data(make_model(tokenizer), tokenizer, value)
+    save_value_model(value, tmp_path / "v")
+    loaded = load_value_model(tmp_path / "v").eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(data), value(data), atol=1e-6)
 
 
 @pytest.mark.slow
@@ -148,15 +187,17 @@ def test_ppo_cli_writes_a_loadable_policy_and_every_metric(model_dir, tmp_path):
     assert "ppo/eval/reward" in rows[-1]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and "eval_reward_after" in summary
-    assert (out / "checkpoint" / "trainer_state.pt").exists()
+    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert {g["weight_decay"] for g in state["optimizer"]["param_groups"]} == {0.0}   # as every other stage
+    assert summary["value_model"] == str(out / "value_model")
+    value = load_value_model(out / "value_model")                 # the critic is saved with the policy
+    assert not torch.equal(value.head.weight, torch.zeros_like(value.head.weight))
     trained, _ = load_model(out)                                  # a later stage takes the run folder
     original, _ = load_model(model_dir)
     assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), original.parameters()))
 
 
 def test_kl_is_zero_when_policy_is_the_reference_and_eos_penalty_hits_unfinished_rows(tokenizer, model):
-    from preflab.policy.ppo import frozen_copy, score_responses
-
     prompts = world_prompts(6, seed=3)
     rollout = generate(model, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], 5,
                        generator=torch.Generator().manual_seed(3))
@@ -174,8 +215,6 @@ def test_kl_is_zero_when_policy_is_the_reference_and_eos_penalty_hits_unfinished
 
 
 def test_prompt_cycle_visits_every_prompt_once_per_pass():
-    from preflab.policy.ppo import prompt_cycle
-
     batches = prompt_cycle(list(range(10)), 4, torch.Generator().manual_seed(0))
     first = [x for _ in range(5) for x in next(batches)]      # 20 = two passes
     assert sorted(first[:10]) == list(range(10)) and sorted(first[10:]) == list(range(10))

@@ -10,7 +10,7 @@ from conftest import make_model
 from preflab.config import ConfigError
 from preflab.data import encode_prompt
 from preflab.policy.losses import rloo_advantages
-from preflab.policy.ppo import chunked_logps
+from preflab.logps import chunked_logps
 from preflab.policy.rloo import GRPOConfig, RLOOConfig, critic_free_minibatch
 from preflab.rollout import generate
 from preflab.runs import read_metrics

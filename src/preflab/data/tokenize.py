@@ -147,6 +147,11 @@ def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int)
     }
 
 
+def take(batch: dict, index) -> dict:
+    """Rows `index` (a slice or index tensor) of a `collate`-layout batch; `prompt_length` is shared, kept as is."""
+    return {k: (v if k == "prompt_length" else v[index]) for k, v in batch.items()}
+
+
 def collate_pairs(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
     """Chosen rows first (0..B-1), rejected rows after (B..2B-1): one forward pass for both."""
     prompts = [p.prompt_ids for p in pairs] * 2

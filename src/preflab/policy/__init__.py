@@ -2,7 +2,7 @@
 
 from preflab.policy.dpo import dpo_loss
 from preflab.policy.kl_control import AdaptiveKLController, FixedKLController, make_kl_controller
-from preflab.policy.logps import masked_mean, sequence_logps
+from preflab.logps import masked_mean, sequence_logps
 from preflab.policy.losses import (best_of_n_indices, clipped_policy_loss, clipped_value_loss, gae, grpo_advantages,
                                    kl_estimate, kl_k1, kl_k3, masked_whiten, rlhf_rewards, rloo_advantages)
 

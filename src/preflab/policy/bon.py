@@ -19,39 +19,28 @@ from dataclasses import dataclass
 
 import torch
 
-from preflab.stages import stage
 from preflab.config import check, opt
-from preflab.data.preferences import write_jsonl
+from preflab.data import load_prompts, write_jsonl
 from preflab.data.tokenize import encode_prompt
 from preflab.policy.losses import best_of_n_indices
-from preflab.policy.ppo import read_prompts, score_responses
+from preflab.policy.online import SamplingConfig, score_responses
 from preflab.rollout import generate
 from preflab.runs import Run, progress, seed_everything
+from preflab.stages import stage
 from preflab.training import make_accelerator, set_threads
 
 
-@dataclass
-class BoNConfig:
-    out: str = opt("", "run folder to write (default runs/bon-<time>)")
-    model: str = opt("", "the policy to sample from: a HF directory, a run folder, a .gguf file or 'smollm2'")
-    reward: str = opt("", "a reward-model folder, a Python function 'module:function', or 'world'")
+@dataclass(kw_only=True)
+class BoNConfig(SamplingConfig):
     prompts: str = opt("world", "a JSONL file of {'prompt': ...} rows, or 'world' (its held-out eval split)")
     n_prompts: int = opt(64, "prompts to use (world: drawn from the eval split; JSONL: the first rows)")
     n: int = opt(8, "samples per prompt; the best one is kept")
-    temperature: float = opt(1.0, "sampling temperature")
-    max_new_tokens: int = opt(32, "longest response sampled")
-    missing_eos_penalty: float = opt(1.0, "subtracted from the score of a response that never emitted EOS")
     batch_size: int = opt(64, "rows per generation batch")
-    seed: int = opt(0, "random seed")
-    threads: int = opt(0, "torch intra-op threads (0: torch's default)")
 
     def __post_init__(self):
-        check(bool(self.model), "give --model (a HF directory, a run folder, a .gguf file or 'smollm2')")
-        check(bool(self.reward), "give --reward (a reward-model folder, 'module:function' or 'world')")
+        super().__post_init__()
         check(self.n >= 1, f"n must be >= 1, got {self.n}")
         check(self.n_prompts >= 1, f"n_prompts must be >= 1, got {self.n_prompts}")
-        check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
-        check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
 
 
@@ -77,7 +66,7 @@ def best_of_n(config: BoNConfig) -> dict:
 
         prompts = world_prompts(config.n_prompts, seed=config.seed + 1, split="eval")
     else:
-        prompts = read_prompts(config.prompts)[:config.n_prompts]
+        prompts = load_prompts(config.prompts).rows[:config.n_prompts]
     reward_fn = load_reward(config.reward)
     policy, tokenizer = load_model(config.model)
     run = Run(config.out or None, "bon", config)

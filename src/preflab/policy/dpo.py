@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from preflab.stages import stage
 from preflab.config import check, opt
 from preflab.data import DataError, collate_pairs, split_rows, tokenize_rows
-from preflab.policy.logps import sequence_logps
+from preflab.logps import sequence_logps
 from preflab.runs import Run, progress, save_model, seed_everything
 from preflab.training import Budget, lr_factor, make_accelerator, set_lr, set_threads
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from preflab.policy.logps import masked_mean
+from preflab.logps import masked_mean
 
 KL_ESTIMATORS = ("k1", "k3")
 

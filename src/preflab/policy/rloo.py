@@ -23,19 +23,19 @@ from dataclasses import dataclass
 
 import torch
 
-from preflab.stages import stage
 from preflab.config import check, opt
+from preflab.logps import masked_mean, sequence_logps
 from preflab.policy.kl_control import make_kl_controller
-from preflab.policy.logps import masked_mean, sequence_logps
 from preflab.policy.losses import (approx_kl, clipped_policy_loss, grpo_advantages, kl_estimate, kl_k3,
                                    rloo_advantages)
-from preflab.policy.ppo import (OnlineConfig, evaluate_policy, finish_online, prompt_cycle, rollout_and_score,
-                                setup_online, take)
+from preflab.policy.online import (OnlineConfig, add_token_stats, evaluate_policy, finish_online, micro_batches,
+                                   optimise, prompt_cycle, rollout_and_score, setup_online)
 from preflab.runs import progress
+from preflab.stages import stage
 from preflab.training import Budget
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RLOOConfig(OnlineConfig):
     k: int = opt(4, "samples per prompt (the group); rollout rows per step = batch_size x k")
     batch_size: int = opt(8, "prompts per rollout batch (8 x k=4 = 32 rows: with mini_batch_size 16 and 2 epochs, "
@@ -49,7 +49,7 @@ class RLOOConfig(OnlineConfig):
               f"batch_size x k ({rows}) must be a multiple of mini_batch_size ({self.mini_batch_size})")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GRPOConfig(RLOOConfig):
     beta: float = opt(0.04, "weight of the k3 KL loss term (Shao et al.: 0.04)")
     kl_estimator: str = opt("k3", "KL estimator for the logged KL; the loss term is always k3 (GRPO eq. 4)")
@@ -60,8 +60,7 @@ def critic_free_minibatch(policy, mb: dict, config: RLOOConfig, method: str, bet
     accumulation over micro-batches is exact. `mb` holds the batch plus old_logps, ref_logps, advantages [B]."""
     stats = stats if stats is not None else {}
     n_rows = mb["input_ids"].shape[0]
-    for start in range(0, n_rows, config.micro_batch_size):
-        mu = take(mb, slice(start, start + config.micro_batch_size))
+    for mu in micro_batches(mb, config.micro_batch_size):
         mask = mu["completion_mask"].float()
         length = mask.sum(-1).clamp(min=1)
         logp, _, entropy = sequence_logps(policy, mu, config.temperature, return_entropy=True)
@@ -79,78 +78,63 @@ def critic_free_minibatch(policy, mb: dict, config: RLOOConfig, method: str, bet
             stats["loss/policy"] = stats.get("loss/policy", 0.0) + per_seq.sum().item()
             stats["loss/kl"] = stats.get("loss/kl", 0.0) + kl_term.sum().item()
             stats["rows"] = stats.get("rows", 0.0) + mu["input_ids"].shape[0]
-            for name, value in (("policy/clipfrac", clipped.float()), ("policy/approxkl", approx_kl(logp, mu["old_logps"])),
-                                ("val/ratio", ratio)):
-                stats[name] = stats.get(name, 0.0) + (value * mask).sum().item()
-            stats["tokens"] = stats.get("tokens", 0.0) + mask.sum().item()
-            stats["ratio_max_dev"] = max(stats.get("ratio_max_dev", 0.0), ((ratio - 1).abs() * mask).max().item())
+            add_token_stats(stats, {"policy/clipfrac": clipped.float(), "val/ratio": ratio,
+                                    "policy/approxkl": approx_kl(logp, mu["old_logps"])}, mask)
     return stats
 
 
 def critic_free(config: RLOOConfig, method: str) -> dict:
-    run, accelerator, policy, ref, tokenizer, reward_fn, train_prompts, eval_prompts = setup_online(config, method)
-    device = accelerator.device
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, eps=1e-5)
+    s = setup_online(config, method)
+    optimizer = torch.optim.AdamW(s.policy.parameters(), lr=config.lr, eps=1e-5, weight_decay=config.weight_decay)
     kl_ctl = make_kl_controller(config.beta, config.target_kl, config.horizon)
     gen = torch.Generator().manual_seed(config.seed)
-    batches = prompt_cycle(train_prompts, config.batch_size, gen)
-    before = evaluate_policy(policy, ref, tokenizer, eval_prompts, reward_fn, config, config.seed + 7)
+    batches = prompt_cycle(s.train_prompts, config.batch_size, gen)
+    before = evaluate_policy(s, config, config.seed + 7)
     budget = Budget(config.max_steps, config.max_seconds)
     bar = progress(total=config.max_steps, desc=method)
     step, k = 0, config.k
     while not budget.done(step):
         prompts = [p for p in next(batches) for _ in range(k)]               # prompt-major groups of k
         # 1-3. rollout, old and reference log-probs (temperature on both), scores with the missing-EOS penalty
-        rollout, batch, old_logps, entropy, ref_logps, scores = rollout_and_score(
-            policy, ref, tokenizer, reward_fn, prompts, config, device, step)
-        mask = batch["completion_mask"].float()
+        r = rollout_and_score(s, prompts, config, step)
+        mask = r.mask
         with torch.no_grad():
-            kl = (kl_estimate(old_logps, ref_logps, config.kl_estimator) * mask).sum(-1)
+            kl = (kl_estimate(r.old_logps, r.ref_logps, config.kl_estimator) * mask).sum(-1)
             # 4. advantages: leave-one-out on the KL-penalised reward, or group-normalised scores
             if method == "rloo":
-                advantages = rloo_advantages(scores - kl_ctl.value * kl, k)
+                advantages = rloo_advantages(r.scores - kl_ctl.value * kl, k)
             else:
-                advantages = grpo_advantages(scores, k)
-        data = {**batch, "old_logps": old_logps, "ref_logps": ref_logps, "advantages": advantages}
+                advantages = grpo_advantages(r.scores, k)
+        data = {**r.batch, "old_logps": r.old_logps, "ref_logps": r.ref_logps, "advantages": advantages}
         # 5. epochs over reshuffled minibatches, one optimiser step per minibatch
-        policy.train()
-        stats: dict = {}
-        first_dev = None
-        for _epoch in range(config.epochs):
-            order = torch.randperm(len(prompts), generator=gen).to(device)
-            for start in range(0, len(prompts), config.mini_batch_size):
-                optimizer.zero_grad(set_to_none=True)
-                critic_free_minibatch(policy, take(data, order[start:start + config.mini_batch_size]), config, method,
-                                      kl_ctl.value, stats)
-                if first_dev is None:
-                    first_dev = stats["ratio_max_dev"]
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-                optimizer.step()
-        policy.eval()
+        beta_used = kl_ctl.value
+        stats = optimise([s.policy], optimizer, data, config, gen,
+                         lambda mb, st: critic_free_minibatch(s.policy, mb, config, method, beta_used, st))
         step += 1
         # 6. KL controller, then 7. log means over the step
-        beta_used = kl_ctl.value
         kl_ctl.update(kl.mean().item(), len(prompts))
         n, rows = max(stats["tokens"], 1.0), max(stats["rows"], 1.0)
         if step % config.log_every == 0 or step == config.max_steps:
             metrics = {
-                "objective/kl": kl.mean(), "objective/scores": scores.mean(),
-                "objective/rlhf_reward": (scores - beta_used * kl).mean(), "objective/entropy": masked_mean(entropy, mask),
+                "objective/kl": kl.mean(), "objective/scores": r.scores.mean(),
+                "objective/rlhf_reward": (r.scores - beta_used * kl).mean(),
+                "objective/entropy": masked_mean(r.entropy, mask),
                 "policy/approxkl": stats["policy/approxkl"] / n, "policy/clipfrac": stats["policy/clipfrac"] / n,
-                "policy/first_ratio_dev": first_dev, "val/ratio": stats["val/ratio"] / n,
+                "policy/first_ratio_dev": stats["first_ratio_dev"], "val/ratio": stats["val/ratio"] / n,
                 "loss/policy": stats["loss/policy"] / rows, "beta": beta_used,
-                "rollout/length": rollout.lengths.float().mean(), "rollout/eos_rate": rollout.finished.float().mean(),
-                "objective/group_std": scores.view(-1, k).std(-1).mean(),
+                "rollout/length": r.rollout.lengths.float().mean(),
+                "rollout/eos_rate": r.rollout.finished.float().mean(),
+                "objective/group_std": r.scores.view(-1, k).std(-1).mean(),
             }
             if method == "grpo":
                 metrics["loss/kl"] = stats["loss/kl"] / rows
-            run.log(step, {f"{method}/{name}": value for name, value in metrics.items()})
+            s.run.log(step, {f"{method}/{name}": value for name, value in metrics.items()})
         bar.update(1)
-        bar.set_postfix(score=f"{scores.mean().item():.3f}", kl=f"{kl.mean().item():.2f}")
+        bar.set_postfix(score=f"{r.scores.mean().item():.3f}", kl=f"{kl.mean().item():.2f}")
         if config.checkpoint_every and step % config.checkpoint_every == 0:
-            run.save_checkpoint(policy, tokenizer, optimizer, step, extra={"beta": kl_ctl.value})
+            s.run.save_checkpoint(s.policy, s.tokenizer, optimizer, step, extra={"beta": kl_ctl.value})
     bar.close()
-    return finish_online(run, method, policy, ref, tokenizer, reward_fn, eval_prompts, config, before, step, kl_ctl.value)
+    return finish_online(s, method, config, before, step, kl_ctl.value)
 
 
 @stage(RLOOConfig)

@@ -1,6 +1,6 @@
 """The one log-prob function: per-token and summed log-probs of completion tokens.
 
-Serves DPO, PPO, RLOO/GRPO, evaluation and benchmarks. It takes a batch in the layout of
+Serves SFT, DPO, PPO, RLOO/GRPO, evaluation and benchmarks, so it sits below all of them. It takes a batch in the layout of
 `preflab.data.tokenize.collate` (prompts left-padded to P, completions right-padded to C) and computes the
 LM head and log-softmax only on the C+1 positions that predict completion tokens (`logits_to_keep`), never
 on the full [batch, length, vocab] tensor: the largest single speed-up measured for DPO on CPU (DESIGN.md).
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from preflab.data.tokenize import position_ids
+from preflab.data.tokenize import position_ids, take
 
 
 def completion_logits(model, input_ids, attention_mask, prompt_length: int) -> torch.Tensor:
@@ -54,6 +54,18 @@ def sequence_logps(model, batch: dict, temperature: float = 1.0, return_entropy:
         entropy = entropy_from_logits(logits.detach(), temperature) * mask
         return per_token, per_token.sum(-1), entropy
     return per_token, per_token.sum(-1)
+
+
+@torch.no_grad()
+def chunked_logps(model, batch: dict, temperature: float, chunk: int, entropy: bool = False):
+    """`sequence_logps`' per-token log-probs [B, C] (and entropies) without gradients, `chunk` rows at a time."""
+    parts, ents = [], []
+    for start in range(0, batch["input_ids"].shape[0], chunk):
+        out = sequence_logps(model, take(batch, slice(start, start + chunk)), temperature, return_entropy=entropy)
+        parts.append(out[0])
+        if entropy:
+            ents.append(out[2])
+    return (torch.cat(parts), torch.cat(ents)) if entropy else torch.cat(parts)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:

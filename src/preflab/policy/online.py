@@ -1,0 +1,267 @@
+"""The online loop's shared room: what PPO, RLOO and GRPO (and best-of-n's scoring) do the same way.
+
+Every online method runs the same outer loop, one rollout batch per step:
+
+    set-up          `setup_online`: policy, frozen reference, reward, prompts, run folder  -> `OnlineSetup`
+    steps 1-3       `rollout_and_score`: sample, recompute old and reference log-probs, score  -> `ScoredRollout`
+    (method)        per-token rewards / advantages: PPO in `ppo.py`, RLOO and GRPO in `rloo.py`
+    update          `optimise`: epochs over reshuffled minibatches, one optimiser step each (RLHF detail #16),
+                    the method's own minibatch function doing the micro-batch forward/backward
+    evaluation      `evaluate_policy` before and after, on held-out prompts
+    finish          `finish_online`: evaluate, save the policy as a HF directory, write the summary
+
+Only the method-specific maths lives in the method's file, so each reads like its paper's algorithm box.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from preflab.config import OptimConfig, RunConfig, check, opt
+from preflab.data.tokenize import encode_prompt, take
+from preflab.logps import chunked_logps
+from preflab.policy.losses import KL_ESTIMATORS
+from preflab.rollout import Rollout, generate
+from preflab.runs import Run, save_model, seed_everything
+from preflab.training import make_accelerator, set_threads
+
+
+@dataclass(kw_only=True)
+class SamplingConfig(RunConfig):
+    """What every stage that samples from a policy and scores the samples shares (online RL, best-of-n)."""
+
+    model: str = opt("", "the policy to start from: a HF directory, a run folder, a .gguf file or 'smollm2'")
+    reward: str = opt("", "a reward-model folder, a Python function 'module:function' f(prompts, responses), or 'world'")
+    prompts: str = opt("world", "a JSONL file of {'prompt': ...} rows, or 'world' for the tutoring world's prompts")
+    temperature: float = opt(1.0, "sampling temperature (log-probs of policy and reference use it too)")
+    max_new_tokens: int = opt(32, "longest response sampled")
+    missing_eos_penalty: float = opt(1.0, "subtracted from the score of a response that never emitted EOS")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(bool(self.model), "give --model (a HF directory, a run folder, a .gguf file or 'smollm2')")
+        check(bool(self.reward), "give --reward (a reward-model folder, 'module:function' or 'world')")
+        check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass(kw_only=True)
+class OnlineConfig(SamplingConfig, OptimConfig):
+    """Online RL (PPO, RLOO, GRPO): sampling, the optimiser, and the rollout/minibatch/epoch shape."""
+
+    n_prompts: int = opt(1000, "training prompts drawn from the world (prompts=world)")
+    eval_prompts: int = opt(64, "held-out prompts scored before and after training (world: the eval split; "
+                                "JSONL: the last rows)")
+    max_steps: int = opt(20, "rollout batches (steps) to train on")
+    batch_size: int = opt(32, "prompts per rollout batch")
+    mini_batch_size: int = opt(16, "rollout rows per optimiser step")
+    micro_batch_size: int = opt(16, "rows per forward/backward (gradients accumulate over a minibatch)")
+    epochs: int = opt(2, "passes over each rollout batch, reshuffled each time")
+    lr: float = opt(1e-4, "learning rate (AdamW, constant)")
+    beta: float = opt(0.05, "KL coefficient (initial value when adaptive)")
+    kl_estimator: str = opt("k1", "per-token KL estimator to the reference: k1 (log-ratio) or k3 (low variance, >= 0)")
+    target_kl: float = opt(0.0, "adaptive KL controller target, nats per sequence (0: beta stays fixed)")
+    horizon: int = opt(10000, "adaptive KL controller horizon (Ziegler et al.: 10000)")
+    cliprange: float = opt(0.2, "PPO ratio clip epsilon")
+    log_every: int = opt(1, "log metrics every N steps")
+    checkpoint_every: int = opt(0, "write the last-good checkpoint every N steps (0: only at the end)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.max_steps > 0, f"max_steps must be > 0, got {self.max_steps}")
+        for name in ("batch_size", "mini_batch_size", "micro_batch_size", "epochs", "n_prompts"):
+            check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        check(self.mini_batch_size % self.micro_batch_size == 0,
+              f"mini_batch_size ({self.mini_batch_size}) must be a multiple of micro_batch_size "
+              f"({self.micro_batch_size})")
+        check(self.kl_estimator in KL_ESTIMATORS,
+              f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
+        check(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
+        check(self.target_kl >= 0, f"target_kl must be >= 0, got {self.target_kl}")
+        check(self.horizon > 0, f"horizon must be > 0, got {self.horizon}")
+        check(0 < self.cliprange < 1, f"cliprange must be in (0, 1), got {self.cliprange}")
+        check(self.eval_prompts >= 0, f"eval_prompts must be >= 0, got {self.eval_prompts}")
+
+
+# ---- set-up ------------------------------------------------------------------------------------------------
+
+@dataclass
+class OnlineSetup:
+    """Everything an online run starts from."""
+
+    run: Run
+    device: torch.device
+    policy: torch.nn.Module          # trained; dropout off, pad != eos (RLHF details #1, #10)
+    ref: torch.nn.Module             # a frozen copy of the initial policy
+    tokenizer: Any
+    reward_fn: Callable              # the one reward interface: reward(prompts, responses) -> [B] floats
+    train_prompts: list
+    eval_prompts: list
+
+
+def load_prompt_sets(spec: str, n_prompts: int, n_eval: int, seed: int) -> tuple[list, list]:
+    """(training prompts, held-out prompts) as the data gives them (strings or chat messages)."""
+    if spec == "world":
+        from preflab.world import prompts
+
+        return prompts(n_prompts, seed=seed, split="train"), prompts(n_eval, seed=seed + 1, split="eval")
+    from preflab.data import load_prompts
+
+    rows = load_prompts(spec).rows
+    check(len(rows) > n_eval, f"{spec} has {len(rows)} prompts: too few to hold out eval_prompts={n_eval}")
+    return (rows[:-n_eval], rows[-n_eval:]) if n_eval else (rows, [])
+
+
+def frozen_copy(model):
+    """The reference: a copy of the initial policy, eval mode, no gradients."""
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def setup_online(config: OnlineConfig, stage_name: str) -> OnlineSetup:
+    from preflab.models import load_model
+    from preflab.reward import load_reward
+
+    set_threads(config.threads)
+    seed_everything(config.seed)
+    train_prompts, eval_prompts = load_prompt_sets(config.prompts, config.n_prompts, config.eval_prompts, config.seed)
+    reward_fn = load_reward(config.reward)
+    policy, tokenizer = load_model(config.model)        # dropout off, pad != eos (details #1, #10)
+    run = Run(config.out or None, stage_name, config)
+    device = make_accelerator().device
+    policy.to(device)
+    return OnlineSetup(run=run, device=device, policy=policy, ref=frozen_copy(policy), tokenizer=tokenizer,
+                       reward_fn=reward_fn, train_prompts=train_prompts, eval_prompts=eval_prompts)
+
+
+def prompt_cycle(prompts: list, batch_size: int, generator: torch.Generator) -> Iterator[list]:
+    """Endless batches of prompts: every prompt once per pass, in a fresh random order each pass."""
+    order: list[int] = []
+    while True:
+        while len(order) < batch_size:
+            order += torch.randperm(len(prompts), generator=generator).tolist()
+        chosen, order = order[:batch_size], order[batch_size:]
+        yield [prompts[i] for i in chosen]
+
+
+# ---- steps 1-3: rollout and score --------------------------------------------------------------------------
+
+@dataclass
+class ScoredRollout:
+    """Sampled responses with their log-probs under the policy and the reference, and their scores."""
+
+    rollout: Rollout                 # texts, lengths, finished
+    batch: dict                      # collate layout, on the device
+    old_logps: torch.Tensor          # [B, C] policy log-probs at sampling time (recomputed by a full forward)
+    entropy: torch.Tensor            # [B, C] policy entropy per token
+    ref_logps: torch.Tensor          # [B, C] reference log-probs
+    scores: torch.Tensor             # [B] reward minus the missing-EOS penalty
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.batch["completion_mask"].float()
+
+
+def score_responses(reward_fn, prompts: list, rollout: Rollout, missing_eos_penalty: float) -> torch.Tensor:
+    """The reward on (prompt as given, decoded response), minus the penalty where no EOS came (detail #4)."""
+    scores = reward_fn(prompts, rollout.texts).float().cpu()
+    return scores - missing_eos_penalty * (~rollout.finished).float()
+
+
+def sample(policy, tokenizer, prompts: list, config: OnlineConfig, generator: torch.Generator) -> Rollout:
+    """Pure sampling at the configured temperature, stopping at EOS (details #3, #4)."""
+    return generate(policy, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], config.max_new_tokens,
+                    temperature=config.temperature, generator=generator)
+
+
+@torch.no_grad()
+def rollout_and_score(setup: OnlineSetup, prompts: list, config: OnlineConfig, step: int) -> ScoredRollout:
+    """Steps 1-3 of every online loop. The old log-probs are recomputed by a full forward, not taken from
+    sampling, so the first PPO ratio is exactly 1 (detail #17); temperature on policy and reference (detail #3)."""
+    generator = torch.Generator(device=setup.device).manual_seed(config.seed * 100003 + step)
+    rollout = sample(setup.policy, setup.tokenizer, prompts, config, generator)
+    batch = {k: v.to(setup.device) for k, v in rollout.batch.items()}
+    old_logps, entropy = chunked_logps(setup.policy, batch, config.temperature, config.mini_batch_size, entropy=True)
+    ref_logps = chunked_logps(setup.ref, batch, config.temperature, config.mini_batch_size)
+    scores = score_responses(setup.reward_fn, prompts, rollout, config.missing_eos_penalty).to(setup.device)
+    return ScoredRollout(rollout, batch, old_logps, entropy, ref_logps, scores)
+
+
+# ---- the update: epochs x minibatches x micro-batches ------------------------------------------------------
+
+def micro_batches(minibatch: dict, size: int) -> Iterator[dict]:
+    """The micro-batches a minibatch's forward/backward runs over (gradients accumulate across them)."""
+    for start in range(0, minibatch["input_ids"].shape[0], size):
+        yield take(minibatch, slice(start, start + size))
+
+
+def add_token_stats(stats: dict, values: dict, mask: torch.Tensor) -> None:
+    """Accumulate masked per-token sums (divide by `stats['tokens']` for means over the step)."""
+    for name, value in values.items():
+        stats[name] = stats.get(name, 0.0) + (value * mask).sum().item()
+    stats["tokens"] = stats.get("tokens", 0.0) + mask.sum().item()
+    if "val/ratio" in values:
+        dev = ((values["val/ratio"] - 1).abs() * mask).max().item()
+        stats["ratio_max_dev"] = max(stats.get("ratio_max_dev", 0.0), dev)
+
+
+def optimise(modules: list, optimizer, data: dict, config: OnlineConfig, generator: torch.Generator,
+             minibatch_step: Callable[[dict, dict], None]) -> dict:
+    """`config.epochs` passes over the rollout batch `data`, reshuffled each pass, one optimiser step per
+    minibatch of `mini_batch_size` rows (detail #16). `minibatch_step(minibatch, stats)` runs the method's
+    forward/backward and accumulates its statistics. Returns the statistics of the whole step, with
+    `first_ratio_dev`: max |ratio - 1| on the first minibatch of the first epoch (0 up to rounding: detail #17)."""
+    params = [p for m in modules for p in m.parameters()]
+    n_rows = data["input_ids"].shape[0]
+    device = data["input_ids"].device
+    for m in modules:
+        m.train()
+    stats: dict = {}
+    for _epoch in range(config.epochs):
+        order = torch.randperm(n_rows, generator=generator).to(device)
+        for start in range(0, n_rows, config.mini_batch_size):
+            optimizer.zero_grad(set_to_none=True)
+            minibatch_step(take(data, order[start:start + config.mini_batch_size]), stats)
+            stats.setdefault("first_ratio_dev", stats.get("ratio_max_dev", 0.0))
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+    for m in modules:
+        m.eval()
+    return stats
+
+
+# ---- evaluation and the end of a run -----------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate_policy(setup: OnlineSetup, config: OnlineConfig, seed: int) -> dict:
+    """Mean reward, KL(pi || ref) per sequence (k1, summed over tokens), length and EOS rate on held-out prompts."""
+    if not setup.eval_prompts:
+        return {}
+    rollout = sample(setup.policy, setup.tokenizer, setup.eval_prompts, config,
+                     torch.Generator(device=setup.device).manual_seed(seed))
+    batch = {k: v.to(setup.device) for k, v in rollout.batch.items()}
+    logp = chunked_logps(setup.policy, batch, config.temperature, 64)
+    ref_logp = chunked_logps(setup.ref, batch, config.temperature, 64)
+    scores = setup.reward_fn(setup.eval_prompts, rollout.texts).float()
+    return {"reward": scores.mean().item(), "kl": (logp - ref_logp).sum(-1).mean().item(),
+            "length": rollout.lengths.float().mean().item(), "eos_rate": rollout.finished.float().mean().item()}
+
+
+def finish_online(setup: OnlineSetup, name: str, config: OnlineConfig, before: dict, step: int, beta: float,
+                  extra: dict | None = None) -> dict:
+    """Held-out evaluation after training, the policy saved as a HF directory, the summary."""
+    after = evaluate_policy(setup, config, config.seed + 7)
+    if after:
+        setup.run.log(step, {f"{name}/eval/{k}": v for k, v in after.items()})
+    save_model(setup.policy, setup.tokenizer, setup.run.model_dir)
+    summary = {"steps": step, "beta": beta, "model": str(setup.run.model_dir), **(extra or {})}
+    summary.update({f"eval_{k}_before": v for k, v in before.items() if k != "kl"})
+    summary.update({f"eval_{k}_after": v for k, v in after.items()})
+    return setup.run.finish(summary)
