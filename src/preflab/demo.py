@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from preflab.config import build_config, check, opt
+from preflab.config import RunConfig, build_config, check, opt
 from preflab.evaluate.bias import audit
 from preflab.evaluate.policy import evaluate_policies
 from preflab.evaluate.sweep import sweep
@@ -59,11 +59,10 @@ DEFAULTS: dict[str, dict] = {
 SECTIONS = tuple(DEFAULTS)
 
 
-@dataclass
-class DemoConfig:
+@dataclass(kw_only=True)
+class DemoConfig(RunConfig):
     out: str = opt("", "the demo folder (default runs/demo-<time>): one sub-folder per stage, report.html")
     seed: int = opt(0, "seed for every stage")
-    threads: int = opt(0, "torch intra-op threads (0: torch's default)")
     annotators: int = opt(8, "simulated annotators in the pool")
     temperature_low: float = opt(0.2, "annotator noise: temperatures drawn uniformly from [low, high]")
     temperature_high: float = opt(0.5, "annotator noise: temperatures drawn uniformly from [low, high]")
@@ -85,6 +84,7 @@ class DemoConfig:
     sweep: dict = opt({}, "eval sweep options (YAML)", cli=False)
 
     def __post_init__(self):
+        super().__post_init__()
         check(self.annotators >= 1, f"annotators must be >= 1, got {self.annotators}")
         check(0 < self.temperature_low <= self.temperature_high,
               f"need 0 < temperature_low <= temperature_high, got {self.temperature_low}, {self.temperature_high}")

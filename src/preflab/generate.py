@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from preflab.stages import stage
-from preflab.config import check, opt
+from preflab.config import RunConfig, check, opt
 from preflab.data.preferences import load_prompts, write_jsonl
 from preflab.data.tokenize import encode_prompt
 from preflab.models import load_model
@@ -28,8 +28,8 @@ from preflab.runs import Run, progress, seed_everything
 from preflab.training import set_threads
 
 
-@dataclass
-class GenerateConfig:
+@dataclass(kw_only=True)
+class GenerateConfig(RunConfig):
     model: str = opt("", "the policy: a Hugging Face directory, a run folder, a .gguf file or 'smollm2'")
     prompts: str = opt("world", "a JSONL file of {\"prompt\": text or chat messages} rows, or 'world'")
     n_prompts: int = opt(200, "prompts to use: drawn from the world, or the file's first N (0: the whole file)")
@@ -42,11 +42,10 @@ class GenerateConfig:
     top_p: float = opt(1.0, "nucleus sampling threshold (1: off)")
     batch_size: int = opt(64, "sequences sampled together")
     pairs: bool = opt(False, "also write pairs.jsonl: every pair of distinct responses per prompt")
-    out: str = opt("", "run folder to write (default runs/generate-<time>)")
     seed: int = opt(0, "random seed (world prompts, sampling, A/B order)")
-    threads: int = opt(0, "torch intra-op threads (0: torch's default)")
 
     def __post_init__(self):
+        super().__post_init__()
         check(bool(self.model), "model is required: give --model (a HF directory, a run folder, a .gguf or 'smollm2')")
         check(self.n >= 1, f"n must be >= 1, got {self.n}")
         check(self.n_prompts >= 0, f"n_prompts must be >= 0, got {self.n_prompts}")

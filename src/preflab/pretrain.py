@@ -19,15 +19,14 @@ from pathlib import Path
 import torch
 
 from preflab.stages import stage
-from preflab.config import check, opt
+from preflab.config import OptimConfig, check, opt
 from preflab.models import SIZES, describe, train_tokenizer, tiny_config
 from preflab.runs import Run, progress, save_model, seed_everything
 from preflab.training import Budget, lr_factor, make_accelerator, set_lr, set_threads
 
 
-@dataclass
-class PretrainConfig:
-    out: str = opt("", "run folder to write (default runs/pretrain-<time>)")
+@dataclass(kw_only=True)
+class PretrainConfig(OptimConfig):
     corpus: str = opt("world", "a text file, a folder of .txt files, or 'world' for the built-in tutoring corpus")
     world_docs: int = opt(60000, "documents to generate when corpus is 'world'")
     size: str = opt("tiny", "model size preset: tiny (1.1M parameters) or small")
@@ -37,21 +36,18 @@ class PretrainConfig:
     lr: float = opt(3e-3, "peak learning rate (AdamW)")
     weight_decay: float = opt(0.01, "AdamW weight decay")
     warmup: float = opt(0.05, "share of the budget spent warming the learning rate up")
-    max_steps: int = opt(0, "stop after this many steps (0: no step limit)")
     max_seconds: float = opt(120.0, "stop after this many seconds of training (0: no time limit)")
     held_out: float = opt(0.02, "share of documents held out for perplexity")
     eval_batches: int = opt(20, "batches of held-out windows for the final perplexity")
     log_every: int = opt(20, "log metrics every N steps")
     checkpoint_every: int = opt(200, "write the last-good checkpoint every N steps")
-    seed: int = opt(0, "random seed")
-    threads: int = opt(0, "torch intra-op threads (0: torch's default)")
 
     def __post_init__(self):
+        super().__post_init__()
         check(self.size in SIZES, f"size must be one of {sorted(SIZES)}, got {self.size!r}")
         check(self.max_steps > 0 or self.max_seconds > 0, f"give max_steps or max_seconds, got {self.max_steps} and {self.max_seconds}")
         check(self.seq_len >= 8, f"seq_len must be >= 8, got {self.seq_len}")
         check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         check(0 <= self.held_out < 0.5, f"held_out must be in [0, 0.5), got {self.held_out}")
         check(self.world_docs >= 10, f"world_docs must be >= 10, got {self.world_docs}")
 
@@ -155,7 +151,8 @@ def pretrain(config: PretrainConfig) -> dict:
         batch = windows(train_stream, config.seq_len, config.batch_size, generator).to(accelerator.device)
         loss = model(input_ids=batch, labels=batch).loss
         accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        if config.max_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

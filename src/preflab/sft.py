@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from preflab.stages import stage
-from preflab.config import check, opt
+from preflab.config import OptimConfig, check, opt
 from preflab.data.preferences import DataError, Demonstration, load_demonstrations, parse_demonstration, split_rows
 from preflab.data.tokenize import batches, collate_examples, tokenize_rows
 from preflab.models import describe, load_model
@@ -32,23 +32,19 @@ from preflab.runs import Run, progress, save_model, seed_everything
 from preflab.training import Budget, lr_factor, make_accelerator, set_lr, set_threads
 
 
-@dataclass
-class SFTConfig:
+@dataclass(kw_only=True)
+class SFTConfig(OptimConfig):
     model: str = opt("", "the model to fine-tune: a Hugging Face directory, a run folder, a .gguf file or 'smollm2'")
     data: str = opt("world", "demonstrations: a JSONL file (prompt/completion or chat messages) or 'world'")
     world_demos: int = opt(2000, "demonstrations to generate when data is 'world'")
     skip_bad_rows: bool = opt(False, "skip (and count) bad rows instead of stopping at the first one with its file:line")
-    out: str = opt("", "run folder to write (default runs/sft-<time>)")
     lr: float = opt(3e-4, "peak learning rate (AdamW); 1e-3 damaged the tiny model")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
     warmup: float = opt(0.1, "share of training spent warming the learning rate up (then cosine decay)")
     lr_floor: float = opt(0.1, "the cosine decays to lr x lr_floor")
     epochs: float = opt(1.0, "passes over the training demonstrations")
     max_steps: int = opt(0, "stop after this many optimiser steps (0: no step limit beyond epochs)")
-    max_seconds: float = opt(0.0, "stop after this many seconds of training (0: no time limit)")
     batch_size: int = opt(16, "demonstrations per micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimiser step (effective batch = batch_size x grad_accum)")
-    max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0: no clipping)")
     max_prompt_length: int = opt(256, "keep at most this many prompt tokens (the end is kept; 0: no limit)")
     max_completion_length: int = opt(256, "keep at most this many completion tokens (the start is kept; 0: no limit)")
     held_out: float = opt(0.1, "share of demonstrations held out to measure the completion loss")
@@ -57,16 +53,13 @@ class SFTConfig:
     log_every: int = opt(10, "log metrics every N optimiser steps")
     checkpoint_every: int = opt(0, "write the last-good checkpoint every N steps (0: only the final model)")
     seed: int = opt(0, "random seed (shuffling, split, world demonstrations)")
-    threads: int = opt(0, "torch intra-op threads (0: torch's default)")
 
     def __post_init__(self):
+        super().__post_init__()
         check(bool(self.model), "model is required: give --model (a HF directory, a run folder, a .gguf or 'smollm2')")
-        check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         check(0 <= self.warmup < 1, f"warmup must be in [0, 1), got {self.warmup}")
         check(0 <= self.lr_floor <= 1, f"lr_floor must be in [0, 1], got {self.lr_floor}")
         check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
-        check(self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}")
-        check(self.max_seconds >= 0, f"max_seconds must be >= 0, got {self.max_seconds}")
         check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         check(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
         check(0 < self.held_out < 1, f"held_out must be in (0, 1), got {self.held_out}")

@@ -86,7 +86,7 @@ def pairs(tokenizer, n=4):
 
 
 def test_gradient_accumulation_4x1_equals_1x4(tokenizer):
-    config = RewardConfig(model="m", data="d", grad_clip=0.0, label_smoothing=0.1)
+    config = RewardConfig(model="m", data="d", max_grad_norm=0.0, label_smoothing=0.1)
     models = [RewardModel(make_model(tokenizer), tokenizer, seed=0) for _ in range(2)]
     for m, micro in zip(models, (4, 1)):
         m.train()

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from preflab.stages import stage
-from preflab.config import ConfigError, check, opt
+from preflab.config import ConfigError, OptimConfig, check, opt
 from preflab.data import DataError, collate_pairs, load_demonstrations, load_preferences, split_rows, tokenize_rows
 from preflab.data.tokenize import encode_completion, encode_prompt, truncate
 from preflab.models import describe, load_model
@@ -40,11 +40,10 @@ from preflab.runs import Run, progress, seed_everything
 from preflab.training import Budget, lr_factor, make_accelerator, set_lr, set_threads
 
 
-@dataclass
-class RewardConfig:
+@dataclass(kw_only=True)
+class RewardConfig(OptimConfig):
     model: str = opt("", "backbone: a Hugging Face causal-LM directory, a run folder, a .gguf file or 'smollm2'")
     data: str = opt("", "preference JSONL (prompt/chosen/rejected, optional margin, tie, subset)")
-    out: str = opt("", "run folder to write (default runs/reward-<time>)")
     eval_data: str = opt("", "held-out preference JSONL (default: a held_out share of --data)")
     held_out: float = opt(0.1, "share of --data held out when no --eval-data is given (0: no held-out set)")
     split_seed: int = opt(0, "seed of the train/held-out split: the same seed and file give the same split")
@@ -53,10 +52,8 @@ class RewardConfig:
     epochs: int = opt(1, "passes over the training pairs (1 is the published recipe: more overfits)")
     lr: float = opt(1e-4, "peak learning rate (AdamW), annealed to 0")
     warmup: float = opt(0.05, "share of training spent warming the learning rate up")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
     batch_size: int = opt(8, "pairs per micro-batch (each pair is two sequences)")
     gradient_accumulation: int = opt(1, "micro-batches per optimiser step")
-    grad_clip: float = opt(1.0, "clip the gradient norm to this (0: off)")
     use_margin: bool = opt(True, "use the data's `margin` column (Llama 2 margin loss) where rows give one")
     margin_scale: float = opt(1.0, "multiply the data's margins by this")
     label_smoothing: float = opt(0.0, "target P(chosen wins) = 1 - label_smoothing (robust to flipped labels)")
@@ -65,7 +62,6 @@ class RewardConfig:
     train_layers: int = opt(-1, "train only the top N transformer layers, the final norm and the head (-1: all; "
                                 "a CPU budget option for large backbones: the frozen layers need no backward pass)")
     max_steps: int = opt(0, "stop each member after this many optimiser steps (0: the epochs decide)")
-    max_seconds: float = opt(0.0, "stop each member after this many seconds (0: no time limit)")
     ensemble: int = opt(1, "members to train (different seeds and data orders; separate backbones)")
     reduce: str = opt("mean", "how an ensemble combines members: mean, min or mean_minus_std")
     reference: str = opt("", "responses for normalisation, a demonstration JSONL (prompt + completion); "
@@ -75,21 +71,19 @@ class RewardConfig:
     eval_every: int = opt(0, "score the held-out set every N steps (0: only at the end)")
     log_every: int = opt(10, "log training metrics (means over the interval) every N steps")
     seed: int = opt(0, "random seed; member k uses seed + k")
-    threads: int = opt(0, "torch intra-op threads (0: torch's default)")
 
     def __post_init__(self):
+        super().__post_init__()
         check(bool(self.model), "give --model (a backbone: directory, run folder, .gguf or 'smollm2')")
         check(bool(self.data), "give --data (a preference JSONL file)")
         check(0 <= self.held_out < 1, f"held_out must be in [0, 1), got {self.held_out}")
         check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
-        check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         check(0 <= self.warmup < 1, f"warmup must be in [0, 1), got {self.warmup}")
         check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         check(self.gradient_accumulation >= 1, f"gradient_accumulation must be >= 1, got {self.gradient_accumulation}")
         check(0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         check(self.max_prompt_length >= 0 and self.max_completion_length >= 0,
               f"max lengths must be >= 0, got {self.max_prompt_length} and {self.max_completion_length}")
-        check(self.max_steps >= 0 and self.max_seconds >= 0, f"max_steps/max_seconds must be >= 0, got {self.max_steps}/{self.max_seconds}")
         check(self.train_layers >= -1, f"train_layers must be >= -1, got {self.train_layers}")
         check(self.ensemble >= 1, f"ensemble must be >= 1, got {self.ensemble}")
         check(self.reduce in REDUCTIONS, f"reduce must be one of {REDUCTIONS}, got {self.reduce!r}")
@@ -130,8 +124,8 @@ def train_step(model: RewardModel, optimizer, pairs: list, micro_batch_size: int
         loss_sum += loss.item() * len(micro)
         for key, value in pair_statistics(chosen.detach(), rejected.detach(), batch["tie"]).items():
             sums[key] = sums.get(key, 0.0) + value
-    if config.grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    if config.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, sums
