@@ -34,7 +34,7 @@ def parse(argv):
 
 def test_precedence(tmp_path, monkeypatch):
     (tmp_path / "p.yaml").write_text("toy:\n  steps: 30\n  name: preset\nother:\n  steps: 99\n")
-    monkeypatch.setattr(config_module, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(config_module, "load_preset", lambda name: config_module.load_yaml(tmp_path / f"{name}.yaml"))
     file = tmp_path / "c.yaml"
     file.write_text("lr: 0.5\nsteps: 20\nname: file\n")
     assert resolve_config(Toy, parse([]), stage="toy") == Toy()
@@ -84,3 +84,15 @@ def test_stage_configs_round_trip_through_yaml(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(to_dict(c)))
     assert build_config(SFTConfig, load_yaml(path)) == c
+
+
+def test_presets_ship_inside_the_package():
+    from importlib import resources
+
+    from preflab.config import load_preset, preset_names
+
+    assert {"tiny", "small", "demo", "fast"} <= set(preset_names())
+    assert resources.files("preflab.presets").joinpath("tiny.yaml").is_file()
+    assert load_preset("tiny")["pretrain"]["size"] == "tiny"
+    with pytest.raises(ConfigError, match="'nope'.*tiny"):
+        load_preset("nope")

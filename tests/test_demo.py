@@ -5,8 +5,10 @@ import re
 
 import pytest
 
-from preflab.config import ConfigError, build_config, load_yaml, preset_path
-from preflab.demo import DemoConfig, demo
+import dataclasses
+
+from preflab.config import ConfigError, build_config, load_preset
+from preflab.demo import DEFAULTS, STAGE_FUNCTIONS, DemoConfig, demo
 
 
 def test_demo_config_validation_and_presets_parse():
@@ -15,14 +17,18 @@ def test_demo_config_validation_and_presets_parse():
     with pytest.raises(ConfigError, match="temperature"):
         DemoConfig(temperature_low=2.0, temperature_high=1.0)
     for name in ("demo", "fast"):
-        config = build_config(DemoConfig, load_yaml(preset_path(name))["demo"], source=name)
+        config = build_config(DemoConfig, load_preset(name)["demo"], source=name)
         assert isinstance(config.sweep, dict)
+        for section in DemoConfig.__dataclass_fields__:       # every stage option a preset sets exists
+            options = {**DEFAULTS.get(section, {}), **(getattr(config, section) if section in STAGE_FUNCTIONS else {})}
+            fields = {f.name for f in dataclasses.fields(STAGE_FUNCTIONS[section].config_class)} if options else set()
+            assert set(options) <= fields, (name, section, set(options) - fields)
 
 
 @pytest.mark.slow
 def test_fast_demo_end_to_end(tmp_path):
     """The `fast` preset, end to end: every artefact exists, every figure is a finite PNG, SFT beats the base model."""
-    values = load_yaml(preset_path("fast"))["demo"]
+    values = load_preset("fast")["demo"]
     summary = demo(build_config(DemoConfig, {**values, "out": str(tmp_path / "demo")}, source="fast"))
     root = tmp_path / "demo"
     for rel in ["pretrain/model/config.json", "sft/model/config.json", "generate/pairs.jsonl", "votes/train.jsonl",

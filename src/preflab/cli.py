@@ -1,8 +1,8 @@
 """The `preflab` command: one subcommand per pipeline stage. Thin on purpose: parse, build config, call.
 
 Each stage is a function taking its config dataclass (the table is in `preflab.stages`; only the stage asked
-for is imported); options come from the dataclass fields, `--config FILE.yaml` and `--preset NAME` (a file in configs/) supply values beneath explicit
-flags. Known user errors (bad data, bad config, a missing model) print one clear message and exit 2.
+for is imported); options come from the dataclass fields, and `--config FILE.yaml` and `--preset NAME` (a YAML
+file shipped in `preflab/presets/`) supply values beneath explicit flags. Known user errors (bad data, bad config, a missing model) print one clear message and exit 2.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _add_stage(subparsers, name: str, spec: tuple[str, str, str], argv_name: str
         from preflab.config import add_config_arguments
 
         p.add_argument("--config", help="a YAML file of option: value (command-line flags override it)")
-        p.add_argument("--preset", help="a preset from configs/ (tiny, small, demo, fast)")
+        p.add_argument("--preset", help="a preset shipped with preflab (tiny, small, demo, fast)")
         p.add_argument("--fast", dest="preset", action="store_const", const="fast",
                        help="shorthand for --preset fast (the demo loop in about 2 minutes, as the tests run it)")
         add_config_arguments(p, loaded[1])

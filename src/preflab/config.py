@@ -12,13 +12,11 @@ import argparse
 import dataclasses
 import typing
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
-
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-
 
 class ConfigError(ValueError):
     """A config value is wrong; the message names the field and the value."""
@@ -136,8 +134,17 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def preset_path(name: str) -> Path:
-    return CONFIG_DIR / f"{name}.yaml"
+def preset_names() -> list[str]:
+    """The presets shipped inside the package (`preflab/presets/*.yaml`), so they work from any install."""
+    return sorted(p.name[:-5] for p in resources.files("preflab.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> dict:
+    """A packaged preset as a dict (read with importlib.resources: works from a wheel as from a checkout)."""
+    if name not in preset_names():
+        raise ConfigError(f"no preset {name!r}; the presets are {preset_names()}")
+    text = resources.files("preflab.presets").joinpath(f"{name}.yaml").read_text()
+    return yaml.safe_load(text) or {}
 
 
 def build_config(cls: type, values: dict, source: str = "config") -> Any:
@@ -159,7 +166,7 @@ def resolve_config(cls: type, args: argparse.Namespace, stage: str | None = None
         values.update(data.get(stage, data) if stage and isinstance(data.get(stage), dict) else data)
     preset = getattr(args, "preset", None)
     if preset:
-        data = load_yaml(preset_path(preset))
+        data = load_preset(preset)
         section = data.get(stage) if stage else None
         values.update({k: v for k, v in (section or {}).items()})
     values = {k: v for k, v in values.items() if k in names or not isinstance(v, dict)}

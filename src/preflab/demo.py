@@ -13,8 +13,8 @@
     10. report     report.html, headline.json, and the headline printed
 
 Every stage is the same function its CLI command calls (`fn(Config) -> summary`), writing its run folder
-under the demo folder. Stage options are the stage's own config fields: `DEFAULTS` below, overridden by
-the preset (`configs/demo.yaml`, `configs/fast.yaml`) and by YAML given with `--config`.
+under the demo folder. Stage options are the stage's own config fields: `DEFAULTS` (the packaged preset `presets/demo.yaml`),
+overridden by another preset (`--fast` = `presets/fast.yaml`) and by YAML given with `--config`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from preflab.config import RunConfig, build_config, check, opt
+from preflab.config import RunConfig, build_config, check, load_preset, opt
 from preflab.evaluate.bias import audit
 from preflab.evaluate.policy import evaluate_policies
 from preflab.evaluate.sweep import sweep
@@ -40,22 +40,11 @@ from preflab.sft import sft
 from preflab.stages import stage
 from preflab.training import set_threads
 
-# Per-stage options of the demo (each stage's own config fields), measured to fit ~5-8 minutes on 2 cores.
-DEFAULTS: dict[str, dict] = {
-    "pretrain": {"max_seconds": 120.0, "size": "tiny"},
-    "sft": {"world_demos": 2000, "epochs": 1.0, "lr": 3e-4},
-    "generate": {"n_prompts": 1000, "n": 4, "max_new_tokens": 40},
-    # 3 epochs at lr 1e-3 (not the published 1 epoch at 1e-5..1e-4): with less, the 1.1M-parameter reward model
-    # learned style but not which capital is right (right > wrong on 62% of canonical probes; 75% with this).
-    "reward": {"epochs": 3, "lr": 1e-3, "batch_size": 16, "max_completion_length": 48},
-    "ppo": {"max_steps": 30, "batch_size": 32, "mini_batch_size": 16, "micro_batch_size": 16, "lr": 1e-4,
-            "beta": 0.2, "max_new_tokens": 40, "eval_prompts": 0},
-    "dpo": {"beta": 0.1, "lr": 1e-4, "batch_size": 32, "epochs": 1.0, "eval_every": 0, "max_completion_length": 48},
-    "rloo": {"max_steps": 30, "lr": 3e-5, "beta": 0.05, "max_new_tokens": 40, "eval_prompts": 0},
-    "eval": {"n_prompts": 200, "max_new_tokens": 40},
-    "sweep": {"algorithm": "ppo", "betas": [0.0, 0.2], "steps": [10, 30], "n_prompts": 200, "max_new_tokens": 40,
-              "rl_options": {"batch_size": 32, "mini_batch_size": 16, "micro_batch_size": 16, "lr": 1e-4}},
-}
+# Per-stage options of the demo (each stage's own config fields): the `demo` preset, the one source of them.
+DEFAULTS: dict[str, dict] = load_preset("demo")["demo"]
+# The stage function behind each section of options (`bias`, `eval`, `sweep` are `preflab eval ...` commands).
+STAGE_FUNCTIONS = {"pretrain": pretrain, "sft": sft, "generate": generate_stage, "reward": train_reward, "bias": audit,
+                   "ppo": ppo, "dpo": dpo, "rloo": rloo, "eval": evaluate_policies, "sweep": sweep}
 SECTIONS = tuple(DEFAULTS)
 
 
@@ -107,9 +96,10 @@ class Pipeline:
         print(f"\n=== [{self.i}/{self.n}] {title}  (t={time.time() - self.started:.0f}s)", flush=True)
         return time.time()
 
-    def run(self, fn, section: str, title: str, **values) -> dict:
-        """`fn(fn.config_class(**options))`: options = DEFAULTS[section] < the demo config's section < values."""
+    def run(self, section: str, title: str, **values) -> dict:
+        """The section's stage on options DEFAULTS[section] < the demo config's section < `values`."""
         start = self.banner(title)
+        fn = STAGE_FUNCTIONS[section]
         options = {**DEFAULTS.get(section, {}), **getattr(self.config, section, {}), **values}
         options.setdefault("seed", self.config.seed)
         options.setdefault("out", str(self.root / section))
@@ -176,41 +166,41 @@ def demo(config: DemoConfig) -> dict:
     print(f"[demo] writing to {root}", flush=True)
 
     # 1-3. pretrain, SFT, candidates from the SFT policy
-    p.run(pretrain, "pretrain", "pretrain: a tiny Llama from scratch on the world corpus")
-    p.run(sft, "sft", "sft: imperfect demonstrations", model=str(root / "pretrain"))
-    gen = p.run(generate_stage, "generate", "generate: candidate pairs from the SFT policy", model=str(root / "sft"), pairs=True, split="train")
+    p.run("pretrain", "pretrain: a tiny Llama from scratch on the world corpus")
+    p.run("sft", "sft: imperfect demonstrations", model=str(root / "pretrain"))
+    gen = p.run("generate", "generate: candidate pairs from the SFT policy", model=str(root / "sft"), pairs=True, split="train")
     # 4. annotators
     p.banner("annotate: simulated annotators with a planted length bias")
     votes = annotate(root, Path(gen["run_dir"]) / "pairs.jsonl", config)
     # 5-6. reward model, bias audit
-    rm = p.run(train_reward, "reward", "reward: Bradley-Terry reward model", model=str(root / "sft"), data=str(root / "votes" / "train.jsonl"),
+    rm = p.run("reward", "reward: Bradley-Terry reward model", model=str(root / "sft"), data=str(root / "votes" / "train.jsonl"),
                eval_data=str(root / "votes" / "heldout.jsonl"), held_out=0.0)
     print(f"[demo] reward model held-out accuracy {rm.get('eval_accuracy', float('nan')):.3f} vs the annotators' "
           f"noise ceiling {votes['ceiling_accuracy']:.3f}", flush=True)
-    bias = p.run(audit, "bias", "bias audit of the votes", file=str(root / "votes" / "all.jsonl"))
+    bias = p.run("bias", "bias audit of the votes", file=str(root / "votes" / "all.jsonl"))
     ens = None
     if config.ensemble > 1:
-        ens = p.run(train_reward, "reward", f"reward: {config.ensemble}-member ensemble (min)", model=str(root / "sft"),
+        ens = p.run("reward", f"reward: {config.ensemble}-member ensemble (min)", model=str(root / "sft"),
                     data=str(root / "votes" / "train.jsonl"), eval_data=str(root / "votes" / "heldout.jsonl"),
                     held_out=0.0, ensemble=config.ensemble, reduce="min", out=str(root / "reward-ensemble"))
     # 7. policies
-    p.run(ppo, "ppo", "ppo: against the reward model", model=str(root / "sft"), reward=str(root / "reward"))
-    p.run(dpo, "dpo", "dpo: on the votes", model=str(root / "sft"), data=str(root / "votes" / "train.jsonl"))
+    p.run("ppo", "ppo: against the reward model", model=str(root / "sft"), reward=str(root / "reward"))
+    p.run("dpo", "dpo: on the votes", model=str(root / "sft"), data=str(root / "votes" / "train.jsonl"))
     policies = [f"base={root / 'pretrain'}", f"ppo={root / 'ppo'}", f"dpo={root / 'dpo'}"]
     if config.run_rloo:
-        p.run(rloo, "rloo", "rloo: against the reward model", model=str(root / "sft"), reward=str(root / "reward"))
+        p.run("rloo", "rloo: against the reward model", model=str(root / "sft"), reward=str(root / "reward"))
         policies.append(f"rloo={root / 'rloo'}")
     if config.bon_n:
         policies.append(f"bon{config.bon_n}=bon:{config.bon_n}")
     # 8. evaluation against the truth
-    p.run(evaluate_policies, "eval", "eval: policies on held-out prompts", reference=str(root / "sft"),
+    p.run("eval", "eval: policies on held-out prompts", reference=str(root / "sft"),
           policies=policies, reward_model=str(root / "reward"))
     ev = json.loads((root / "eval" / "eval.json").read_text())
     # 9. over-optimisation sweep
     swept = None
     if config.run_sweep:
         extra = [f"ensemble={ens['model']}"] if ens else []
-        p.run(sweep, "sweep", "sweep: KL coefficient x training length", model=str(root / "sft"), reward=str(root / "reward"),
+        p.run("sweep", "sweep: KL coefficient x training length", model=str(root / "sft"), reward=str(root / "reward"),
               extra_rewards=extra)
         swept = json.loads((root / "sweep" / "sweep.json").read_text())
     # 10. headline and report
