@@ -32,8 +32,9 @@ def test_cli_smoke_saves_a_plain_hugging_face_directory(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and math.isfinite(summary["heldout_perplexity"])
     assert 1 < summary["heldout_perplexity"] < 10 * len(tokenizer)
-    assert (out / "checkpoint" / "trainer_state.pt").exists() and (out / "checkpoint" / "model.safetensors").exists()
-    assert torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 4
+    last = out / "checkpoints" / "step-00000004"
+    assert (last / "trainer_state.pt").exists() and (last / "model.safetensors").exists()
+    assert torch.load(last / "trainer_state.pt", weights_only=False)["step"] == 4
     assert (out / "config.yaml").exists() and list(out.glob("events.*"))
     steps = [r["step"] for r in read_metrics(out) if "pretrain/loss" in r]
     assert steps == [1, 2, 3, 4]

@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from preflab.config import ConfigError, resolve_config
     from preflab.data.preferences import DataError
     from preflab.models import ModelError
+    from preflab.training import TrainingStopped
 
     try:
         config = resolve_config(config_class, args, stage=args._name) if config_class else args
@@ -80,8 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ConfigError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingStopped as exc:
+        print(f"stopped: {exc}; the last good checkpoint is kept in the run folder's checkpoints/", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("\ninterrupted: the last good checkpoint (if any) is in the run folder's checkpoint/", file=sys.stderr)
+        print("\ninterrupted: the last good checkpoint (if any) is in the run folder's checkpoints/; continue with "
+              "--resume true", file=sys.stderr)
         return 130
     return 0
 

@@ -58,9 +58,14 @@ class OptimConfig(RunConfig):
     max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0: no clipping)")
     max_steps: int = opt(0, "stop after this many optimiser steps (0: no step limit)")
     max_seconds: float = opt(0.0, "also stop after this many seconds (0: no time limit)")
+    checkpoint_every: int = opt(0, "write a checkpoint every N steps (0: only when stopped by Ctrl-C)")
+    keep_checkpoints: int = opt(2, "checkpoints kept (the newest N; a corrupt newest one falls back to the one before)")
+    resume: bool = opt(False, "continue the run in --out from its newest good checkpoint (same options required)")
 
     def __post_init__(self):
         super().__post_init__()
+        check(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        check(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         check(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm}")

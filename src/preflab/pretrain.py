@@ -22,7 +22,7 @@ from preflab.stages import stage
 from preflab.config import OptimConfig, check, opt
 from preflab.models import SIZES, describe, train_tokenizer, tiny_config
 from preflab.runs import Run, progress, save_model, seed_everything
-from preflab.training import Budget, lr_factor, make_accelerator, set_lr, set_threads
+from preflab.training import Budget, check_finite, lr_factor, make_accelerator, set_lr, set_threads
 
 
 @dataclass(kw_only=True)
@@ -40,7 +40,7 @@ class PretrainConfig(OptimConfig):
     held_out: float = opt(0.02, "share of documents held out for perplexity")
     eval_batches: int = opt(20, "batches of held-out windows for the final perplexity")
     log_every: int = opt(20, "log metrics every N steps")
-    checkpoint_every: int = opt(200, "write the last-good checkpoint every N steps")
+    checkpoint_every: int = opt(200, "write a checkpoint every N steps (0: only when stopped by Ctrl-C)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -120,6 +120,9 @@ def pretrain(config: PretrainConfig) -> dict:
     set_threads(config.threads)
     seed_everything(config.seed)
     run = Run(config.out or None, "pretrain", config)
+    if config.resume and run.finished_summary():
+        print(f"[pretrain] {run.dir} has already finished; nothing to resume", flush=True)
+        return run.finished_summary()
     accelerator = make_accelerator()
 
     # 1-2. corpus and tokenizer
@@ -140,30 +143,42 @@ def pretrain(config: PretrainConfig) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     generator = torch.Generator().manual_seed(config.seed)
+    step, tokens_seen, elapsed, loss = 0, 0, 0.0, torch.tensor(float("nan"))
+    ckpt = run.resume_state()
+    if ckpt is not None:
+        ckpt.load_model_weights(accelerator.unwrap_model(model))
+        optimizer.load_state_dict(ckpt.state["optimizer"])
+        generator.set_state(ckpt.state["generator"])
+        step, tokens_seen, elapsed, loss = ckpt.state["loop"]
+
+    def snapshot() -> dict:
+        return {"optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                "loop": (step, tokens_seen, budget.elapsed, loss.detach())}
 
     # 5. the loop
-    budget = Budget(config.max_steps, config.max_seconds)
-    step, tokens_seen = 0, 0
-    bar = progress(total=config.max_steps or None, desc="pretrain")
-    while not budget.done(step):
-        lr = config.lr * lr_factor(budget.progress(step), config.warmup, floor=0.1)
-        set_lr(optimizer, lr)
-        batch = windows(train_stream, config.seq_len, config.batch_size, generator).to(accelerator.device)
-        loss = model(input_ids=batch, labels=batch).loss
-        accelerator.backward(loss)
-        if config.max_grad_norm:
-            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += batch.numel()
-        bar.update(1)
-        if step % config.log_every == 0 or step == 1:
-            tps = tokens_seen / max(budget.elapsed, 1e-6)
-            run.log(step, {"pretrain/loss": loss.item(), "pretrain/lr": lr, "pretrain/tokens_per_second": tps})
-            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tps:,.0f}")
-        if config.checkpoint_every and step % config.checkpoint_every == 0:
-            run.save_checkpoint(accelerator.unwrap_model(model), tokenizer, optimizer, step)
+    budget = Budget(config.max_steps, config.max_seconds, elapsed=elapsed)
+    bar = progress(total=config.max_steps or None, initial=step, desc="pretrain")
+    with run.guarded() as stop:
+        while not budget.done(step):
+            lr = config.lr * lr_factor(budget.progress(step), config.warmup, floor=0.1)
+            set_lr(optimizer, lr)
+            batch = windows(train_stream, config.seq_len, config.batch_size, generator).to(accelerator.device)
+            loss = model(input_ids=batch, labels=batch).loss
+            check_finite(step + 1, **{"pretrain/loss": loss})
+            accelerator.backward(loss)
+            if config.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += batch.numel()
+            bar.update(1)
+            if step % config.log_every == 0 or step == 1:
+                tps = tokens_seen / max(budget.elapsed, 1e-6)
+                run.log(step, {"pretrain/loss": loss.item(), "pretrain/lr": lr, "pretrain/tokens_per_second": tps})
+                bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tps:,.0f}")
+            run.step_end(step, config.checkpoint_every, stop,
+                         lambda: run.save_checkpoint(step, accelerator.unwrap_model(model), tokenizer, snapshot()))
     bar.close()
 
     # 6. save and report

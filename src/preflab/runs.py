@@ -5,20 +5,21 @@
         metrics.jsonl      one JSON object per logged step: {"step": n, "<stage>/<group>/<name>": value, ...}
         events.*           TensorBoard event files (same names)
         model/             the final Hugging Face model directory (safetensors + tokenizer)
-        checkpoint/        the last good checkpoint: model + optimiser + RNG state + step (for --resume)
-        summary.json       the headline numbers, also printed as one line at the end
+        checkpoints/       the last good checkpoints (`preflab.checkpoints`): model + optimiser + RNG state + step
+        summary.json       the headline numbers, also printed as one line at the end (written last: a run
+                           folder with it is finished)
 
-A checkpoint is written to `checkpoint.tmp/` and renamed into place, so a crash or Ctrl-C mid-write leaves
-the previous good checkpoint intact.
+`--resume` reopens a run folder: the config must match the one it was started with (else the differing fields
+are named), the newest verified checkpoint is loaded, and metrics.jsonl keeps the rows up to that step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 import yaml
 
-from preflab.config import to_dict
+from preflab.config import ConfigError, to_dict
 
 
 def default_out(stage: str) -> Path:
@@ -54,12 +55,20 @@ class Run:
 
     def __init__(self, out: str | Path | None, stage: str, config: Any = None, tensorboard: bool = True):
         self.stage = stage
+        self.resume = bool(getattr(config, "resume", False))
+        if self.resume and not out:
+            raise ConfigError("--resume needs --out: the run folder to continue")
         self.dir = Path(out) if out else default_out(stage)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.started = time.time()
+        self.keep = int(getattr(config, "keep_checkpoints", 2))
         if config is not None:
-            (self.dir / "config.yaml").write_text(yaml.safe_dump({"stage": stage, **to_dict(config)}, sort_keys=False))
-        self._metrics = open(self.dir / "metrics.jsonl", "w", buffering=1)  # a reused folder starts afresh
+            fresh = {"stage": stage, **to_dict(config)}
+            if self.resume and (self.dir / "config.yaml").exists():
+                check_same_config(yaml.safe_load((self.dir / "config.yaml").read_text()) or {}, fresh, self.dir)
+            (self.dir / "config.yaml").write_text(yaml.safe_dump(fresh, sort_keys=False))
+        # a reused folder starts afresh; a resumed one keeps its rows (cut back to the checkpoint by `resume_state`)
+        self._metrics = open(self.dir / "metrics.jsonl", "a" if self.resume else "w", buffering=1)
         self._tb = None
         if tensorboard:
             try:
@@ -83,25 +92,65 @@ class Run:
         self._metrics.write(json.dumps(row) + "\n")
         return row
 
-    def save_checkpoint(self, model, tokenizer=None, optimizer=None, step: int = 0, extra: dict | None = None) -> Path:
-        """Atomically replace `checkpoint/` with model weights, optimiser and RNG state."""
-        final = self.dir / "checkpoint"
-        tmp = self.dir / "checkpoint.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_model(model, tokenizer, tmp)
-        state = {
-            "step": step,
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
-            "extra": extra or {},
-        }
-        torch.save(state, tmp / "trainer_state.pt")
-        old = self.dir / "checkpoint.old"
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-        return final
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.dir / "checkpoints"
+
+    def finished_summary(self) -> dict | None:
+        """The summary of a finished run (None when it has not finished)."""
+        path = self.dir / "summary.json"
+        summary = json.loads(path.read_text()) if path.exists() else None
+        return summary if summary and summary.get("status") != "stopped" else None
+
+    def save_checkpoint(self, step: int, model, tokenizer=None, state: dict | None = None) -> Path:
+        """A verified checkpoint of `model` and the loop's `state` (optimiser, generators, data position...)."""
+        from preflab.checkpoints import write_checkpoint
+
+        return write_checkpoint(self.checkpoint_dir, step, model, tokenizer, state or {}, keep=self.keep)
+
+    def step_end(self, step: int, every: int, stop, save) -> None:
+        """After an optimiser step: `save()` a checkpoint every `every` steps, and when Ctrl-C asked the loop to
+        stop (`stop.requested`), then stop with KeyboardInterrupt."""
+        if stop.requested or (every and step % every == 0):
+            save()
+        if stop.requested:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def guarded(self):
+        """Around a training loop: yields the loop's Ctrl-C `StopRequest`; a guard's stop (TrainingStopped) is
+        recorded in summary.json before it propagates; the checkpoints stay as they are."""
+        from preflab.training import StopRequest, TrainingStopped
+
+        try:
+            with StopRequest() as stop:
+                yield stop
+        except TrainingStopped as exc:
+            (self.dir / "summary.json").write_text(json.dumps({"status": "stopped", "reason": str(exc)}, indent=2) + "\n")
+            self.close()
+            raise
+
+    def resume_state(self):
+        """With --resume: the newest verified checkpoint (None: nothing to resume, start afresh), the global RNG
+        streams restored and metrics.jsonl cut back to the checkpoint's step. Without --resume: None."""
+        from preflab.checkpoints import latest_checkpoint, set_rng_state
+
+        if not self.resume:
+            return None
+        (self.dir / "summary.json").unlink(missing_ok=True)
+        ckpt = latest_checkpoint(self.checkpoint_dir)
+        step = ckpt.step if ckpt else -1
+        self._metrics.close()
+        rows = [r for r in read_metrics(self.dir) if r.get("step", 0) <= step] if ckpt else []
+        with open(self.dir / "metrics.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        self._metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        if ckpt is None:
+            print(f"[{self.stage}] --resume: no checkpoint in {self.checkpoint_dir}; starting from the beginning", flush=True)
+            return None
+        set_rng_state(ckpt.state["rng"])
+        print(f"[{self.stage}] resuming from {ckpt.path} (step {ckpt.step})", flush=True)
+        return ckpt
 
     def finish(self, summary: dict[str, Any], quiet: bool = False) -> dict[str, Any]:
         summary = {k: _plain(v) for k, v in summary.items()}
@@ -119,6 +168,20 @@ class Run:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+# Options that may change between a run and its resumption without changing what it computes.
+RESUMABLE_CHANGES = {"resume", "keep_checkpoints", "threads", "out"}
+
+
+def check_same_config(saved: dict, fresh: dict, run_dir: Path) -> None:
+    """A resumed run must have the config it was started with: name every field that differs."""
+    keys = (set(saved) | set(fresh)) - RESUMABLE_CHANGES
+    diff = sorted(k for k in keys if saved.get(k) != fresh.get(k))
+    if diff:
+        detail = "; ".join(f"{k}: {saved.get(k)!r} then, {fresh.get(k)!r} now" for k in diff)
+        raise ConfigError(f"{run_dir} was started with another config ({detail}); resume with the same options, "
+                          "or start a new run folder")
 
 
 def _fmt(value: Any) -> str:

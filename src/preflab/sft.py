@@ -29,7 +29,7 @@ from preflab.data.tokenize import batches, collate_examples, tokenize_rows
 from preflab.models import describe, load_model
 from preflab.logps import sequence_logps
 from preflab.runs import Run, progress, save_model, seed_everything
-from preflab.training import Budget, lr_factor, make_accelerator, set_lr, set_threads
+from preflab.training import Budget, check_finite, lr_factor, make_accelerator, set_lr, set_threads
 
 
 @dataclass(kw_only=True)
@@ -51,7 +51,6 @@ class SFTConfig(OptimConfig):
     eval_batch_size: int = opt(32, "demonstrations per batch when measuring the held-out loss")
     eval_every: int = opt(0, "also measure the held-out loss every N steps (0: only before and after)")
     log_every: int = opt(10, "log metrics every N optimiser steps")
-    checkpoint_every: int = opt(0, "write the last-good checkpoint every N steps (0: only the final model)")
     seed: int = opt(0, "random seed (shuffling, split, world demonstrations)")
 
     def __post_init__(self):
@@ -134,6 +133,9 @@ def sft(config: SFTConfig) -> dict:
     model, tokenizer = load_model(config.model)
     demos = read_demonstrations(config.data, config.world_demos, config.seed, strict=not config.skip_bad_rows)
     run = Run(config.out or None, "sft", config)
+    if config.resume and run.finished_summary():
+        print(f"[sft] {run.dir} has already finished; nothing to resume", flush=True)
+        return run.finished_summary()
     accelerator = make_accelerator()
     pad_id = tokenizer.pad_token_id
 
@@ -155,56 +157,69 @@ def sft(config: SFTConfig) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    # 3. held-out loss before training
-    loss_before = heldout_loss(model, held, pad_id, config.eval_batch_size)
-    run.log(0, {"sft/eval/loss": loss_before})
-    print(f"[sft] held-out completion loss before: {loss_before:.4f}", flush=True)
+    # 3. held-out loss before training (or, resuming, the state of the run at its last checkpoint)
+    stream = micro_batches(train, config.batch_size, config.grad_accum, random.Random(config.seed))
+    ckpt = run.resume_state()
+    if ckpt is None:
+        loss_before = heldout_loss(model, held, pad_id, config.eval_batch_size)
+        run.log(0, {"sft/eval/loss": loss_before})
+        print(f"[sft] held-out completion loss before: {loss_before:.4f}", flush=True)
+        step, tokens_seen, seen_examples, window_loss, window_steps, elapsed = 0, 0, 0, 0.0, 0, 0.0
+    else:
+        ckpt.load_model_weights(accelerator.unwrap_model(model))
+        optimizer.load_state_dict(ckpt.state["optimizer"])
+        loss_before, step, tokens_seen, seen_examples, window_loss, window_steps, elapsed = ckpt.state["loop"]
+        for _ in range(step):                 # the data position: the same shuffles, replayed without compute
+            next(stream)
+
+    def snapshot() -> dict:
+        loop = (loss_before, step, tokens_seen, seen_examples, window_loss, window_steps, budget.elapsed)
+        return {"optimizer": optimizer.state_dict(), "loop": loop}
 
     # 4. the loop
     model.train()
-    budget = Budget(total_steps, config.max_seconds)
-    stream = micro_batches(train, config.batch_size, config.grad_accum, random.Random(config.seed))
-    step, tokens_seen, seen_examples = 0, 0, 0
-    bar = progress(total=total_steps, desc="sft")
-    window_loss, window_steps = 0.0, 0
-    while not budget.done(step):
-        # 4a. learning rate: warm-up then cosine
-        lr = config.lr * lr_factor(budget.progress(step), config.warmup, floor=config.lr_floor)
-        set_lr(optimizer, lr)
-        # 4b. one optimiser step's micro-batches; normalise by the step's total completion tokens
-        chunks = [collate_examples(chunk, pad_id) for chunk in next(stream)]
-        n_tokens = sum(int(b["completion_mask"].sum()) for b in chunks)
-        step_loss = 0.0
-        for batch in chunks:
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            # 4c. log-probs of completion tokens only (prompt and padding are masked out)
-            per_token, _ = sequence_logps(model, batch)
-            loss = sft_loss(per_token, batch["completion_mask"], n_tokens)
-            accelerator.backward(loss)
-            step_loss += loss.item()
-            tokens_seen += int(batch["attention_mask"].sum())
-            seen_examples += batch["input_ids"].shape[0]
-        # 4d. clip and step
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm) if config.max_grad_norm else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window_loss, window_steps = window_loss + step_loss, window_steps + 1
-        bar.update(1)
-        # 4e. log, evaluate, checkpoint
-        if step % config.log_every == 0 or step == 1 or budget.done(step):
-            tps = tokens_seen / max(budget.elapsed, 1e-6)
-            metrics = {"sft/loss": window_loss / window_steps, "sft/lr": lr, "sft/tokens_per_second": tps,
-                       "sft/epoch": seen_examples / len(train)}
-            if grad_norm is not None:
-                metrics["sft/grad_norm"] = float(grad_norm)
-            run.log(step, metrics)
-            bar.set_postfix(loss=f"{window_loss / window_steps:.3f}", tok_s=f"{tps:,.0f}")
-            window_loss, window_steps = 0.0, 0
-        if config.eval_every and step % config.eval_every == 0 and not budget.done(step):
-            run.log(step, {"sft/eval/loss": heldout_loss(model, held, pad_id, config.eval_batch_size)})
-        if config.checkpoint_every and step % config.checkpoint_every == 0:
-            run.save_checkpoint(accelerator.unwrap_model(model), tokenizer, optimizer, step)
+    budget = Budget(total_steps, config.max_seconds, elapsed=elapsed)
+    bar = progress(total=total_steps, initial=step, desc="sft")
+    with run.guarded() as stop:
+        while not budget.done(step):
+            # 4a. learning rate: warm-up then cosine
+            lr = config.lr * lr_factor(budget.progress(step), config.warmup, floor=config.lr_floor)
+            set_lr(optimizer, lr)
+            # 4b. one optimiser step's micro-batches; normalise by the step's total completion tokens
+            chunks = [collate_examples(chunk, pad_id) for chunk in next(stream)]
+            n_tokens = sum(int(b["completion_mask"].sum()) for b in chunks)
+            step_loss = 0.0
+            for batch in chunks:
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                # 4c. log-probs of completion tokens only (prompt and padding are masked out)
+                per_token, _ = sequence_logps(model, batch)
+                loss = sft_loss(per_token, batch["completion_mask"], n_tokens)
+                accelerator.backward(loss)
+                step_loss += loss.item()
+                tokens_seen += int(batch["attention_mask"].sum())
+                seen_examples += batch["input_ids"].shape[0]
+            # 4d. clip and step
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm) if config.max_grad_norm else None
+            check_finite(step + 1, **{"sft/loss": step_loss, "sft/grad_norm": grad_norm})   # before it reaches the weights
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_loss, window_steps = window_loss + step_loss, window_steps + 1
+            bar.update(1)
+            # 4e. log, evaluate, checkpoint
+            if step % config.log_every == 0 or step == 1 or budget.done(step):
+                tps = tokens_seen / max(budget.elapsed, 1e-6)
+                metrics = {"sft/loss": window_loss / window_steps, "sft/lr": lr, "sft/tokens_per_second": tps,
+                           "sft/epoch": seen_examples / len(train)}
+                if grad_norm is not None:
+                    metrics["sft/grad_norm"] = float(grad_norm)
+                run.log(step, metrics)
+                bar.set_postfix(loss=f"{window_loss / window_steps:.3f}", tok_s=f"{tps:,.0f}")
+                window_loss, window_steps = 0.0, 0
+            if config.eval_every and step % config.eval_every == 0 and not budget.done(step):
+                run.log(step, {"sft/eval/loss": heldout_loss(model, held, pad_id, config.eval_batch_size)})
+            run.step_end(step, config.checkpoint_every, stop,
+                         lambda: run.save_checkpoint(step, accelerator.unwrap_model(model), tokenizer, snapshot()))
     bar.close()
     train_seconds = budget.elapsed
 

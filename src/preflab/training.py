@@ -1,9 +1,12 @@
-"""Small pieces every training loop shares: the accelerator, the learning-rate schedule, the budget."""
+"""Small pieces every training loop shares: the accelerator, the learning-rate schedule, the budget, and the
+guards that stop a run cleanly (Ctrl-C, non-finite numbers, limits)."""
 
 from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import time
 
 import torch
@@ -41,10 +44,10 @@ def set_lr(optimizer, lr: float) -> None:
 class Budget:
     """Stops a loop at `max_steps` or `max_seconds`, whichever comes first (0 = no limit)."""
 
-    def __init__(self, max_steps: int = 0, max_seconds: float = 0.0):
+    def __init__(self, max_steps: int = 0, max_seconds: float = 0.0, elapsed: float = 0.0):
         assert max_steps > 0 or max_seconds > 0, "a budget needs max_steps or max_seconds"
         self.max_steps, self.max_seconds = max_steps, max_seconds
-        self.start = time.time()
+        self.start = time.time() - elapsed           # a resumed run carries on with the seconds it had spent
 
     @property
     def elapsed(self) -> float:
@@ -60,3 +63,53 @@ class Budget:
 
     def done(self, step: int) -> bool:
         return self.progress(step) >= 1.0
+
+
+class TrainingStopped(RuntimeError):
+    """A guard stopped the run (a non-finite number, a KL or reward out of range); the message names the step and
+    the metric. The last good checkpoint is kept, and summary.json records why."""
+
+
+def check_finite(step: int, **values) -> None:
+    """Stop the run if any value (a float or a tensor) holds NaN or inf, naming the step and the metric."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        finite = bool(value.isfinite().all()) if hasattr(value, "isfinite") else math.isfinite(float(value))
+        if not finite:
+            shown = value.float().flatten()[:4].tolist() if hasattr(value, "float") else value
+            raise TrainingStopped(f"step {step}: {name} is not finite ({shown})")
+
+
+def nonfinite_gradients(parameters) -> str | None:
+    """The name of the first parameter whose gradient holds NaN or inf (None when all are finite)."""
+    for name, p in parameters:
+        if p.grad is not None and not bool(p.grad.isfinite().all()):
+            return name
+    return None
+
+
+class StopRequest:
+    """Ctrl-C handling for training loops: the first SIGINT asks the loop to stop after the current step (it
+    writes a checkpoint and exits); a second SIGINT stops at once. Use as a context manager around the loop."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\n[preflab] stopping after this step and writing a checkpoint (Ctrl-C again to stop at once)",
+              flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False

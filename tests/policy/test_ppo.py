@@ -12,7 +12,7 @@ from preflab.data import encode_prompt
 from preflab.policy.losses import gae, masked_whiten, rlhf_rewards
 from preflab.data.tokenize import take
 from preflab.logps import chunked_logps
-from preflab.policy.online import frozen_copy, load_prompt_sets, prompt_cycle, score_responses
+from preflab.policy.online import PromptCycle, frozen_copy, load_prompt_sets, score_responses
 from preflab.policy.ppo import PPOConfig, ppo_minibatch
 from preflab.policy.value import load_value_model, make_value_model
 from preflab.rollout import generate
@@ -187,7 +187,7 @@ def test_ppo_cli_writes_a_loadable_policy_and_every_metric(model_dir, tmp_path):
     assert "ppo/eval/reward" in rows[-1]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and "eval_reward_after" in summary
-    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
+    state = torch.load(out / "checkpoints" / "step-00000002" / "trainer_state.pt", weights_only=False)
     assert {g["weight_decay"] for g in state["optimizer"]["param_groups"]} == {0.0}   # as every other stage
     assert summary["value_model"] == str(out / "value_model")
     value = load_value_model(out / "value_model")                 # the critic is saved with the policy
@@ -215,6 +215,6 @@ def test_kl_is_zero_when_policy_is_the_reference_and_eos_penalty_hits_unfinished
 
 
 def test_prompt_cycle_visits_every_prompt_once_per_pass():
-    batches = prompt_cycle(list(range(10)), 4, torch.Generator().manual_seed(0))
+    batches = PromptCycle(list(range(10)), 4, torch.Generator().manual_seed(0))
     first = [x for _ in range(5) for x in next(batches)]      # 20 = two passes
     assert sorted(first[:10]) == list(range(10)) and sorted(first[10:]) == list(range(10))

@@ -28,7 +28,7 @@ from preflab.logps import chunked_logps
 from preflab.policy.losses import KL_ESTIMATORS
 from preflab.rollout import Rollout, generate
 from preflab.runs import Run, save_model, seed_everything
-from preflab.training import make_accelerator, set_threads
+from preflab.training import TrainingStopped, check_finite, make_accelerator, set_threads
 
 
 @dataclass(kw_only=True)
@@ -69,7 +69,9 @@ class OnlineConfig(SamplingConfig, OptimConfig):
     horizon: int = opt(10000, "adaptive KL controller horizon (Ziegler et al.: 10000)")
     cliprange: float = opt(0.2, "PPO ratio clip epsilon")
     log_every: int = opt(1, "log metrics every N steps")
-    checkpoint_every: int = opt(0, "write the last-good checkpoint every N steps (0: only at the end)")
+    max_kl: float = opt(0.0, "stop the run when the batch's mean KL to the reference (nats per sequence) exceeds "
+                             "this (0: no limit)")
+    max_abs_score: float = opt(1e4, "stop the run when a score's magnitude exceeds this (a broken reward)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -86,6 +88,8 @@ class OnlineConfig(SamplingConfig, OptimConfig):
         check(self.horizon > 0, f"horizon must be > 0, got {self.horizon}")
         check(0 < self.cliprange < 1, f"cliprange must be in (0, 1), got {self.cliprange}")
         check(self.eval_prompts >= 0, f"eval_prompts must be >= 0, got {self.eval_prompts}")
+        check(self.max_kl >= 0 and self.max_abs_score > 0,
+              f"need max_kl >= 0 and max_abs_score > 0, got {self.max_kl} and {self.max_abs_score}")
 
 
 # ---- set-up ------------------------------------------------------------------------------------------------
@@ -141,14 +145,22 @@ def setup_online(config: OnlineConfig, stage_name: str) -> OnlineSetup:
                        reward_fn=reward_fn, train_prompts=train_prompts, eval_prompts=eval_prompts)
 
 
-def prompt_cycle(prompts: list, batch_size: int, generator: torch.Generator) -> Iterator[list]:
-    """Endless batches of prompts: every prompt once per pass, in a fresh random order each pass."""
-    order: list[int] = []
-    while True:
-        while len(order) < batch_size:
-            order += torch.randperm(len(prompts), generator=generator).tolist()
-        chosen, order = order[:batch_size], order[batch_size:]
-        yield [prompts[i] for i in chosen]
+class PromptCycle:
+    """Endless batches of prompts: every prompt once per pass, in a fresh random order each pass. Its position
+    (`order`, the rest of the current pass) goes into checkpoints."""
+
+    def __init__(self, prompts: list, batch_size: int, generator: torch.Generator):
+        self.prompts, self.batch_size, self.generator = prompts, batch_size, generator
+        self.order: list[int] = []
+
+    def __iter__(self) -> Iterator[list]:
+        return self
+
+    def __next__(self) -> list:
+        while len(self.order) < self.batch_size:
+            self.order += torch.randperm(len(self.prompts), generator=self.generator).tolist()
+        chosen, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
+        return [self.prompts[i] for i in chosen]
 
 
 # ---- steps 1-3: rollout and score --------------------------------------------------------------------------
@@ -194,6 +206,18 @@ def rollout_and_score(setup: OnlineSetup, prompts: list, config: OnlineConfig, s
     return ScoredRollout(rollout, batch, old_logps, entropy, ref_logps, scores)
 
 
+def check_scores(step: int, scores: torch.Tensor, kl: torch.Tensor, config: OnlineConfig) -> None:
+    """Stop the run (keeping the last good checkpoint) on non-finite or absurd scores, or a KL past `max_kl`."""
+    check_finite(step, scores=scores, kl=kl)
+    worst = scores.abs().max().item()
+    if worst > config.max_abs_score:
+        raise TrainingStopped(f"step {step}: a score of magnitude {worst:.4g} is beyond max_abs_score "
+                              f"{config.max_abs_score:g} (is the reward broken?)")
+    mean_kl = kl.mean().item()
+    if config.max_kl and mean_kl > config.max_kl:
+        raise TrainingStopped(f"step {step}: objective/kl {mean_kl:.4g} is above max_kl {config.max_kl:g}")
+
+
 # ---- the update: epochs x minibatches x micro-batches ------------------------------------------------------
 
 def micro_batches(minibatch: dict, size: int) -> Iterator[dict]:
@@ -213,7 +237,7 @@ def add_token_stats(stats: dict, values: dict, mask: torch.Tensor) -> None:
 
 
 def optimise(modules: list, optimizer, data: dict, config: OnlineConfig, generator: torch.Generator,
-             minibatch_step: Callable[[dict, dict], None]) -> dict:
+             minibatch_step: Callable[[dict, dict], None], step: int = 0) -> dict:
     """`config.epochs` passes over the rollout batch `data`, reshuffled each pass, one optimiser step per
     minibatch of `mini_batch_size` rows (detail #16). `minibatch_step(minibatch, stats)` runs the method's
     forward/backward and accumulates its statistics. Returns the statistics of the whole step, with
@@ -230,11 +254,37 @@ def optimise(modules: list, optimizer, data: dict, config: OnlineConfig, generat
             optimizer.zero_grad(set_to_none=True)
             minibatch_step(take(data, order[start:start + config.mini_batch_size]), stats)
             stats.setdefault("first_ratio_dev", stats.get("ratio_max_dev", 0.0))
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
+            check_finite(step, grad_norm=grad_norm)           # before a NaN reaches the weights
             optimizer.step()
     for m in modules:
         m.eval()
     return stats
+
+
+# ---- checkpoints and resume -------------------------------------------------------------------------------
+
+def online_state(optimizer, kl_ctl, generator: torch.Generator, cycle: PromptCycle, before: dict, step: int,
+                 elapsed: float, modules: dict | None = None) -> dict:
+    """What an online loop needs to continue exactly: optimiser, beta, the shuffling generator, the prompt
+    position, the held-out numbers from before training, extra modules (PPO's critic) and the clock."""
+    return {"optimizer": optimizer.state_dict(), "beta": kl_ctl.value, "generator": generator.get_state(),
+            "order": list(cycle.order), "before": before, "loop": (step, elapsed),
+            "modules": {name: m.state_dict() for name, m in (modules or {}).items()}}
+
+
+def restore_online(ckpt, setup: OnlineSetup, optimizer, kl_ctl, generator: torch.Generator, cycle: PromptCycle,
+                   modules: dict | None = None) -> tuple[dict, int, float]:
+    """The inverse of `online_state` (the policy's weights from the checkpoint folder); (before, step, elapsed)."""
+    ckpt.load_model_weights(setup.policy)
+    for name, module in (modules or {}).items():
+        module.load_state_dict(ckpt.state["modules"][name])
+    optimizer.load_state_dict(ckpt.state["optimizer"])
+    kl_ctl.value = ckpt.state["beta"]
+    generator.set_state(ckpt.state["generator"])
+    cycle.order = list(ckpt.state["order"])
+    step, elapsed = ckpt.state["loop"]
+    return ckpt.state["before"], step, elapsed
 
 
 # ---- evaluation and the end of a run -----------------------------------------------------------------------

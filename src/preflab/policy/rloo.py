@@ -28,8 +28,9 @@ from preflab.logps import masked_mean, sequence_logps
 from preflab.policy.kl_control import make_kl_controller
 from preflab.policy.losses import (approx_kl, clipped_policy_loss, grpo_advantages, kl_estimate, kl_k3,
                                    rloo_advantages)
-from preflab.policy.online import (OnlineConfig, add_token_stats, evaluate_policy, finish_online, micro_batches,
-                                   optimise, prompt_cycle, rollout_and_score, setup_online)
+from preflab.policy.online import (OnlineConfig, PromptCycle, add_token_stats, check_scores, evaluate_policy, finish_online,
+                                   micro_batches, online_state, optimise, restore_online, rollout_and_score,
+                                   setup_online)
 from preflab.runs import progress
 from preflab.stages import stage
 from preflab.training import Budget
@@ -88,51 +89,57 @@ def critic_free(config: RLOOConfig, method: str) -> dict:
     optimizer = torch.optim.AdamW(s.policy.parameters(), lr=config.lr, eps=1e-5, weight_decay=config.weight_decay)
     kl_ctl = make_kl_controller(config.beta, config.target_kl, config.horizon)
     gen = torch.Generator().manual_seed(config.seed)
-    batches = prompt_cycle(s.train_prompts, config.batch_size, gen)
-    before = evaluate_policy(s, config, config.seed + 7)
-    budget = Budget(config.max_steps, config.max_seconds)
-    bar = progress(total=config.max_steps, desc=method)
-    step, k = 0, config.k
-    while not budget.done(step):
-        prompts = [p for p in next(batches) for _ in range(k)]               # prompt-major groups of k
-        # 1-3. rollout, old and reference log-probs (temperature on both), scores with the missing-EOS penalty
-        r = rollout_and_score(s, prompts, config, step)
-        mask = r.mask
-        with torch.no_grad():
-            kl = (kl_estimate(r.old_logps, r.ref_logps, config.kl_estimator) * mask).sum(-1)
-            # 4. advantages: leave-one-out on the KL-penalised reward, or group-normalised scores
-            if method == "rloo":
-                advantages = rloo_advantages(r.scores - kl_ctl.value * kl, k)
-            else:
-                advantages = grpo_advantages(r.scores, k)
-        data = {**r.batch, "old_logps": r.old_logps, "ref_logps": r.ref_logps, "advantages": advantages}
-        # 5. epochs over reshuffled minibatches, one optimiser step per minibatch
-        beta_used = kl_ctl.value
-        stats = optimise([s.policy], optimizer, data, config, gen,
-                         lambda mb, st: critic_free_minibatch(s.policy, mb, config, method, beta_used, st))
-        step += 1
-        # 6. KL controller, then 7. log means over the step
-        kl_ctl.update(kl.mean().item(), len(prompts))
-        n, rows = max(stats["tokens"], 1.0), max(stats["rows"], 1.0)
-        if step % config.log_every == 0 or step == config.max_steps:
-            metrics = {
-                "objective/kl": kl.mean(), "objective/scores": r.scores.mean(),
-                "objective/rlhf_reward": (r.scores - beta_used * kl).mean(),
-                "objective/entropy": masked_mean(r.entropy, mask),
-                "policy/approxkl": stats["policy/approxkl"] / n, "policy/clipfrac": stats["policy/clipfrac"] / n,
-                "policy/first_ratio_dev": stats["first_ratio_dev"], "val/ratio": stats["val/ratio"] / n,
-                "loss/policy": stats["loss/policy"] / rows, "beta": beta_used,
-                "rollout/length": r.rollout.lengths.float().mean(),
-                "rollout/eos_rate": r.rollout.finished.float().mean(),
-                "objective/group_std": r.scores.view(-1, k).std(-1).mean(),
-            }
-            if method == "grpo":
-                metrics["loss/kl"] = stats["loss/kl"] / rows
-            s.run.log(step, {f"{method}/{name}": value for name, value in metrics.items()})
-        bar.update(1)
-        bar.set_postfix(score=f"{r.scores.mean().item():.3f}", kl=f"{kl.mean().item():.2f}")
-        if config.checkpoint_every and step % config.checkpoint_every == 0:
-            s.run.save_checkpoint(s.policy, s.tokenizer, optimizer, step, extra={"beta": kl_ctl.value})
+    batches = PromptCycle(s.train_prompts, config.batch_size, gen)
+    ckpt = s.run.resume_state()
+    if ckpt is None:
+        before, step, elapsed = evaluate_policy(s, config, config.seed + 7), 0, 0.0
+    else:
+        before, step, elapsed = restore_online(ckpt, s, optimizer, kl_ctl, gen, batches)
+    budget = Budget(config.max_steps, config.max_seconds, elapsed=elapsed)
+    bar = progress(total=config.max_steps, initial=step, desc=method)
+    k = config.k
+    with s.run.guarded() as stop:
+        while not budget.done(step):
+            prompts = [p for p in next(batches) for _ in range(k)]               # prompt-major groups of k
+            # 1-3. rollout, old and reference log-probs (temperature on both), scores with the missing-EOS penalty
+            r = rollout_and_score(s, prompts, config, step)
+            mask = r.mask
+            with torch.no_grad():
+                kl = (kl_estimate(r.old_logps, r.ref_logps, config.kl_estimator) * mask).sum(-1)
+                check_scores(step + 1, r.scores, kl, config)          # NaN, a broken reward, KL past max_kl
+                # 4. advantages: leave-one-out on the KL-penalised reward, or group-normalised scores
+                if method == "rloo":
+                    advantages = rloo_advantages(r.scores - kl_ctl.value * kl, k)
+                else:
+                    advantages = grpo_advantages(r.scores, k)
+            data = {**r.batch, "old_logps": r.old_logps, "ref_logps": r.ref_logps, "advantages": advantages}
+            # 5. epochs over reshuffled minibatches, one optimiser step per minibatch
+            beta_used = kl_ctl.value
+            stats = optimise([s.policy], optimizer, data, config, gen,
+                             lambda mb, st: critic_free_minibatch(s.policy, mb, config, method, beta_used, st), step + 1)
+            step += 1
+            # 6. KL controller, then 7. log means over the step
+            kl_ctl.update(kl.mean().item(), len(prompts))
+            n, rows = max(stats["tokens"], 1.0), max(stats["rows"], 1.0)
+            if step % config.log_every == 0 or step == config.max_steps:
+                metrics = {
+                    "objective/kl": kl.mean(), "objective/scores": r.scores.mean(),
+                    "objective/rlhf_reward": (r.scores - beta_used * kl).mean(),
+                    "objective/entropy": masked_mean(r.entropy, mask),
+                    "policy/approxkl": stats["policy/approxkl"] / n, "policy/clipfrac": stats["policy/clipfrac"] / n,
+                    "policy/first_ratio_dev": stats["first_ratio_dev"], "val/ratio": stats["val/ratio"] / n,
+                    "loss/policy": stats["loss/policy"] / rows, "beta": beta_used,
+                    "rollout/length": r.rollout.lengths.float().mean(),
+                    "rollout/eos_rate": r.rollout.finished.float().mean(),
+                    "objective/group_std": r.scores.view(-1, k).std(-1).mean(),
+                }
+                if method == "grpo":
+                    metrics["loss/kl"] = stats["loss/kl"] / rows
+                s.run.log(step, {f"{method}/{name}": value for name, value in metrics.items()})
+            bar.update(1)
+            bar.set_postfix(score=f"{r.scores.mean().item():.3f}", kl=f"{kl.mean().item():.2f}")
+            s.run.step_end(step, config.checkpoint_every, stop, lambda: s.run.save_checkpoint(
+                step, s.policy, s.tokenizer, online_state(optimizer, kl_ctl, gen, batches, before, step, budget.elapsed)))
     bar.close()
     return finish_online(s, method, config, before, step, kl_ctl.value)
 
