@@ -41,6 +41,14 @@ def stage_argv(stage, model_dir, tmp_path):
     if stage == "pretrain":
         return ["pretrain", "--world-docs", "200", "--size", "tiny", "--vocab-size", "300", "--seq-len", "32",
                 "--batch-size", "4", "--max-steps", "5", "--max-seconds", "0", "--log-every", "1", *common]
+    if stage == "reward":
+        from preflab.world import demonstrations
+
+        path = tmp_path / "prefs.jsonl"
+        path.write_text("".join(json.dumps({"prompt": d["prompt"], "chosen": d["completion"],
+                                            "rejected": "I do not know."}) + "\n" for d in demonstrations(40, seed=1)))
+        return ["reward", "--model", str(model_dir), "--data", str(path), "--max-steps", "3", "--ensemble", "2",
+                "--batch-size", "4", "--log-every", "1", "--reference-rows", "8", *common]
     if stage in ("ppo", "rloo", "grpo"):
         shape = ["--batch-size", "4", "--mini-batch-size", "2", "--micro-batch-size", "2"] if stage == "ppo" else \
                 ["--batch-size", "2", "--k", "2", "--mini-batch-size", "2", "--micro-batch-size", "2"]
@@ -51,7 +59,9 @@ def stage_argv(stage, model_dir, tmp_path):
 
 
 def final_state(out):
-    weights = load_file(out / "model" / "model.safetensors")
+    weights = {}
+    for path in sorted((out / "model").rglob("*.safetensors")):
+        weights.update({f"{path.relative_to(out)}:{k}": v for k, v in load_file(path).items()})
     rows = [{k: v for k, v in r.items() if not k.endswith(TIMING)} for r in read_metrics(out)]
     summary = {k: v for k, v in json.loads((out / "summary.json").read_text()).items() if k not in ("seconds", "run_dir")
                and not k.endswith(TIMING) and k not in ("model", "value_model")}
@@ -83,7 +93,8 @@ def assert_same(a, b):
     assert sa == sb
 
 
-STAGES = ["sft", "pretrain", "ppo", "grpo", "rloo"]
+STAGES = ["sft", "pretrain", "reward", "ppo", "grpo", "rloo"]
+CRASH_AT = {"reward": 6}          # the ensemble's second member (member 0: steps 1-3, member 1: steps 4-6)
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -91,10 +102,12 @@ def test_killed_then_resumed_equals_uninterrupted(stage, model_dir, tmp_path, mo
     argv = stage_argv(stage, model_dir, tmp_path)
     assert main([*argv, "--out", str(tmp_path / "a")]) == 0
     with monkeypatch.context() as m:
-        crash_at(m, 3)
+        crash_at(m, CRASH_AT.get(stage, 3))
         with pytest.raises(Crash):
             main([*argv, "--out", str(tmp_path / "b")])
     assert not (tmp_path / "b" / "summary.json").exists()
+    newest = sorted((tmp_path / "b" / "checkpoints").iterdir())[-1].name
+    assert newest == f"step-{CRASH_AT.get(stage, 3) - 1:08d}"          # resumed from the step before the crash
     assert main([*argv, "--out", str(tmp_path / "b"), "--resume", "true"]) == 0
     assert_same(final_state(tmp_path / "a"), final_state(tmp_path / "b"))
 

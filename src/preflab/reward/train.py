@@ -37,7 +37,7 @@ from preflab.reward.evaluate import calibration, report_from_scores, save_report
 from preflab.reward.loss import bradley_terry_loss, pair_statistics, summarise
 from preflab.reward.model import REDUCTIONS, RewardModel, write_ensemble_index
 from preflab.runs import Run, progress, seed_everything
-from preflab.training import Budget, lr_factor, make_accelerator, set_lr, set_threads
+from preflab.training import Budget, check_finite, lr_factor, make_accelerator, set_lr, set_threads
 
 
 @dataclass(kw_only=True)
@@ -104,7 +104,7 @@ def freeze_lower_layers(model: RewardModel, n: int) -> None:
 
 
 def train_step(model: RewardModel, optimizer, pairs: list, micro_batch_size: int, config: RewardConfig,
-               backward=None) -> tuple[float, dict]:
+               backward=None, step: int = 0) -> tuple[float, dict]:
     """One optimiser step over `pairs` in micro-batches; returns (sum of per-pair losses, pair statistics).
 
     Each micro-batch's mean loss is weighted by its share of the step's pairs, so the accumulated gradient is
@@ -124,8 +124,8 @@ def train_step(model: RewardModel, optimizer, pairs: list, micro_batch_size: int
         loss_sum += loss.item() * len(micro)
         for key, value in pair_statistics(chosen.detach(), rejected.detach(), batch["tie"]).items():
             sums[key] = sums.get(key, 0.0) + value
-    if config.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
+    check_finite(step, **{"reward/loss": loss_sum, "reward/grad_norm": grad_norm})   # before it reaches the weights
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, sums
@@ -157,10 +157,20 @@ def reference_ids(config: RewardConfig, tokenizer, train_pairs: list) -> tuple[l
             f"{len(pairs)} training pairs (chosen + rejected)")
 
 
+def step_batches(pairs: list, pairs_per_step: int, rng: random.Random):
+    """Endless optimiser-step batches: each epoch the pairs in a fresh order of this member's own."""
+    while True:
+        epoch_pairs = pairs[:]
+        rng.shuffle(epoch_pairs)
+        for start in range(0, len(epoch_pairs), pairs_per_step):
+            yield epoch_pairs[start:start + pairs_per_step]
+
+
 def train_member(config: RewardConfig, k: int, train_pairs: list, eval_pairs: list, run: Run, step0: int,
-                 loaded: tuple | None = None):
-    """Steps 2a-2d for member k (on `loaded` = (backbone, tokenizer) if given); returns (model, last global
-    step, final training metrics)."""
+                 loaded: tuple | None = None, ckpt=None, progress_so_far: dict | None = None):
+    """Steps 2a-2d for member k (on `loaded` = (backbone, tokenizer) if given, from `ckpt` when resuming);
+    returns (model, last global step, final training metrics). `progress_so_far` (the members already done)
+    goes into this member's checkpoints."""
     seed = config.seed + k
     seed_everything(seed)
     # a. backbone + head
@@ -177,21 +187,32 @@ def train_member(config: RewardConfig, k: int, train_pairs: list, eval_pairs: li
     pairs_per_step = config.batch_size * config.gradient_accumulation
     steps_per_epoch = math.ceil(len(train_pairs) / pairs_per_step)
     total = config.epochs * steps_per_epoch
-    budget = Budget(min(config.max_steps or total, total), config.max_seconds)
-    order_rng = random.Random(seed)
-    step, interval, loss_sum, last = 0, {}, 0.0, {}
-    bar = progress(total=budget.max_steps, desc=f"reward member {k}" if config.ensemble > 1 else "reward")
-    while not budget.done(step):
-        epoch_pairs = train_pairs[:]
-        order_rng.shuffle(epoch_pairs)  # each member its own data order
-        for start in range(0, len(epoch_pairs), pairs_per_step):
-            if budget.done(step):
-                break
+    batches = step_batches(train_pairs, pairs_per_step, random.Random(seed))
+    step, interval, loss_sum, last, elapsed = 0, {}, 0.0, {}, 0.0
+    if ckpt is not None:
+        unwrapped = accelerator.unwrap_model(model)
+        ckpt.load_model_weights(unwrapped.backbone)
+        unwrapped.head.load_state_dict(ckpt.state["head"])
+        optimizer.load_state_dict(ckpt.state["optimizer"])
+        step, interval, loss_sum, last, elapsed = ckpt.state["loop"]
+        for _ in range(step):                         # the data position, replayed without compute
+            next(batches)
+    budget = Budget(min(config.max_steps or total, total), config.max_seconds, elapsed=elapsed)
+
+    def save() -> None:
+        unwrapped = accelerator.unwrap_model(model)
+        run.save_checkpoint(step0 + step, unwrapped.backbone, unwrapped.tokenizer, {
+            "member": k, "head": unwrapped.head.state_dict(), "optimizer": optimizer.state_dict(),
+            "loop": (step, interval, loss_sum, last, budget.elapsed), "members_done": progress_so_far or {}})
+
+    bar = progress(total=budget.max_steps, initial=step, desc=f"reward member {k}" if config.ensemble > 1 else "reward")
+    with run.guarded() as stop:
+        while not budget.done(step):
             lr = config.lr * lr_factor(budget.progress(step), config.warmup, floor=0.0)
             set_lr(optimizer, lr)
             # c. one optimiser step over gradient_accumulation micro-batches
-            step_loss, sums = train_step(model, optimizer, epoch_pairs[start:start + pairs_per_step], config.batch_size,
-                                         config, backward=accelerator.backward)
+            step_loss, sums = train_step(model, optimizer, next(batches), config.batch_size, config,
+                                         backward=accelerator.backward, step=step0 + step + 1)
             step += 1
             bar.update(1)
             loss_sum += step_loss
@@ -206,6 +227,7 @@ def train_member(config: RewardConfig, k: int, train_pairs: list, eval_pairs: li
                 raw_w, raw_l = score_pairs(model, eval_pairs, config.eval_batch_size)
                 run.log(step0 + step, held_out_metrics(raw_w[0], raw_l[0], ties(eval_pairs), config))
                 model.train()
+            run.step_end(step, config.checkpoint_every, stop, save)
     bar.close()
     model = accelerator.unwrap_model(model).eval()
     # d. normalisation on reference responses
@@ -242,14 +264,23 @@ def train_reward(config: RewardConfig) -> dict:
     tokenizer = first[1]
     train_pairs, eval_pairs, eval_rows, truncated_train, truncated_eval = load_pairs(config, tokenizer)
     run = Run(config.out or None, "reward", config)
+    if config.resume and run.finished_summary():
+        print(f"[reward] {run.dir} has already finished; nothing to resume", flush=True)
+        return run.finished_summary()
+    ckpt = run.resume_state()
     print(f"[reward] {len(train_pairs)} training pairs, {len(eval_pairs)} held out, "
           f"{truncated_train} + {truncated_eval} truncated; "
           f"{config.ensemble} member(s)", flush=True)
     # 2. members, trained one at a time (only one backbone in memory)
-    step, names, member_summaries = 0, [], []
-    raw_w, raw_l, gains, biases = [], [], [], []
-    for k in range(config.ensemble):
-        model, step, last = train_member(config, k, train_pairs, eval_pairs, run, step, first if k == 0 else None)
+    done = ckpt.state["members_done"] if ckpt else {}
+    step, names, member_summaries = done.get("step", 0), done.get("names", []), done.get("summaries", [])
+    raw_w, raw_l, gains, biases = (done.get(key, []) for key in ("raw_w", "raw_l", "gains", "biases"))
+    for k in range(len(names), config.ensemble):
+        so_far = {"step": step, "names": names, "summaries": member_summaries, "raw_w": raw_w, "raw_l": raw_l,
+                  "gains": gains, "biases": biases}
+        resume_here = ckpt if ckpt is not None and ckpt.state["member"] == k else None
+        model, step, last = train_member(config, k, train_pairs, eval_pairs, run, step, first if k == 0 else None,
+                                         resume_here, so_far)
         first = None
         if k == 0:
             print(f"[reward] backbone {describe(model.backbone)}", flush=True)
