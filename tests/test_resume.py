@@ -230,3 +230,16 @@ def test_a_broken_reward_or_a_kl_past_max_kl_stops_an_online_run(broken, flag, s
     assert said in capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "stopped" and said in summary["reason"]
+
+
+def test_first_ctrl_c_asks_to_stop_after_the_step_a_second_stops_at_once(capsys):
+    from preflab.training import StopRequest
+
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested                                  # the loop finishes its step, checkpoints, exits
+        assert "Ctrl-C again to stop at once" in capsys.readouterr().out
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)                                      # the handler runs between bytecodes
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # the previous handler is back
