@@ -198,11 +198,30 @@ def _drop_dequantized_marker(model) -> None:
             del model.config.quantization_config
 
 
+def is_dropout_name(name: str) -> bool:
+    """A setting that names a dropout rate: `attention_dropout`, `hidden_dropout`, `resid_pdrop`, `embd_pdrop`..."""
+    return "dropout" in name or name.endswith("_pdrop")
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout off everywhere (RLHF detail #10): rollout and training log-probs must agree."""
+    """Dropout off everywhere (RLHF detail #10): rollout and training log-probs must agree.
+
+    Three places hold a rate: `nn.Dropout` modules (`p`); the config (and its sub-configs), read when a layer
+    is built; and attributes copied from the config into layers that call dropout functionally (Llama's
+    attention keeps `self.attention_dropout` and applies it in train mode, with no `nn.Dropout` module).
+    """
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if is_dropout_name(name) and isinstance(value, float):
+                setattr(module, name, 0.0)
+    config = getattr(model, "config", None)
+    configs = [config] + [getattr(config, k) for k in getattr(config, "sub_configs", {}) if getattr(config, k, None)]
+    for c in (c for c in configs if c is not None):
+        for name, value in list(vars(c).items()):
+            if is_dropout_name(name) and isinstance(value, float):
+                setattr(c, name, 0.0)
 
 
 def chat_prompt_text(tokenizer, messages) -> str:
