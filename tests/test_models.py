@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from preflab.models import disable_dropout
+from preflab.models import ModelError, disable_dropout, drop_gguf_marker, is_causal_lm, load_model
 
 
 def _logits(model, ids):
@@ -42,3 +43,34 @@ def test_disable_dropout_zeroes_every_dropout_float_and_module():
     ids = torch.arange(1, 9).view(1, 8)
     model.train()
     assert torch.equal(_logits(model, ids), _logits(model, ids))
+
+
+def test_is_causal_lm_for_configs_and_models(model):
+    from transformers import DistilBertConfig, LlamaModel
+
+    assert is_causal_lm(model) and is_causal_lm(model.config)
+    assert not is_causal_lm(LlamaModel(model.config))          # a backbone without its LM head
+    assert not is_causal_lm(DistilBertConfig())                 # an encoder without a causal-LM class
+
+
+def test_load_model_refuses_a_directory_that_is_not_a_causal_lm(tmp_path):
+    from transformers import DistilBertConfig
+
+    DistilBertConfig().save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match="not a causal LM"):
+        load_model(str(tmp_path))
+
+
+def test_drop_gguf_marker_only_drops_a_gguf_quantizer_over_float_weights(model):
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    class OtherQuantizer:
+        pass
+
+    model.hf_quantizer, model.config.quantization_config = OtherQuantizer(), GgufConfig()
+    drop_gguf_marker(model)
+    assert isinstance(model.hf_quantizer, OtherQuantizer) and model.config.quantization_config is not None
+    model.hf_quantizer = GgufHfQuantizer(GgufConfig())
+    drop_gguf_marker(model)
+    assert model.hf_quantizer is None and getattr(model.config, "quantization_config", None) is None
