@@ -35,6 +35,7 @@ import numpy as np
 from preflab.stages import stage
 from preflab.config import check, opt
 from preflab.data.text import n_words
+from preflab.evaluate.stats import fit_logistic
 
 Z95 = 1.959963984540054
 
@@ -108,21 +109,6 @@ def world_utilities(votes: list[Vote]):
     except (ValueError, KeyError, TypeError, IndexError):
         return None
     return cache
-
-
-def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float = 1e-6, iters: int = 50) -> tuple[np.ndarray, np.ndarray]:
-    """(weights, Wald standard errors) of the maximum-likelihood logistic regression, by Newton's method."""
-    w = np.zeros(X.shape[1])
-    for _ in range(iters):
-        p = 1 / (1 + np.exp(-np.clip(X @ w, -30, 30)))
-        hess = (X * (p * (1 - p))[:, None]).T @ X + l2 * np.eye(X.shape[1])
-        step = np.linalg.solve(hess, X.T @ (p - y) + l2 * w)
-        w -= step
-        if np.abs(step).max() < 1e-9:
-            break
-    p = 1 / (1 + np.exp(-np.clip(X @ w, -30, 30)))
-    cov = np.linalg.pinv((X * (p * (1 - p))[:, None]).T @ X)
-    return w, np.sqrt(np.clip(np.diag(cov), 0, None))
 
 
 def design(votes: list[Vote], utility, positioned: bool, min_votes: int):

@@ -26,7 +26,6 @@ import torch
 from preflab.stages import stage
 from preflab.config import check, opt
 from preflab.evaluate.stats import (
-    best_of_n_kl,
     bootstrap_mean,
     length_controlled_win_rate,
     paired_difference,
@@ -100,7 +99,10 @@ def sample_with_kl(model, ref_model, tokenizer, prompt_ids, config: EvalConfig, 
 
 @torch.no_grad()
 def best_of_n_samples(ref_model, tokenizer, prompts, prompt_ids, n: int, reward, config: EvalConfig, generator) -> dict:
-    """Best-of-n: n samples of the reference per prompt, keep the one the reward model scores highest."""
+    """Best-of-n: n samples of the reference per prompt, keep the one the reward model scores highest
+    (`best_of_n_indices`, as `preflab bon` does); its KL is the analytic bound `kl_bound(n)`."""
+    from preflab.policy.bon import kl_bound
+    from preflab.policy.losses import best_of_n_indices
     from preflab.rollout import generate
 
     texts, lengths, finished = [], [], []
@@ -109,13 +111,12 @@ def best_of_n_samples(ref_model, tokenizer, prompts, prompt_ids, n: int, reward,
         chunk_prompts = prompts[i:i + len(chunk_ids)]
         roll = generate(ref_model, tokenizer, [p for p in chunk_ids for _ in range(n)], config.max_new_tokens,
                         temperature=config.temperature, batch_size=config.batch_size, generator=generator)
-        scores = reward([p for p in chunk_prompts for _ in range(n)], roll.texts).view(len(chunk_ids), n)
-        best = scores.argmax(-1)
-        for j, k in enumerate(best.tolist()):
-            texts.append(roll.texts[j * n + k])
-            lengths.append(int(roll.lengths[j * n + k]))
-            finished.append(bool(roll.finished[j * n + k]))
-    return {"texts": texts, "lengths": lengths, "finished": finished, "kl": [best_of_n_kl(n)] * len(texts),
+        scores = reward([p for p in chunk_prompts for _ in range(n)], roll.texts)
+        for k in best_of_n_indices(scores, n).tolist():
+            texts.append(roll.texts[k])
+            lengths.append(int(roll.lengths[k]))
+            finished.append(bool(roll.finished[k]))
+    return {"texts": texts, "lengths": lengths, "finished": finished, "kl": [kl_bound(n)] * len(texts),
             "kl_is_bound": True}
 
 
