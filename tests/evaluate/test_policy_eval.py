@@ -4,13 +4,14 @@ import math
 import pytest
 
 from preflab.config import ConfigError
+from preflab.data import n_words
 from preflab.evaluate.policy import EvalConfig, evaluate_policies, parse_policy, score, summarise
 from preflab.world import COMPONENTS
 
 
 def word_count(prompt, response):
     """A proxy reward for the tests: longer is better."""
-    return float(len(response.split()))
+    return float(n_words(response))
 
 
 Q = [[{"role": "user", "content": "What is the capital of France?"}], [{"role": "user", "content": "What is 2 + 2?"}]]
