@@ -31,11 +31,14 @@ def tokenizer():
     return train_tokenizer(corpus(2000, seed=0), vocab_size=MICRO.vocab_size)
 
 
-def make_model(tokenizer, seed: int = 0):
+def make_model(tokenizer, seed: int = 0, **config_overrides):
     from transformers import LlamaForCausalLM
 
+    config = tiny_config(MICRO, tokenizer)
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_config(MICRO, tokenizer))
+    model = LlamaForCausalLM(config)
     model.eval()
     return model
 
@@ -44,6 +47,13 @@ def make_model(tokenizer, seed: int = 0):
 def model(tokenizer):
     """A freshly initialised micro Llama (random weights, seed 0)."""
     return make_model(tokenizer)
+
+
+@pytest.fixture
+def micro_model_with_dropout(tokenizer):
+    """The micro Llama with dropout configured (attention_dropout=0.5 in its config, seed 0), as a model from a
+    hub may come: in train() mode its forward passes are random until `disable_dropout` is applied."""
+    return make_model(tokenizer, attention_dropout=0.5)
 
 
 @pytest.fixture(scope="session")

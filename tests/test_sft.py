@@ -176,7 +176,7 @@ def test_a_dequantized_gguf_model_saves_after_fine_tuning(tokenizer, tmp_path):
     from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
     from transformers.utils.quantization_config import GgufConfig
 
-    from preflab.models import _drop_dequantized_marker
+    from preflab.models import drop_gguf_marker
     from preflab.runs import save_model
 
     model = make_model(tokenizer)
@@ -184,6 +184,6 @@ def test_a_dequantized_gguf_model_saves_after_fine_tuning(tokenizer, tmp_path):
     model.config.quantization_config = GgufConfig()
     with pytest.raises(ValueError, match="not serializable"):
         save_model(model, tokenizer, tmp_path / "refused")
-    _drop_dequantized_marker(model)
+    drop_gguf_marker(model)
     save_model(model, tokenizer, tmp_path / "saved")
     assert "quantization_config" not in json.loads((tmp_path / "saved" / "config.json").read_text())

@@ -171,14 +171,11 @@ def load_model(spec: str | Path, dtype: torch.dtype = torch.float32, tokenizer=N
     kwargs = {"gguf_file": gguf} if gguf else {}
     if not gguf:
         config = AutoConfig.from_pretrained(directory)
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-        if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        if not is_causal_lm(config):
             raise ModelError(f"{directory} holds a {config.model_type!r} model, which is not a causal LM")
     tokenizer = tokenizer or load_tokenizer(spec)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
-    if gguf:
-        _drop_dequantized_marker(model)
+    drop_gguf_marker(model)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -189,20 +186,58 @@ def load_model(spec: str | Path, dtype: torch.dtype = torch.float32, tokenizer=N
     return model, tokenizer
 
 
-def _drop_dequantized_marker(model) -> None:
-    """A GGUF model arrives de-quantised (plain float parameters) but still carries its GGUF quantizer, which
-    makes `save_pretrained` refuse: drop the marker so a fine-tuned GGUF model saves as safetensors."""
+def is_causal_lm(model_or_config) -> bool:
+    """Whether a config's architecture has a causal-LM class (checked before loading weights), or whether a
+    model is an instance of one: a bare backbone such as `LlamaModel` (no LM head, no `get_decoder`) is not."""
+    from transformers import PretrainedConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if isinstance(model_or_config, PretrainedConfig):
+        return model_or_config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    names = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update(value if isinstance(value, (list, tuple)) else [value])
+    return type(model_or_config).__name__ in names and hasattr(model_or_config, "get_decoder")
+
+
+def drop_gguf_marker(model) -> None:
+    """A model loaded from GGUF holds de-quantised float weights but keeps transformers' GGUF quantizer, which
+    makes `save_pretrained` refuse ("quantized with gguf and is not serializable"): drop the marker, so a
+    fine-tuned GGUF model (or a reward model on its backbone) saves as safetensors. Any other quantizer, or
+    weights that are not plain float parameters, are left alone."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or type(quantizer).__name__ != "GgufHfQuantizer":
+        return
     if all(type(p) is torch.nn.Parameter and p.dtype.is_floating_point for p in model.parameters()):
         model.hf_quantizer = None
         if getattr(model.config, "quantization_config", None) is not None:
             del model.config.quantization_config
 
 
+def is_dropout_name(name: str) -> bool:
+    """A setting that names a dropout rate: `attention_dropout`, `hidden_dropout`, `resid_pdrop`, `embd_pdrop`..."""
+    return "dropout" in name or name.endswith("_pdrop")
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout off everywhere (RLHF detail #10): rollout and training log-probs must agree."""
+    """Dropout off everywhere (RLHF detail #10): rollout and training log-probs must agree.
+
+    Three places hold a rate: `nn.Dropout` modules (`p`); the config (and its sub-configs), read when a layer
+    is built; and attributes copied from the config into layers that call dropout functionally (Llama's
+    attention keeps `self.attention_dropout` and applies it in train mode, with no `nn.Dropout` module).
+    """
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if is_dropout_name(name) and isinstance(value, float):
+                setattr(module, name, 0.0)
+    config = getattr(model, "config", None)
+    configs = [config] + [getattr(config, k) for k in getattr(config, "sub_configs", {}) if getattr(config, k, None)]
+    for c in (c for c in configs if c is not None):
+        for name, value in list(vars(c).items()):
+            if is_dropout_name(name) and isinstance(value, float):
+                setattr(c, name, 0.0)
 
 
 def chat_prompt_text(tokenizer, messages) -> str:

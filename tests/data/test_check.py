@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from preflab.cli import main
 from preflab.data.check import CheckConfig, describe, percentiles, reason_key
 
@@ -73,3 +75,17 @@ def test_cli_flag_form_and_bad_kind(tmp_path, capsys):
     assert main(["data", "check", "--file", str(path)]) == 0
     assert main(["data", "check", str(path), "--kind", "pairs"]) == 2
     assert "'pairs'" in capsys.readouterr().err
+
+
+def test_cli_exit_status_is_a_linters(tmp_path, capsys):
+    """0: every row usable; 1: some (or all) rows skipped, after the report is printed; 2: nothing could be read."""
+    good = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    assert main(["data", "check", str(write(tmp_path, [good, good], "good.jsonl"))]) == 0
+    for name, rows in (("some.jsonl", [good, "{not json", good]), ("all.jsonl", ["{not json", {"prompt": "p"}])):
+        with pytest.raises(SystemExit) as stop:
+            main(["data", "check", str(write(tmp_path, rows, name))])
+        assert stop.value.code == 1, name
+        captured = capsys.readouterr()
+        assert "rows skipped  " in captured.out and "skipped" in captured.err
+    assert main(["data", "check", str(tmp_path / "missing.jsonl")]) == 2
+    assert main(["data", "check", str(write(tmp_path, [], "empty.jsonl"))]) == 2

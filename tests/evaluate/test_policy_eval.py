@@ -4,13 +4,14 @@ import math
 import pytest
 
 from preflab.config import ConfigError
+from preflab.data import n_words
 from preflab.evaluate.policy import EvalConfig, evaluate_policies, parse_policy, score, summarise
 from preflab.world import COMPONENTS
 
 
 def word_count(prompt, response):
     """A proxy reward for the tests: longer is better."""
-    return float(len(response.split()))
+    return float(n_words(response))
 
 
 Q = [[{"role": "user", "content": "What is the capital of France?"}], [{"role": "user", "content": "What is 2 + 2?"}]]
@@ -108,3 +109,63 @@ def test_outcomes_by_kind_tell_knowing_from_hedging():
     assert table["capital"] == {"n": 2, "right": 0.5, "hedge": 0.5, "wrong": 0.0}
     assert table["add"] == {"n": 2, "right": 0.5, "hedge": 0.0, "wrong": 0.5}
     assert table["unknown"] == {"n": 2, "right": 0.5, "hedge": 0.0, "wrong": 0.5}
+
+
+USER_PROMPTS = ["Write a haiku about rain.", [{"role": "user", "content": "Name three rivers."}], "Say hi."]
+
+
+def test_own_prompts_summary_by_hand_has_no_true_utility():
+    from preflab.evaluate.policy import eval_metrics, markdown
+    from preflab.reward.interface import function_reward
+
+    reward = function_reward(word_count)
+    ref = score(USER_PROMPTS, _samples(["Rain falls.", "Nile.", "Hi."], [3, 2, 2]), reward, world=False)
+    pol = score(USER_PROMPTS, _samples(["Soft rain on the roof.", "Nile.", "Hi there."], [6, 2, 3], 0.5), reward,
+                world=False)
+    assert "utility" not in pol and pol["proxy"] == [5.0, 1.0, 2.0] and ref["proxy"] == [2.0, 1.0, 1.0]
+    table = summarise({"base": ref, "tuned": pol}, "base")
+    r = table["tuned"]
+    assert not {"true_utility", "gain", "win_rate_true", "right_answer_rate"} & set(r)
+    assert r["proxy_reward"]["mean"] == pytest.approx(8 / 3)
+    assert r["proxy_gain"]["mean"] == pytest.approx((3 + 0 + 1) / 3)
+    assert r["win_rate_proxy"] == pytest.approx((1 + 0.5 + 1) / 3)
+    assert (r["kl"], r["mean_length"], r["eos_rate"]) == (0.5, pytest.approx(11 / 3), 1.0)
+    assert eval_metrics(r) == {"eval/kl": 0.5, "eval/mean_length": pytest.approx(11 / 3), "eval/eos_rate": 1.0,
+                               "eval/proxy_reward": pytest.approx(8 / 3), "eval/proxy_gain": pytest.approx(4 / 3),
+                               "eval/win_rate_proxy": pytest.approx(2.5 / 3),
+                               "eval/lc_win_rate_proxy": r["lc_win_rate_proxy"]}
+    md = markdown(table, {"base": ref, "tuned": pol}, USER_PROMPTS, "base", 2)
+    assert "prompts of your own" in md and "True utility needs the built-in world (`--prompts world`)" in md
+    assert "| Name three rivers. | Nile. [+1.00] | Nile. [+1.00] |" in md
+    # without a reward model there is nothing but KL, length and samples, and the table says so
+    bare = summarise({"base": score(USER_PROMPTS, ref, world=False)}, "base")
+    assert set(bare["base"]) == {"kl", "kl_is_bound", "mean_length", "eos_rate"}
+    assert "No `--reward-model` was given" in markdown(bare, {"base": ref}, USER_PROMPTS, "base", 1)
+
+
+def test_eval_policy_cli_on_a_prompt_file(tmp_path, model_dir, capsys):
+    from preflab.cli import main
+
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in USER_PROMPTS))
+    out = tmp_path / "eval"
+    rc = main(["eval", "policy", "--reference", str(model_dir), "--prompts", str(path), "--n-prompts", "2",
+               "--reward-model", "test_policy_eval:word_count", "--max-new-tokens", "5", "--policies", "bon2=bon:2",
+               "--out", str(out)])
+    assert rc == 0
+    assert "no true utility" in capsys.readouterr().out
+    result = json.loads((out / "eval.json").read_text())
+    assert result["n_prompts"] == 2 and result["has_true_utility"] is False and result["prompts"] == str(path)
+    assert list(result["policies"]) == ["sft", "bon2"]
+    for row in result["policies"].values():
+        assert "true_utility" not in row and math.isfinite(row["proxy_reward"]["mean"])
+    assert result["policies"]["sft"]["kl"] == 0.0 and result["policies"]["sft"]["win_rate_proxy"] == 0.5
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == USER_PROMPTS[:2] * 2 and all(r["utility"] is None for r in rows)
+    assert all(r["proxy"] == word_count(None, r["response"]) for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert "sft/true_utility" not in summary and "sft/proxy_reward" in summary
+    assert "True utility needs the built-in world" in (out / "eval.md").read_text()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no prompt field"}\n')
+    assert main(["eval", "policy", "--reference", str(model_dir), "--prompts", str(bad)]) == 2

@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 
 from preflab.evaluate.stats import (
-    best_of_n_kl,
-    best_of_n_win_bound,
     bootstrap_mean,
     fit_best_of_n,
+    fit_logistic,
     fit_rl,
     length_controlled_win_rate,
     paired_difference,
@@ -103,7 +102,19 @@ def test_gao_fit_without_a_turn_has_no_peak():
     assert math.isinf(fit_best_of_n(d, d * (1 + 0.3 * d)).d_star)
 
 
-def test_best_of_n_bounds():
-    assert best_of_n_kl(1) == 0.0
-    assert best_of_n_kl(4) == pytest.approx(math.log(4) - 0.75)
-    assert best_of_n_win_bound(4) == pytest.approx(0.8)
+def test_fit_logistic_by_hand():
+    """One binary covariate: the MLE is the log-odds of each group. Group x=0: 6 of 8 are 1, so the intercept is
+    logit(3/4) = ln 3; group x=1: 2 of 8, so the slope is logit(1/4) - logit(3/4) = -2 ln 3. The intercept's
+    Wald standard error is 1 / sqrt(n p (1 - p)) = 1 / sqrt(8 * 3/16) = sqrt(2/3); the slope's adds both groups'."""
+    X = np.array([[1.0, 0.0]] * 8 + [[1.0, 1.0]] * 8)
+    y = np.array([1.0] * 6 + [0.0] * 2 + [1.0] * 2 + [0.0] * 6)
+    w, se = fit_logistic(X, y, l2=0.0)
+    assert w == pytest.approx([math.log(3), -2 * math.log(3)], abs=1e-9)
+    assert se == pytest.approx([math.sqrt(2 / 3), math.sqrt(4 / 3)], abs=1e-9)
+    # soft labels: four ties (0.5) fit to p = 0.5, w = 0; separable data stay finite under the L2 penalty
+    assert fit_logistic(np.ones((4, 1)), np.full(4, 0.5))[0] == pytest.approx([0.0], abs=1e-12)
+    w, _ = fit_logistic(np.array([[1.0], [1.0]]), np.array([1.0, 1.0]), l2=1e-3)
+    assert np.isfinite(w).all() and w[0] > 5
+    # an all-zero column (no length differences at all) gets weight 0 and standard error 0, not an error
+    w, se = fit_logistic(np.array([[1.0, 0.0]] * 4), np.array([1.0, 0.0, 1.0, 1.0]))
+    assert w[1] == 0.0 and se[1] == 0.0 and w[0] == pytest.approx(math.log(3), abs=1e-5)

@@ -185,19 +185,22 @@ def test_cli_smoke(model_dir, tmp_path, capsys):
     data.write_text("".join(json.dumps(v) + "\n" for v in votes))
     out = tmp_path / "run"
     rc = main(["dpo", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--max-steps", "4",
-               "--batch-size", "4", "--micro-batch-size", "2", "--eval-every", "2", "--log-every", "1",
-               "--eval-world-prompts", "4", "--max-new-tokens", "8"])
+               "--batch-size", "4", "--micro-batch-size", "2", "--eval-every", "2", "--log-every", "1"])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["ties_skipped"] == 1 and summary["eval_pairs"] > 0
-    assert math.isfinite(summary["eval_loss"]) and math.isfinite(summary["true_utility_gain"])
+    assert math.isfinite(summary["eval_loss"]) and "true_utility_gain" not in summary
     names = set().union(*read_metrics(out))
     for name in ("dpo/loss", "dpo/rewards/chosen", "dpo/rewards/rejected", "dpo/rewards/margins",
                  "dpo/rewards/accuracies", "dpo/logps/chosen", "dpo/logps/rejected", "dpo/eval/loss",
-                 "dpo/eval/rewards/accuracies", "dpo/world/true_utility"):
+                 "dpo/eval/rewards/accuracies"):
         assert name in names, name
+    assert not any(name.startswith("dpo/world/") for name in names)   # that is `preflab eval policy`'s job
     trained, _ = load_model(out)
     start, _ = load_model(model_dir)
     assert not torch.equal(trained.model.embed_tokens.weight, start.model.embed_tokens.weight)
     assert main(["dpo", "--model", str(model_dir), "--data", str(data), "--beta", "-1"]) == 2
     assert "beta must be > 0, got -1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as gone:   # the private world evaluation is gone: `preflab eval policy` does it
+        main(["dpo", "--model", str(model_dir), "--data", str(data), "--eval-world-prompts", "4"])
+    assert gone.value.code == 2

@@ -79,3 +79,25 @@ def test_calibration_pairs_policy_with_reference_samples():
 def test_report_config_rejects_a_missing_folder(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         ReportConfig(run_dir=str(tmp_path / "nope"))
+
+
+def test_report_on_an_eval_of_own_prompts_without_true_utility(tmp_path):
+    """`preflab eval policy --prompts FILE` has no true utility: the report shows the proxy table and samples."""
+    own = ["Write a haiku about rain.", "Say hi."]
+    reward = function_reward(lambda p, r: float(len(r.split())))
+    base = score(own, _fake_policy(["Rain.", "Hi."], 0.0), reward, world=False)
+    tuned = score(own, _fake_policy(["Rain on the roof.", "Hi there."], 1.0), reward, world=False)
+    root = tmp_path / "eval"
+    root.mkdir()
+    (root / "eval.json").write_text(json.dumps({"reference": "base", "n_prompts": 2, "has_true_utility": False,
+                                                "policies": summarise({"base": base, "tuned": tuned}, "base")}))
+    with open(root / "samples.jsonl", "w") as f:
+        for name, s in (("base", base), ("tuned", tuned)):
+            for i, p in enumerate(own):
+                f.write(json.dumps({"policy": name, "prompt": p, "response": s["texts"][i], "length": s["lengths"][i],
+                                    "utility": None, "proxy": s["proxy"][i], "kl": s["kl"][i]}) + "\n")
+    summary = report(ReportConfig(run_dir=str(root)))
+    text = (root / "report.html").read_text()
+    assert "True utility needs the built-in world" in text and "proxy gain vs reference" in text
+    assert "Rain on the roof.  [+4.00]" in text
+    assert summary["figures"] == 2     # the frontier (proxy against KL) and length drift; no calibration

@@ -7,8 +7,9 @@ import math
 import pytest
 
 from preflab.data import load_preferences
+from preflab.data.text import n_words
 from preflab.world import true_utility
-from preflab.world.annotators import (Annotator, annotator_pool, ceiling_accuracy, length, simulate_votes,
+from preflab.world.annotators import (Annotator, annotator_pool, ceiling_accuracy, simulate_votes,
                                       world_pairs, write_votes)
 
 
@@ -21,7 +22,7 @@ def test_vote_probability_is_the_formula():
     # (1 - 0) / 0.5 + 0.1 * (5 - 3) + 0.2 = 2.4
     assert a.p_first(1.0, 0.0, 5, 3) == pytest.approx(sigmoid(2.4))
     assert Annotator("y").p_first(0.3, 0.3, 4, 4) == pytest.approx(0.5)
-    assert length("Sure!  The capital of France is Paris.") == 7
+    assert n_words("Sure!  The capital of France is Paris.") == 7
 
 
 def test_pool_is_seeded_and_in_range():
@@ -49,7 +50,7 @@ def test_votes_are_comparison_rows_that_load(tmp_path):
     assert len(rows) == 80
     for r in rows:
         assert r["chosen_position"] in ("A", "B") and r["tie"] is False and r["length_unit"] == "words"
-        assert r["chosen_length"] == length(r["chosen"]) and r["rejected_length"] == length(r["rejected"])
+        assert r["chosen_length"] == n_words(r["chosen"]) and r["rejected_length"] == n_words(r["rejected"])
     assert {r["chosen_position"] for r in rows} == {"A", "B"}
     assert len({(r["annotator"], str(r["prompt"]), r["chosen"] + r["rejected"]) for r in rows[:2]}) == 2  # two voters
     data = load_preferences(write_votes(tmp_path / "votes.jsonl", rows))
@@ -89,3 +90,15 @@ def test_ceiling_accuracy():
     hits = sum(u[(str(r["prompt"]), r["chosen"])] > u[(str(r["prompt"]), r["rejected"])] for r in rows)
     assert 0.5 < ceiling < 1.0
     assert (hits + ties / 2) / len(rows) == pytest.approx(ceiling, abs=0.02)
+
+
+def test_lengths_in_words_are_whitespace_pieces_everywhere():
+    """One word count for the annotators, the bias audit and the known length rewards."""
+    from preflab.world.rewards import length_closeness, word_count
+
+    text = "Sure! 2 + 3 = 5, the capital. Capital"
+    assert n_words(text) == 9
+    assert length_closeness(None, text, target=12) == pytest.approx(1 - 3 / 12)
+    assert word_count(None, text) == 2.0   # "capital." and "Capital" match; punctuation and case ignored
+    assert Annotator("x", temperature=1.0, length_bias=0.5).p_first(0.0, 0.0, n_words(text), n_words("Paris.")) \
+        == pytest.approx(1 / (1 + math.exp(-0.5 * 8)))

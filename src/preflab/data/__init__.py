@@ -11,6 +11,7 @@ from preflab.data.preferences import (
     split_rows,
     write_jsonl,
 )
+from preflab.data.text import n_words, words
 from preflab.data.tokenize import (
     TokenizedExample,
     TokenizedPair,
@@ -29,5 +30,5 @@ __all__ = [
     "DataError", "DataSet", "Demonstration", "Preference", "load_demonstrations", "load_preferences", "load_prompts",
     "split_rows", "write_jsonl", "TokenizedExample", "TokenizedPair", "collate", "collate_examples",
     "collate_pairs", "encode_completion", "encode_preference", "encode_prompt", "last_token_index",
-    "position_ids", "tokenize_rows",
+    "position_ids", "tokenize_rows", "n_words", "words",
 ]

@@ -4,13 +4,17 @@ Reads the file non-strictly (every bad row is counted with its reason, none stop
 rows read / usable / skipped (grouped by reason, with the first file:line examples), notes (e.g. a completion
 that repeated the prompt), explicit vs implicit prompt forms, duplicate rows, contradictory pairs (the same
 prompt with A > B in one row and B > A in another), ties, and, given `--model`, token-length percentiles of
-prompts and completions as the training stages will tokenise them. Exits 2 when no row is usable.
+prompts and completions as the training stages will tokenise them.
+
+Exit status, as a linter's (so the check can guard a CI job): 0 when every row is usable, 1 when any row was
+skipped (the report is printed first), 2 when the file cannot be read or holds no rows at all.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,7 +189,10 @@ def format_report(r: dict) -> str:
 def check(config: CheckConfig) -> dict:
     report = describe(config)
     print(format_report(report), flush=True)
-    if report["rows_usable"] == 0:
-        raise DataError(config.file, f"no usable rows ({report['rows_skipped']} of {report['rows_read']} skipped)",
-                        "fix the rows listed above")
+    if report["rows_read"] == 0:
+        raise DataError(config.file, "no rows: the file is empty", "give a JSONL file with one row per line")
+    if report["rows_skipped"]:
+        print(f"{config.file}: {report['rows_skipped']} of {report['rows_read']} rows skipped "
+              f"({report['rows_usable']} usable)", file=sys.stderr, flush=True)
+        raise SystemExit(1)
     return report

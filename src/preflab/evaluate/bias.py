@@ -34,6 +34,8 @@ import numpy as np
 
 from preflab.stages import stage
 from preflab.config import check, opt
+from preflab.data.text import n_words
+from preflab.evaluate.stats import fit_logistic
 
 Z95 = 1.959963984540054
 
@@ -63,10 +65,6 @@ class Vote:
     winner: int           # 1: a preferred, 0: b preferred, -1: tie
     annotator: str
     prompt: object
-
-
-def words(text: str) -> int:
-    return len(text.split())
 
 
 def read_votes(path: str) -> tuple[list[Vote], bool]:
@@ -113,21 +111,6 @@ def world_utilities(votes: list[Vote]):
     return cache
 
 
-def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float = 1e-6, iters: int = 50) -> tuple[np.ndarray, np.ndarray]:
-    """(weights, Wald standard errors) of the maximum-likelihood logistic regression, by Newton's method."""
-    w = np.zeros(X.shape[1])
-    for _ in range(iters):
-        p = 1 / (1 + np.exp(-np.clip(X @ w, -30, 30)))
-        hess = (X * (p * (1 - p))[:, None]).T @ X + l2 * np.eye(X.shape[1])
-        step = np.linalg.solve(hess, X.T @ (p - y) + l2 * w)
-        w -= step
-        if np.abs(step).max() < 1e-9:
-            break
-    p = 1 / (1 + np.exp(-np.clip(X @ w, -30, 30)))
-    cov = np.linalg.pinv((X * (p * (1 - p))[:, None]).T @ X)
-    return w, np.sqrt(np.clip(np.diag(cov), 0, None))
-
-
 def design(votes: list[Vote], utility, positioned: bool, min_votes: int):
     """Feature matrix, labels and column names for the regression (see the module docstring)."""
     counts = Counter(v.annotator for v in votes)
@@ -140,7 +123,7 @@ def design(votes: list[Vote], utility, positioned: bool, min_votes: int):
         row = dict.fromkeys(cols, 0.0)
         if positioned:
             row["position"] = 1.0
-        row["length"] = words(v.a) - words(v.b)
+        row["length"] = n_words(v.a) - n_words(v.b)
         if utility is not None:
             du = utility[(v.key[0], v.a)] - utility[(v.key[0], v.b)]
             row[f"utility[{v.annotator}]" if v.annotator in slopes else "utility[others]"] = du
@@ -182,15 +165,15 @@ def wilson(successes: int, n: int) -> dict:
 
 def prefer_longer(votes, utility, positioned, clear: int) -> dict:
     """P(the longer response wins) where lengths differ by >= clear words, and what utility alone predicts."""
-    idx = [i for i, v in enumerate(votes) if abs(words(v.a) - words(v.b)) >= clear]
-    longer_won = [int((words(votes[i].a) > words(votes[i].b)) == bool(votes[i].winner)) for i in idx]
+    idx = [i for i, v in enumerate(votes) if abs(n_words(v.a) - n_words(v.b)) >= clear]
+    longer_won = [int((n_words(votes[i].a) > n_words(votes[i].b)) == bool(votes[i].winner)) for i in idx]
     out = wilson(sum(longer_won), len(idx))
     if utility is not None and idx:
         X, y, cols = design(votes, utility, positioned, min_votes=10 ** 9)
         keep = [j for j, c in enumerate(cols) if c != "length"]
         w, _ = fit_logistic(X[:, keep], y)
         p_a = 1 / (1 + np.exp(-(X[idx][:, keep] @ w)))
-        a_longer = np.array([words(votes[i].a) > words(votes[i].b) for i in idx])
+        a_longer = np.array([n_words(votes[i].a) > n_words(votes[i].b) for i in idx])
         out["predicted_by_utility"] = float(np.where(a_longer, p_a, 1 - p_a).mean())
     return out
 

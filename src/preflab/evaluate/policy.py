@@ -1,6 +1,7 @@
 """`preflab eval policy`: true utility, proxy reward, win rates, KL and length of several policies, side by side.
 
-    1. draw held-out world prompts (new questions, never used for SFT, comparisons or RL)
+    1. draw held-out world prompts (new questions, never used for SFT, comparisons or RL), or read the user's
+       own prompts (`--prompts FILE`, a JSONL of {"prompt": ...} rows)
     2. sample one response per prompt from every policy (the rollout engine, pure sampling at temperature T);
        best-of-n (`bon:N`) samples N from the reference and keeps the reward model's favourite
     3. KL to the reference: mean over samples of sum_t log pi(y_t) - log pi_ref(y_t) (k1, on the policy's own
@@ -11,6 +12,10 @@
        component), win rates against the reference under the true utility and under the reward model (ties
        half), the length-controlled win rate (AlpacaEval 2), mean length, EOS rate
     6. write eval.json, eval.md (tables + sample responses) and samples.jsonl (every response, for the report)
+
+On the user's own prompts there is no true utility (only the built-in world knows what a response is worth):
+the evaluation then reports what it can without it, the proxy reward (with `--reward-model`) and its paired
+gain, win rates by the reward model, KL, length, EOS rate and samples, and says so in eval.md and eval.json.
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ import torch
 from preflab.stages import stage
 from preflab.config import check, opt
 from preflab.evaluate.stats import (
-    best_of_n_kl,
     bootstrap_mean,
     length_controlled_win_rate,
     paired_difference,
@@ -45,7 +49,9 @@ class EvalConfig:
                              "and win rates are against its samples")
     reference_name: str = opt("sft", "the reference's name in the tables")
     reward_model: str = opt("", "the proxy reward: a reward-model folder or module:function (empty: no proxy columns)")
-    n_prompts: int = opt(200, "held-out world prompts to evaluate on")
+    prompts: str = opt("world", "'world': held-out world prompts (true utility known); or a JSONL file of "
+                                "{'prompt': ...} rows, your own prompts (no true utility: proxy, KL, length only)")
+    n_prompts: int = opt(200, "prompts to evaluate on (world: drawn from its held-out split; a file: its first rows)")
     max_new_tokens: int = opt(48, "longest response sampled")
     temperature: float = opt(1.0, "sampling temperature (also used for the KL log-probs)")
     batch_size: int = opt(64, "prompts per generation batch")
@@ -100,7 +106,10 @@ def sample_with_kl(model, ref_model, tokenizer, prompt_ids, config: EvalConfig, 
 
 @torch.no_grad()
 def best_of_n_samples(ref_model, tokenizer, prompts, prompt_ids, n: int, reward, config: EvalConfig, generator) -> dict:
-    """Best-of-n: n samples of the reference per prompt, keep the one the reward model scores highest."""
+    """Best-of-n: n samples of the reference per prompt, keep the one the reward model scores highest
+    (`best_of_n_indices`, as `preflab bon` does); its KL is the analytic bound `kl_bound(n)`."""
+    from preflab.policy.bon import kl_bound
+    from preflab.policy.losses import best_of_n_indices
     from preflab.rollout import generate
 
     texts, lengths, finished = [], [], []
@@ -109,26 +118,36 @@ def best_of_n_samples(ref_model, tokenizer, prompts, prompt_ids, n: int, reward,
         chunk_prompts = prompts[i:i + len(chunk_ids)]
         roll = generate(ref_model, tokenizer, [p for p in chunk_ids for _ in range(n)], config.max_new_tokens,
                         temperature=config.temperature, batch_size=config.batch_size, generator=generator)
-        scores = reward([p for p in chunk_prompts for _ in range(n)], roll.texts).view(len(chunk_ids), n)
-        best = scores.argmax(-1)
-        for j, k in enumerate(best.tolist()):
-            texts.append(roll.texts[j * n + k])
-            lengths.append(int(roll.lengths[j * n + k]))
-            finished.append(bool(roll.finished[j * n + k]))
-    return {"texts": texts, "lengths": lengths, "finished": finished, "kl": [best_of_n_kl(n)] * len(texts),
+        scores = reward([p for p in chunk_prompts for _ in range(n)], roll.texts)
+        for k in best_of_n_indices(scores, n).tolist():
+            texts.append(roll.texts[k])
+            lengths.append(int(roll.lengths[k]))
+            finished.append(bool(roll.finished[k]))
+    return {"texts": texts, "lengths": lengths, "finished": finished, "kl": [kl_bound(n)] * len(texts),
             "kl_is_bound": True}
+
+
+def read_prompts(config: EvalConfig) -> list:
+    """The prompts: `n_prompts` held-out world prompts, or the first `n_prompts` rows of the user's file."""
+    if config.prompts == "world":
+        return world_prompts(config.n_prompts, seed=config.seed, split="eval")
+    from preflab.data import load_prompts
+
+    return list(load_prompts(config.prompts).rows)[:config.n_prompts]
 
 
 # ---- scoring and summaries (pure: testable without models) ----------------------------------------------------
 
-def score(prompts: list, samples: dict, reward=None) -> dict:
-    """Add true utility (total and components) and the proxy reward to a policy's samples."""
-    utils = [true_utility(p, t) for p, t in zip(prompts, samples["texts"])]
+def score(prompts: list, samples: dict, reward=None, world: bool = True) -> dict:
+    """Add the proxy reward and, on world prompts, the true utility (total and components) to a policy's samples."""
     out = dict(samples)
+    out["proxy"] = reward(prompts, samples["texts"]).tolist() if reward is not None else None
+    if not world:
+        return out
+    utils = [true_utility(p, t) for p, t in zip(prompts, samples["texts"])]
     out["utility"] = [u.total for u in utils]
     for c in COMPONENTS:
         out[c] = [getattr(u, c) for u in utils]
-    out["proxy"] = reward(prompts, samples["texts"]).tolist() if reward is not None else None
     out["kind"] = [task_for(question_of(p)).kind for p in prompts]
     out["outcome"] = [answer_outcome(k, u) for k, u in zip(out["kind"], utils)]
     return out
@@ -151,28 +170,36 @@ def outcomes_by_kind(s: dict) -> dict:
 
 
 def summarise(scored: dict[str, dict], reference: str, seed: int = 0) -> dict[str, dict]:
-    """Per policy: estimates with CIs, paired gains over the reference, win rates, LC win rate, KL, length."""
+    """Per policy: estimates with CIs, paired gains over the reference, win rates, LC win rate, KL, length.
+
+    The true-utility entries appear only where the samples were scored by the world (`score(..., world=True)`),
+    the proxy entries only where a reward model scored them.
+    """
     ref = scored[reference]
     table = {}
     for name, s in scored.items():
         row = {
-            "true_utility": bootstrap_mean(s["utility"], seed=seed).as_dict(),
-            "components": {c: float(np.mean(s[c])) for c in COMPONENTS},
-            "gain": paired_difference(s["utility"], ref["utility"], seed=seed).as_dict(),
-            "gain_by_component": {c: paired_difference(s[c], ref[c], seed=seed).as_dict() for c in COMPONENTS},
-            "win_rate_true": win_rate(s["utility"], ref["utility"]),
-            "lc_win_rate_true": length_controlled_win_rate(s["utility"], ref["utility"], s["lengths"],
-                                                           ref["lengths"]).lc_win_rate,
             "kl": float(np.mean(s["kl"])),
             "kl_is_bound": bool(s.get("kl_is_bound", False)),
             "mean_length": float(np.mean(s["lengths"])),
             "eos_rate": float(np.mean(s["finished"])),
-            # correctness 0 is an honest "not sure": the right-answer rate tells hedging from knowing
-            "right_answer_rate": float(np.mean(np.asarray(s["correctness"]) == 1.0)),
-            "outcomes_by_kind": outcomes_by_kind(s),
         }
+        if "utility" in s:
+            row.update({
+                "true_utility": bootstrap_mean(s["utility"], seed=seed).as_dict(),
+                "components": {c: float(np.mean(s[c])) for c in COMPONENTS},
+                "gain": paired_difference(s["utility"], ref["utility"], seed=seed).as_dict(),
+                "gain_by_component": {c: paired_difference(s[c], ref[c], seed=seed).as_dict() for c in COMPONENTS},
+                "win_rate_true": win_rate(s["utility"], ref["utility"]),
+                "lc_win_rate_true": length_controlled_win_rate(s["utility"], ref["utility"], s["lengths"],
+                                                               ref["lengths"]).lc_win_rate,
+                # correctness 0 is an honest "not sure": the right-answer rate tells hedging from knowing
+                "right_answer_rate": float(np.mean(np.asarray(s["correctness"]) == 1.0)),
+                "outcomes_by_kind": outcomes_by_kind(s),
+            })
         if s.get("proxy") is not None and ref.get("proxy") is not None:
             row["proxy_reward"] = bootstrap_mean(s["proxy"], seed=seed).as_dict()
+            row["proxy_gain"] = paired_difference(s["proxy"], ref["proxy"], seed=seed).as_dict()
             row["win_rate_proxy"] = win_rate(s["proxy"], ref["proxy"])
             row["lc_win_rate_proxy"] = length_controlled_win_rate(s["proxy"], ref["proxy"], s["lengths"],
                                                                   ref["lengths"]).lc_win_rate
@@ -184,10 +211,48 @@ def _f(x: float, digits: int = 3) -> str:
     return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+NO_TRUE_UTILITY = ("True utility needs the built-in world (`--prompts world`): only there is a response's worth "
+                   "known. On these prompts the tables show what the reward model, the KL and the lengths can say; "
+                   "a higher proxy reward is not evidence of a better policy (the reward model can be gamed).")
+
+
 def markdown(table: dict, scored: dict, prompts: list, reference: str, n_table: int) -> str:
-    """The tables people read: headline, gain by component, and sample responses."""
-    lines = [f"# Policy evaluation ({len(prompts)} held-out prompts; reference: {reference})", "",
-             "| policy | true utility [95% CI] | gain vs ref [95% CI] | proxy reward | win rate (true) | "
+    """The tables people read: headline, (on world prompts) gain by component, and sample responses."""
+    world = "true_utility" in next(iter(table.values()))
+    where = "held-out world prompts" if world else "prompts of your own"
+    lines = [f"# Policy evaluation ({len(prompts)} {where}; reference: {reference})", ""]
+    lines += world_tables(table) if world else proxy_table(table)
+    lines += ["", "## Sample responses (" + ("utility" if world else "proxy reward") + " in brackets)", "",
+              "| prompt | " + " | ".join(scored) + " |", "|---|" + "---|" * len(scored)]
+    for i in range(min(n_table, len(prompts))):
+        cells = []
+        for n in scored:
+            value = scored[n]["utility"][i] if world else (scored[n]["proxy"] or [None] * len(prompts))[i]
+            cells.append(scored[n]["texts"][i].replace("|", "/") + (f" [{value:+.2f}]" if value is not None else ""))
+        lines.append(f"| {question_of(prompts[i])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def proxy_table(table: dict) -> list[str]:
+    """Without the world: proxy reward and its paired gain, win rates by the reward model, KL, length."""
+    lines = [NO_TRUE_UTILITY, "",
+             "| policy | proxy reward [95% CI] | proxy gain vs ref [95% CI] | win rate (RM) | LC win rate (RM) | "
+             "KL to ref | mean length | EOS rate |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in table.items():
+        p, g = r.get("proxy_reward"), r.get("proxy_gain")
+        kl = ("<= " if r["kl_is_bound"] else "") + _f(r["kl"])
+        lines.append(f"| {name} | " + (f"{_f(p['mean'])} [{_f(p['low'])}, {_f(p['high'])}] | {_f(g['mean'])} "
+                                       f"[{_f(g['low'])}, {_f(g['high'])}]" if p else "- | -") +
+                     f" | {_f(r.get('win_rate_proxy', math.nan))} | {_f(r.get('lc_win_rate_proxy', math.nan))} | "
+                     f"{kl} | {_f(r['mean_length'], 1)} | {_f(r['eos_rate'], 2)} |")
+    if "proxy_reward" not in next(iter(table.values())):
+        lines += ["", "No `--reward-model` was given: the proxy columns are empty."]
+    return lines
+
+
+def world_tables(table: dict) -> list[str]:
+    """On world prompts: headline with true utility, right answers, answers by kind, gain by component."""
+    lines = ["| policy | true utility [95% CI] | gain vs ref [95% CI] | proxy reward | win rate (true) | "
              "LC win rate (true) | win rate (RM) | KL to ref | mean length | EOS rate |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in table.items():
@@ -213,12 +278,7 @@ def markdown(table: dict, scored: dict, prompts: list, reference: str, n_table: 
         cells = [f"{_f(r['gain_by_component'][c]['mean'])} [{_f(r['gain_by_component'][c]['low'])}, "
                  f"{_f(r['gain_by_component'][c]['high'])}]" for c in COMPONENTS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "## Sample responses (utility in brackets)", "", "| prompt | " + " | ".join(scored) + " |",
-              "|---|" + "---|" * len(scored)]
-    for i in range(min(n_table, len(prompts))):
-        cells = [f"{scored[n]['texts'][i].replace('|', '/')} [{scored[n]['utility'][i]:+.2f}]" for n in scored]
-        lines.append(f"| {question_of(prompts[i])} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 @stage(EvalConfig)
@@ -232,7 +292,11 @@ def evaluate_policies(config: EvalConfig) -> dict:
     run = Run(config.out or None, "eval", config, tensorboard=False)
 
     # 1. prompts, models, reward
-    prompts = world_prompts(config.n_prompts, seed=config.seed, split="eval")
+    world = config.prompts == "world"
+    prompts = read_prompts(config)
+    if not world:
+        print(f"[eval] {len(prompts)} prompts from {config.prompts}: no true utility (it needs --prompts world); "
+              "reporting " + ("the proxy reward, " if config.reward_model else "") + "KL, length and samples", flush=True)
     ref_model, tokenizer = load_model(config.reference)
     prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
     reward = load_reward(config.reward_model) if config.reward_model else None
@@ -247,30 +311,43 @@ def evaluate_policies(config: EvalConfig) -> dict:
         else:
             model = ref_model if spec == config.reference else load_model(spec)[0]
             samples = sample_with_kl(model, ref_model, tokenizer, prompt_ids, config, generator)
-        scored[name] = score(prompts, samples, reward)
+        scored[name] = score(prompts, samples, reward, world=world)
 
     # 5. summaries
     table = summarise(scored, config.reference_name, seed=config.seed)
-    for i, (name, row) in enumerate(table.items()):
-        run.log(i, {"eval/true_utility": row["true_utility"]["mean"], "eval/gain": row["gain"]["mean"],
-                    "eval/win_rate_true": row["win_rate_true"], "eval/lc_win_rate_true": row["lc_win_rate_true"],
-                    "eval/kl": row["kl"], "eval/mean_length": row["mean_length"],
-                    **({"eval/proxy_reward": row["proxy_reward"]["mean"], "eval/win_rate_proxy": row["win_rate_proxy"]}
-                       if "proxy_reward" in row else {})})
+    for i, row in enumerate(table.values()):
+        run.log(i, eval_metrics(row))
 
     # 6. artefacts
     (run.dir / "eval.json").write_text(json.dumps({"reference": config.reference_name, "n_prompts": len(prompts),
+                                                   "prompts": config.prompts, "has_true_utility": world,
                                                    "policies": table}, indent=2) + "\n")
     (run.dir / "eval.md").write_text(markdown(table, scored, prompts, config.reference_name, config.n_table))
     with open(run.dir / "samples.jsonl", "w") as f:
         for name, s in scored.items():
             for i, p in enumerate(prompts):
                 f.write(json.dumps({"policy": name, "prompt": p, "response": s["texts"][i], "length": s["lengths"][i],
-                                    "utility": s["utility"][i], **{c: s[c][i] for c in COMPONENTS},
+                                    "utility": s["utility"][i] if world else None,
+                                    **{c: s[c][i] if world else None for c in COMPONENTS},
                                     "proxy": s["proxy"][i] if s["proxy"] is not None else None,
                                     "kl": s["kl"][i]}) + "\n")
-    summary = {"n_prompts": len(prompts)}
+    summary = {"n_prompts": len(prompts), "has_true_utility": world}
     for name, row in table.items():
-        summary[f"{name}/true_utility"] = round(row["true_utility"]["mean"], 3)
+        if world:
+            summary[f"{name}/true_utility"] = round(row["true_utility"]["mean"], 3)
+        if "proxy_reward" in row:
+            summary[f"{name}/proxy_reward"] = round(row["proxy_reward"]["mean"], 3)
         summary[f"{name}/kl"] = round(row["kl"], 3)
     return run.finish(summary)
+
+
+def eval_metrics(row: dict) -> dict:
+    """The `eval/...` metrics logged for one policy's summary row (those its prompts and reward allow)."""
+    out = {"eval/kl": row["kl"], "eval/mean_length": row["mean_length"], "eval/eos_rate": row["eos_rate"]}
+    if "true_utility" in row:
+        out.update({"eval/true_utility": row["true_utility"]["mean"], "eval/gain": row["gain"]["mean"],
+                    "eval/win_rate_true": row["win_rate_true"], "eval/lc_win_rate_true": row["lc_win_rate_true"]})
+    if "proxy_reward" in row:
+        out.update({"eval/proxy_reward": row["proxy_reward"]["mean"], "eval/proxy_gain": row["proxy_gain"]["mean"],
+                    "eval/win_rate_proxy": row["win_rate_proxy"], "eval/lc_win_rate_proxy": row["lc_win_rate_proxy"]})
+    return out

@@ -2,9 +2,11 @@
 
 * `bootstrap_mean` / `paired_difference`: mean with a 95% percentile-bootstrap CI (resampling prompts);
 * `win_rate`: P(a beats b) with ties counted as half a win;
+* `fit_logistic`: logistic regression (weights and Wald standard errors), for the LC win rate and the bias audit;
 * `length_controlled_win_rate`: AlpacaEval 2's length-controlled win rate (Dubois et al. 2024);
-* `fit_best_of_n` / `fit_rl`: the over-optimisation forms of Gao, Schulman and Hilton (2022) and their peak;
-* `best_of_n_kl`, `best_of_n_win_bound`: the analytic best-of-n KL bound and win-rate bound.
+* `fit_best_of_n` / `fit_rl`: the over-optimisation forms of Gao, Schulman and Hilton (2022) and their peak.
+
+The analytic best-of-n bounds live with best-of-n itself (`preflab.policy.bon.kl_bound`, `win_rate_bound`).
 """
 
 from __future__ import annotations
@@ -62,18 +64,31 @@ def win_rate(a, b) -> float:
     return float(o.mean()) if o.size else float("nan")
 
 
-def _fit_logistic(X: np.ndarray, y: np.ndarray, l2: float, iters: int = 100) -> np.ndarray:
-    """Weights w minimising sum_i BCE(y_i, sigmoid(X_i w)) + l2/2 |w|^2 (soft labels allowed), by Newton steps."""
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-np.clip(z, -30, 30)))   # (clipped: no overflow warning when a weight runs off)
+
+
+def fit_logistic(X, y, l2: float = 1e-6, iters: int = 100, tol: float = 1e-10) -> tuple[np.ndarray, np.ndarray]:
+    """(weights w, Wald standard errors) of the logistic regression P(y_i = 1) = sigmoid(X_i w), by Newton steps.
+
+    w minimises sum_i BCE(y_i, sigmoid(X_i w)) + l2/2 |w|^2; soft labels y in [0, 1] are allowed (a tie as 0.5).
+    The small L2 keeps w finite when the data separate perfectly; the standard errors are sqrt(diag(I^-1)) with
+    I = X^T diag(p (1 - p)) X the Fisher information of the unpenalised likelihood at w (pseudo-inverse: a
+    column that is all zero gets a standard error of 0 instead of an error).
+    """
+    X, y = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64)
     w = np.zeros(X.shape[1])
     for _ in range(iters):
-        p = 1 / (1 + np.exp(-(X @ w)))
+        p = _sigmoid(X @ w)
         grad = X.T @ (p - y) + l2 * w
         hess = (X * (p * (1 - p))[:, None]).T @ X + l2 * np.eye(X.shape[1])
-        step = np.linalg.lstsq(hess, grad, rcond=None)[0]  # (a zero length column makes hess singular)
+        step = np.linalg.lstsq(hess, grad, rcond=None)[0]  # (singular when l2 = 0 and a column is all zero)
         w -= step
-        if np.abs(step).max() < 1e-10:
+        if np.abs(step).max() < tol:
             break
-    return w
+    p = _sigmoid(X @ w)
+    cov = np.linalg.pinv((X * (p * (1 - p))[:, None]).T @ X)
+    return w, np.sqrt(np.clip(np.diag(cov), 0, None))
 
 
 @dataclass
@@ -102,7 +117,7 @@ def length_controlled_win_rate(a_scores, b_scores, a_lengths, b_lengths, l2: flo
     std = diff.std()
     z = np.tanh(diff / std) if std > 0 else np.zeros_like(diff)
     X = np.stack([np.ones_like(z), z], axis=1)
-    theta, phi = _fit_logistic(X, y, l2)
+    (theta, phi), _ = fit_logistic(X, y, l2)
     return LengthControlled(float(y.mean()), float(1 / (1 + math.exp(-theta))), float(theta), float(phi))
 
 
@@ -165,12 +180,3 @@ def _finish(fit: GaoFit, d: np.ndarray, r: np.ndarray) -> GaoFit:
         fit.r_star = float(fit.predict(fit.d_star))
     return fit
 
-
-def best_of_n_kl(n: int) -> float:
-    """KL(best-of-n || pi) <= log n - (n - 1) / n (the analytic bound; Stiennon et al. 2020, Gao et al. 2022)."""
-    return math.log(n) - (n - 1) / n
-
-
-def best_of_n_win_bound(n: int) -> float:
-    """Best-of-n's win rate against its own base policy, under the reward it selects with, is at most n / (n + 1)."""
-    return n / (n + 1)

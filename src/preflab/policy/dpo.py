@@ -9,8 +9,10 @@
        and rejected rows (`collate_pairs` puts chosen rows first), `dpo_loss`, mean, backward; warm-up +
        cosine lr; by epochs, steps or seconds
     5. evaluate on the held-out pairs every `eval_every` steps and at the end
-    6. save the policy as a Hugging Face directory in `run.model_dir`; optionally measure the world's true
-       utility of sampled responses on held-out prompts, for the policy and for its reference
+    6. save the policy as a Hugging Face directory in `run.model_dir`
+
+What the trained policy does when it samples (true utility, proxy reward, KL, win rates against the reference)
+is measured by `preflab eval policy`, the same way for every policy, not here.
 
 Where we depart from the papers: all losses use summed log-probs of the completion unless
 `length_normalize` (then the mean per completion token, as SimPO and TRL's IPO do); the last incomplete batch
@@ -93,8 +95,6 @@ class DPOConfig:
     checkpoint_every: int = opt(0, "write the last-good checkpoint every N steps (0: never)")
     world_pairs: int = opt(3000, "with --data world: candidate pairs drawn from the world's writers")
     world_length_bias: float = opt(0.0, "with --data world: the annotators' planted length bias (logit per word)")
-    eval_world_prompts: int = opt(0, "after training, sample this many held-out world prompts and report true utility")
-    max_new_tokens: int = opt(48, "with --eval-world-prompts: tokens sampled per response")
     seed: int = opt(0, "random seed")
     threads: int = opt(0, "torch intra-op threads (0: torch's default)")
 
@@ -113,7 +113,6 @@ class DPOConfig:
         check(self.epochs > 0 or self.max_steps > 0 or self.max_seconds > 0,
               f"give epochs, max_steps or max_seconds, got {self.epochs}, {self.max_steps}, {self.max_seconds}")
         check(0 <= self.held_out < 0.5, f"held_out must be in [0, 0.5), got {self.held_out}")
-        check(self.eval_world_prompts >= 0, f"eval_world_prompts must be >= 0, got {self.eval_world_prompts}")
 
     @property
     def accumulation_steps(self) -> int:
@@ -330,27 +329,6 @@ def train_dpo(model, tokenizer, rows: list, config: DPOConfig, ref_model=None, r
     }
 
 
-@torch.no_grad()
-def world_utility(model, tokenizer, n: int, seed: int = 0, max_new_tokens: int = 48) -> list[float]:
-    """True utility of one sampled response (temperature 1) per held-out world prompt."""
-    from preflab.data import encode_prompt
-    from preflab.rollout import generate
-    from preflab.world import prompts, true_utility
-
-    chats = prompts(n, seed=seed, split="eval")
-    rollout = generate(model, tokenizer, [encode_prompt(tokenizer, c) for c in chats], max_new_tokens=max_new_tokens,
-                       generator=torch.Generator().manual_seed(seed))
-    return [true_utility(c, t).total for c, t in zip(chats, rollout.texts)]
-
-
-def bootstrap_mean_ci(values: list[float], seed: int = 0, n_boot: int = 2000) -> tuple[float, float, float]:
-    """(mean, 2.5th, 97.5th percentile of bootstrap means)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.tensor(values, dtype=torch.float64)
-    means = x[torch.randint(0, len(x), (n_boot, len(x)), generator=g)].mean(-1)
-    return x.mean().item(), means.quantile(0.025).item(), means.quantile(0.975).item()
-
-
 @stage(DPOConfig)
 def dpo(config: DPOConfig) -> dict:
     from preflab.models import load_model
@@ -365,17 +343,7 @@ def dpo(config: DPOConfig) -> dict:
     rows = load_rows(config)
     print(f"[dpo] {len(rows)} comparisons, loss {config.loss_type}, beta {config.beta}", flush=True)
     summary = train_dpo(model, tokenizer, rows, config, ref_model=ref_model, run=run)
+    # 6. save the policy (`preflab eval policy` measures what it does)
     save_model(model, tokenizer, run.model_dir)
-
-    # 6. optional: the world's true utility on held-out prompts, policy against its reference
-    if config.eval_world_prompts:
-        reference = load_model(config.ref_model or config.model)[0]
-        policy_u = world_utility(model, tokenizer, config.eval_world_prompts, config.seed, config.max_new_tokens)
-        ref_u = world_utility(reference, tokenizer, config.eval_world_prompts, config.seed, config.max_new_tokens)
-        mean, lo, hi = bootstrap_mean_ci([a - b for a, b in zip(policy_u, ref_u)], config.seed)
-        summary.update({"true_utility": sum(policy_u) / len(policy_u), "ref_true_utility": sum(ref_u) / len(ref_u),
-                        "true_utility_gain": mean, "gain_ci_low": lo, "gain_ci_high": hi})
-        run.log(summary["steps"], {"dpo/world/true_utility": summary["true_utility"],
-                                   "dpo/world/ref_true_utility": summary["ref_true_utility"]})
     summary["model"] = str(run.model_dir)
     return run.finish(summary)

@@ -75,11 +75,15 @@ def frontier(evaluation: dict | None, sweep: dict | None):
         ax.scatter([p["kl"] for p in pts], [p["true_utility"] for p in pts], c="0.7", s=14, label="sweep runs (true)")
     if evaluation:
         for name, r in evaluation["policies"].items():
-            u = r["true_utility"]
-            ax.errorbar([r["kl"]], [u["mean"]], yerr=[[u["mean"] - u["low"]], [u["high"] - u["mean"]]], fmt="o",
-                        capsize=3, label=f"{name}{' (KL bound)' if r.get('kl_is_bound') else ''}")
+            label = f"{name}{' (KL bound)' if r.get('kl_is_bound') else ''}"
+            if "true_utility" in r:   # (not on the user's own prompts: only the world knows the truth)
+                u = r["true_utility"]
+                ax.errorbar([r["kl"]], [u["mean"]], yerr=[[u["mean"] - u["low"]], [u["high"] - u["mean"]]], fmt="o",
+                            capsize=3, label=label)
+                label = None
             if "proxy_reward" in r:
-                ax.scatter([r["kl"]], [r["proxy_reward"]["mean"]], marker="x", c="k", s=20)
+                ax.scatter([r["kl"]], [r["proxy_reward"]["mean"]], marker="x", c="k" if label is None else None, s=20,
+                           label=label)
     ax.set_xlabel("KL to the reference (nats per response)")
     ax.set_ylabel("true utility (o, 95% CI); proxy reward (x)")
     ax.axhline(0, c="0.85", lw=0.8)
@@ -158,6 +162,8 @@ def calibration_table(samples: list[dict], reference: str, bins: int = 5) -> lis
         if name == reference or len(rows) != len(ref):
             continue
         for a, b in zip(rows, ref):
+            if a.get("utility") is None or b.get("utility") is None:
+                continue   # the user's own prompts: no truth to calibrate against
             if a["utility"] == b["utility"] and a["response"] == b["response"]:
                 continue
             pred.append(1 / (1 + math.exp(-(a["proxy"] - b["proxy"]))))

@@ -69,9 +69,27 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def proxy_tables(evaluation: dict) -> str:
+    """An evaluation on the user's own prompts: no true utility, the proxy reward and what needs no truth."""
+    from preflab.evaluate.policy import NO_TRUE_UTILITY
+
+    rows = []
+    for name, r in evaluation["policies"].items():
+        p, g = r.get("proxy_reward"), r.get("proxy_gain")
+        rows.append([name, f"{p['mean']:.3f} [{p['low']:.3f}, {p['high']:.3f}]" if p else "-",
+                     f"{g['mean']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}]" if g else "-",
+                     r.get("win_rate_proxy", float("nan")), r.get("lc_win_rate_proxy", float("nan")),
+                     ("&le; " if r.get("kl_is_bound") else "") + f"{r['kl']:.3f}", r["mean_length"]])
+    head = ["policy", "proxy reward [95% CI]", "proxy gain vs reference [95% CI]", "win rate (RM)", "LC win rate (RM)",
+            "KL to reference", "mean length"]
+    return f"<p class='note'>{html.escape(NO_TRUE_UTILITY)}</p>" + _table(head, rows).replace("&amp;le; ", "&le; ")
+
+
 def policy_tables(evaluation: dict) -> str:
     from preflab.world import COMPONENTS
 
+    if "true_utility" not in next(iter(evaluation["policies"].values())):
+        return proxy_tables(evaluation)
     rows, gains = [], []
     for name, r in evaluation["policies"].items():
         u, g = r["true_utility"], r["gain"]
@@ -97,8 +115,11 @@ def sample_table(samples: list[dict], n: int) -> str:
     by = {p: [s for s in samples if s["policy"] == p] for p in policies}
     rows = []
     for i in range(min(n, min(len(v) for v in by.values()))):
-        rows.append([question_of(by[policies[0]][i]["prompt"])] +
-                    [f"{by[p][i]['response']}  [{by[p][i]['utility']:+.2f}]" for p in policies])
+        cells = []
+        for p in policies:
+            value = by[p][i]["utility"] if by[p][i].get("utility") is not None else by[p][i].get("proxy")
+            cells.append(by[p][i]["response"] + (f"  [{value:+.2f}]" if value is not None else ""))
+        rows.append([question_of(by[policies[0]][i]["prompt"])] + cells)
     return _table(["prompt", *policies], rows)
 
 
@@ -123,7 +144,8 @@ def build_report(root: Path, n_samples: int = 8) -> tuple[str, dict]:
     if headline:
         parts.append("<h2>Headline</h2>" + _table(["figure", "value"], [[k, v] for k, v in headline.items()]))
     if evaluation:
-        parts.append(f"<h2>Policies on {evaluation['n_prompts']} held-out prompts</h2>" + policy_tables(evaluation))
+        where = "held-out" if evaluation.get("has_true_utility", True) else "of your own"
+        parts.append(f"<h2>Policies on {evaluation['n_prompts']} prompts {where}</h2>" + policy_tables(evaluation))
     drawn = {}
     for title, fig, note in [
         ("Training curves", figures.training_curves(runs), "from each stage's metrics.jsonl"),

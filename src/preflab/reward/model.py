@@ -26,31 +26,12 @@ import torch
 from torch import nn
 
 from preflab.data.tokenize import collate, encode_completion, encode_prompt, last_token_index, position_ids, truncate
-from preflab.models import ModelError, load_model
+from preflab.models import ModelError, drop_gguf_marker, is_causal_lm, load_model
 
 HEAD_FILE = "reward_head.safetensors"
 META_FILE = "reward_model.json"
 ENSEMBLE_FILE = "ensemble.json"
 REDUCTIONS = ("mean", "min", "mean_minus_std")
-
-
-def is_causal_lm(model) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    names = set()
-    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
-        names.update(value if isinstance(value, (list, tuple)) else [value])
-    return type(model).__name__ in names and hasattr(model, "get_decoder")
-
-
-def drop_gguf_marker(backbone) -> None:
-    """A model loaded from GGUF holds de-quantised float32 weights but keeps transformers' GGUF quantizer, which
-    makes `save_pretrained` refuse ("quantized with gguf and is not serializable"); drop the marker."""
-    quantizer = getattr(backbone, "hf_quantizer", None)
-    if quantizer is not None and type(quantizer).__name__ == "GgufHfQuantizer":
-        backbone.hf_quantizer = None
-        if hasattr(backbone.config, "quantization_config"):
-            del backbone.config.quantization_config
 
 
 class RewardModel(nn.Module):

@@ -5,8 +5,8 @@ Each annotator prefers the response shown first (A) over the second (B) with pro
     P(A preferred) = sigmoid((u_A - u_B) / temperature + length_bias * (len_A - len_B) + position_bias)
 
 where u is the world's true utility (`preflab.world.true_utility`), `temperature` is the annotator's own
-noise (larger: noisier), `len` is the response length in WORDS (whitespace-separated, so the bias does not
-depend on any tokenizer) and `position_bias > 0` favours the left/first response. A pool of annotators is
+noise (larger: noisier), `len` is the response length in WORDS (`preflab.data.n_words`: whitespace-separated, so
+the bias does not depend on any tokenizer) and `position_bias > 0` favours the left/first response. A pool of annotators is
 drawn from one seed; each vote is drawn from another.
 
 The votes are written as the same comparison JSONL that people's votes are (`preflab.data.load_preferences`
@@ -27,6 +27,7 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from preflab.data.text import n_words
 from preflab.world.tutor import CORPUS_STYLE, DEMO_STYLE, Style, prompts, question_of, respond, task_for, true_utility
 
 # Writers for candidate pairs straight from the world: a careful one and a sloppy, wordy one.
@@ -46,11 +47,6 @@ class Annotator:
         """P(A preferred): the module docstring's formula."""
         z = (u_a - u_b) / self.temperature + self.length_bias * (len_a - len_b) + self.position_bias
         return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))  # no overflow
-
-
-def length(text: str) -> int:
-    """Response length in words (the unit every planted length bias is per)."""
-    return len(text.split())
 
 
 def annotator_pool(n: int = 8, seed: int = 0, temperature: tuple[float, float] = (0.3, 1.0),
@@ -123,13 +119,13 @@ def simulate_votes(pairs: list[tuple], annotators: list[Annotator], seed: int = 
             a, b = (y, x) if swap and rng.random() < 0.5 else (x, y)
             if who.tie_rate and u[a] == u[b] and rng.random() < who.tie_rate:
                 chosen, rejected, position, tie = a, b, "A", True
-            elif rng.random() < who.p_first(u[a], u[b], length(a), length(b)):
+            elif rng.random() < who.p_first(u[a], u[b], n_words(a), n_words(b)):
                 chosen, rejected, position, tie = a, b, "A", False
             else:
                 chosen, rejected, position, tie = b, a, "B", False
             rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "annotator": who.name, "tie": tie,
-                         "chosen_position": position, "chosen_length": length(chosen),
-                         "rejected_length": length(rejected), "length_unit": "words"})
+                         "chosen_position": position, "chosen_length": n_words(chosen),
+                         "rejected_length": n_words(rejected), "length_unit": "words"})
     return rows
 
 
@@ -144,7 +140,7 @@ def ceiling_accuracy(pairs: list[tuple], annotators: list[Annotator], utility=No
     utility = utility or (lambda p, r: true_utility(p, r).total)
     total = 0.0
     for prompt, x, y in pairs:
-        ux, uy, lx, ly = utility(prompt, x), utility(prompt, y), length(x), length(y)
+        ux, uy, lx, ly = utility(prompt, x), utility(prompt, y), n_words(x), n_words(y)
         q = sum(0.5 * (a.p_first(ux, uy, lx, ly) + 1.0 - a.p_first(uy, ux, ly, lx)) for a in annotators) / len(annotators)
         total += max(q, 1.0 - q)
     return total / max(len(pairs), 1)

@@ -7,21 +7,19 @@ utility is implied (a length target rewards padding, which the true utility puni
 
 from __future__ import annotations
 
-import re
+import string
+
+from preflab.data.text import n_words, words
 
 TARGET_WORDS = 12
 WORD = "capital"
 
 
-def words(text: str) -> list[str]:
-    return re.findall(r"[A-Za-z0-9']+", text)
-
-
 def length_closeness(prompt, response: str, target: int = TARGET_WORDS) -> float:
     """1 at exactly `target` words, falling linearly: 1 - |n - target| / target (0 at 0 or 2x target words)."""
-    return 1.0 - abs(len(words(response)) - target) / target
+    return 1.0 - abs(n_words(response) - target) / target
 
 
 def word_count(prompt, response: str, word: str = WORD) -> float:
-    """How many times `word` appears (case-insensitive, whole words), capped at 5."""
-    return float(min(5, sum(w.lower() == word for w in words(response))))
+    """How many times `word` appears (case-insensitive, whole words, punctuation around them ignored), capped at 5."""
+    return float(min(5, sum(w.strip(string.punctuation).lower() == word for w in words(response))))
