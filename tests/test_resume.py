@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from preflab.cli import main
 from preflab.runs import Run, read_metrics
 
-TIMING = ("tokens_per_second", "seconds")      # wall-clock figures: the only metrics allowed to differ
+TIMING = ("tokens_per_second", "seconds", "seconds_training")   # wall-clock figures: the only ones allowed to differ
 
 
 class Crash(BaseException):
@@ -32,6 +32,15 @@ def demos_file(tmp_path):
     return path
 
 
+def prefs_file(tmp_path):
+    from preflab.world import demonstrations
+
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": d["prompt"], "chosen": d["completion"],
+                                        "rejected": "I do not know."}) + "\n" for d in demonstrations(40, seed=1)))
+    return path
+
+
 def stage_argv(stage, model_dir, tmp_path):
     """A few-step run of each training stage on the micro model (checkpoint every 2 steps, 5 steps)."""
     common = ["--checkpoint-every", "2", "--seed", "3"]
@@ -42,13 +51,11 @@ def stage_argv(stage, model_dir, tmp_path):
         return ["pretrain", "--world-docs", "200", "--size", "tiny", "--vocab-size", "300", "--seq-len", "32",
                 "--batch-size", "4", "--max-steps", "5", "--max-seconds", "0", "--log-every", "1", *common]
     if stage == "reward":
-        from preflab.world import demonstrations
-
-        path = tmp_path / "prefs.jsonl"
-        path.write_text("".join(json.dumps({"prompt": d["prompt"], "chosen": d["completion"],
-                                            "rejected": "I do not know."}) + "\n" for d in demonstrations(40, seed=1)))
-        return ["reward", "--model", str(model_dir), "--data", str(path), "--max-steps", "3", "--ensemble", "2",
-                "--batch-size", "4", "--log-every", "1", "--reference-rows", "8", *common]
+        return ["reward", "--model", str(model_dir), "--data", str(prefs_file(tmp_path)), "--max-steps", "3",
+                "--ensemble", "2", "--batch-size", "4", "--log-every", "1", "--reference-rows", "8", *common]
+    if stage == "dpo":
+        return ["dpo", "--model", str(model_dir), "--data", str(prefs_file(tmp_path)), "--max-steps", "5",
+                "--batch-size", "4", "--micro-batch-size", "2", "--log-every", "1", "--eval-every", "2", *common]
     if stage in ("ppo", "rloo", "grpo"):
         shape = ["--batch-size", "4", "--mini-batch-size", "2", "--micro-batch-size", "2"] if stage == "ppo" else \
                 ["--batch-size", "2", "--k", "2", "--mini-batch-size", "2", "--micro-batch-size", "2"]
@@ -93,7 +100,7 @@ def assert_same(a, b):
     assert sa == sb
 
 
-STAGES = ["sft", "pretrain", "reward", "ppo", "grpo", "rloo"]
+STAGES = ["sft", "pretrain", "reward", "dpo", "ppo", "grpo", "rloo"]
 CRASH_AT = {"reward": 6}          # the ensemble's second member (member 0: steps 1-3, member 1: steps 4-6)
 
 
@@ -112,7 +119,7 @@ def test_killed_then_resumed_equals_uninterrupted(stage, model_dir, tmp_path, mo
     assert_same(final_state(tmp_path / "a"), final_state(tmp_path / "b"))
 
 
-@pytest.mark.parametrize("stage", ["sft", "ppo"])
+@pytest.mark.parametrize("stage", ["sft", "dpo", "ppo"])
 def test_ctrl_c_writes_a_checkpoint_then_resume_finishes_the_same(stage, model_dir, tmp_path, monkeypatch, capsys):
     argv = stage_argv(stage, model_dir, tmp_path)
     argv[argv.index("--checkpoint-every") + 1] = "0"            # only Ctrl-C writes one

@@ -21,6 +21,7 @@ of an epoch is dropped so that every optimiser step averages the same number of 
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass
 
@@ -28,11 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from preflab.stages import stage
-from preflab.config import check, opt
+from preflab.config import OptimConfig, check, opt
 from preflab.data import DataError, collate_pairs, split_rows, tokenize_rows
 from preflab.logps import sequence_logps
 from preflab.runs import Run, progress, save_model, seed_everything
-from preflab.training import Budget, lr_factor, make_accelerator, set_lr, set_threads
+from preflab.training import Budget, check_finite, lr_factor, make_accelerator, set_lr, set_threads
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
@@ -67,12 +68,11 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
-@dataclass
-class DPOConfig:
+@dataclass(kw_only=True)
+class DPOConfig(OptimConfig):
     model: str = opt("", "policy to start from: a run folder (sft/pretrain), a HF model directory, a .gguf or 'smollm2'")
     ref_model: str = opt("", "the frozen reference (default: the same as --model)")
     data: str = opt("", "comparison JSONL ({prompt, chosen, rejected, tie?}), or 'world' for simulated votes on world pairs")
-    out: str = opt("", "run folder to write (default runs/dpo-<time>)")
     loss_type: str = opt("sigmoid", "sigmoid (DPO), ipo, hinge (SLiC/RSO) or robust (rDPO)")
     beta: float = opt(0.1, "strength of the KL regularisation toward the reference (IPO's tau)")
     label_smoothing: float = opt(0.0, "assumed label-flip rate eps for sigmoid (cDPO) and robust (rDPO), in [0, 0.5)")
@@ -80,31 +80,25 @@ class DPOConfig:
     rpo_alpha: float = opt(0.0, "weight of the chosen responses' per-token NLL added to the loss (RPO; 0: off)")
     precompute_ref: bool = opt(True, "compute reference log-probs once over the dataset, then free the reference")
     lr: float = opt(1e-4, "peak learning rate (AdamW); 1e-4 for the tiny world model (5e-4 lengthened its samples), ~5e-7 for 135M")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
     warmup: float = opt(0.1, "share of the budget spent warming the learning rate up")
     batch_size: int = opt(32, "pairs per optimiser step")
     micro_batch_size: int = opt(0, "pairs per forward (0: batch_size); batch_size / micro_batch_size = accumulation steps")
     epochs: float = opt(1.0, "passes over the training pairs")
-    max_steps: int = opt(0, "stop after this many optimiser steps (0: no step limit)")
-    max_seconds: float = opt(0.0, "stop after this many seconds of training (0: no time limit)")
     max_prompt_length: int = opt(128, "prompt tokens kept (the end of the prompt)")
     max_completion_length: int = opt(64, "completion tokens kept (the start of each completion)")
     held_out: float = opt(0.1, "share of pairs held out for evaluation")
     eval_every: int = opt(50, "evaluate on the held-out pairs every N steps (and at the end)")
     log_every: int = opt(10, "log training metrics (means over the interval) every N steps")
-    checkpoint_every: int = opt(0, "write the last-good checkpoint every N steps (0: never)")
     world_pairs: int = opt(3000, "with --data world: candidate pairs drawn from the world's writers")
     world_length_bias: float = opt(0.0, "with --data world: the annotators' planted length bias (logit per word)")
-    seed: int = opt(0, "random seed")
-    threads: int = opt(0, "torch intra-op threads (0: torch's default)")
 
     def __post_init__(self):
+        super().__post_init__()
         check(self.loss_type in LOSS_TYPES, f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         check(self.beta > 0, f"beta must be > 0, got {self.beta}")
         check(0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         check(self.label_smoothing == 0 or self.loss_type in ("sigmoid", "robust"),
               f"label_smoothing applies to sigmoid and robust only, got {self.label_smoothing} with {self.loss_type!r}")
-        check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         check(self.rpo_alpha >= 0, f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
         check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         self.micro_batch_size = self.micro_batch_size or self.batch_size
@@ -281,40 +275,54 @@ def train_dpo(model, tokenizer, rows: list, config: DPOConfig, ref_model=None, r
     steps_per_epoch = len(train_pairs) // config.batch_size
     planned = max(1, int(config.epochs * steps_per_epoch)) if config.epochs > 0 else 0
     max_steps = min(s for s in (planned, config.max_steps) if s > 0) if (planned or config.max_steps) else 0
-    budget = Budget(max_steps, config.max_seconds)
     rng = random.Random(config.seed)
     order: list[int] = []
-    step, interval, last_eval = 0, {}, {}
-    bar = progress(total=max_steps or None, desc=f"dpo ({config.loss_type})")
+    step, interval, last_eval, metrics, elapsed = 0, {}, {}, {}, 0.0
+    ckpt = run.resume_state() if run is not None else None
+    if ckpt is not None:
+        ckpt.load_model_weights(accelerator.unwrap_model(model))
+        optimizer.load_state_dict(ckpt.state["optimizer"])
+        rng.setstate(ckpt.state["rng_order"])
+        order, step, interval, last_eval, metrics, elapsed = ckpt.state["loop"]
+    budget = Budget(max_steps, config.max_seconds, elapsed=elapsed)
+
+    def save() -> None:
+        run.save_checkpoint(step, accelerator.unwrap_model(model), tokenizer, {
+            "optimizer": optimizer.state_dict(), "rng_order": rng.getstate(),
+            "loop": (order, step, interval, last_eval, metrics, budget.elapsed)})
+
+    bar = progress(total=max_steps or None, initial=step, desc=f"dpo ({config.loss_type})")
 
     # 4. the loop: one optimiser step per batch of pairs, accumulated over micro-batches
-    while not budget.done(step):
-        if len(order) < config.batch_size:  # a new epoch: reshuffle, drop the incomplete tail
-            order = list(range(len(train_pairs)))
-            rng.shuffle(order)
-        indices, order = order[:config.batch_size], order[config.batch_size:]
-        lr = config.lr * lr_factor(budget.progress(step), config.warmup)
-        set_lr(optimizer, lr)
-        metrics = accumulate_gradients(model, train_pairs, indices, train_ref, pad_id, config, accelerator.backward)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-        metrics["grad_norm"], metrics["lr"] = float(grad_norm), lr
-        for key, value in metrics.items():
-            interval.setdefault(key, []).append(value)
-        if step % config.log_every == 0 or step == 1:
-            means = {f"dpo/{k}": sum(v) / len(v) for k, v in interval.items()}
-            log(step, means)
-            bar.set_postfix(loss=f"{means['dpo/loss']:.3f}", acc=f"{means['dpo/rewards/accuracies']:.2f}")
-            interval = {}
-        # 5. held-out evaluation
-        if eval_pairs and config.eval_every and step % config.eval_every == 0:
-            last_eval = evaluate_pairs(model, eval_pairs, eval_ref, pad_id, config)
-            log(step, {f"dpo/eval/{k}": v for k, v in last_eval.items()})
-        if run is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
-            run.save_checkpoint(accelerator.unwrap_model(model), tokenizer, optimizer, step)
+    with run.guarded() if run is not None else contextlib.nullcontext() as stop:
+        while not budget.done(step):
+            if len(order) < config.batch_size:  # a new epoch: reshuffle, drop the incomplete tail
+                order = list(range(len(train_pairs)))
+                rng.shuffle(order)
+            indices, order = order[:config.batch_size], order[config.batch_size:]
+            lr = config.lr * lr_factor(budget.progress(step), config.warmup)
+            set_lr(optimizer, lr)
+            metrics = accumulate_gradients(model, train_pairs, indices, train_ref, pad_id, config, accelerator.backward)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
+            check_finite(step + 1, **{"dpo/loss": metrics["loss"], "dpo/grad_norm": grad_norm})
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            metrics["grad_norm"], metrics["lr"] = float(grad_norm), lr
+            for key, value in metrics.items():
+                interval.setdefault(key, []).append(value)
+            if step % config.log_every == 0 or step == 1:
+                means = {f"dpo/{k}": sum(v) / len(v) for k, v in interval.items()}
+                log(step, means)
+                bar.set_postfix(loss=f"{means['dpo/loss']:.3f}", acc=f"{means['dpo/rewards/accuracies']:.2f}")
+                interval = {}
+            # 5. held-out evaluation
+            if eval_pairs and config.eval_every and step % config.eval_every == 0:
+                last_eval = evaluate_pairs(model, eval_pairs, eval_ref, pad_id, config)
+                log(step, {f"dpo/eval/{k}": v for k, v in last_eval.items()})
+            if run is not None:
+                run.step_end(step, config.checkpoint_every, stop, save)
     bar.close()
     if eval_pairs and (not config.eval_every or step % config.eval_every):
         last_eval = evaluate_pairs(model, eval_pairs, eval_ref, pad_id, config)
@@ -323,7 +331,7 @@ def train_dpo(model, tokenizer, rows: list, config: DPOConfig, ref_model=None, r
     return {
         "steps": step, "epochs": step * config.batch_size / max(len(train_pairs), 1), "train_pairs": len(train_pairs),
         "eval_pairs": len(eval_pairs), "ties_skipped": n_ties, "truncated": n_trunc + n_trunc_eval,
-        "train_loss": metrics["loss"] if step else float("nan"),
+        "train_loss": metrics.get("loss", float("nan")),
         "eval_loss": last_eval.get("loss", float("nan")), "eval_accuracy": last_eval.get("rewards/accuracies", float("nan")),
         "eval_margin": last_eval.get("rewards/margins", float("nan")), "seconds_training": budget.elapsed,
     }
@@ -337,6 +345,9 @@ def dpo(config: DPOConfig) -> dict:
     seed_everything(config.seed)
     check(bool(config.model), "give --model (a run folder, a model directory, a .gguf or 'smollm2')")
     run = Run(config.out or None, "dpo", config)
+    if config.resume and run.finished_summary():
+        print(f"[dpo] {run.dir} has already finished; nothing to resume", flush=True)
+        return run.finished_summary()
 
     model, tokenizer = load_model(config.model)
     ref_model = load_model(config.ref_model, tokenizer=tokenizer)[0] if config.ref_model else None
