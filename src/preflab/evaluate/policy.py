@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from preflab.stages import stage
-from preflab.config import check, opt
+from preflab.config import RunConfig, check, opt
 from preflab.evaluate.stats import (
     bootstrap_mean,
     length_controlled_win_rate,
@@ -41,8 +41,8 @@ from preflab.training import set_threads
 from preflab.world import COMPONENTS, prompts as world_prompts, question_of, task_for, true_utility
 
 
-@dataclass
-class EvalConfig:
+@dataclass(kw_only=True)
+class EvalConfig(RunConfig):
     policies: list[str] = opt([], "policies to evaluate, each NAME=SPEC: SPEC a run folder or model directory, "
                                   "or bon:N (best-of-N samples of the reference, chosen by the reward model)")
     reference: str = opt("", "the reference (SFT) policy: a run folder or model directory. KL is measured to it "
@@ -56,11 +56,10 @@ class EvalConfig:
     temperature: float = opt(1.0, "sampling temperature (also used for the KL log-probs)")
     batch_size: int = opt(64, "prompts per generation batch")
     n_table: int = opt(6, "sample responses per policy in the markdown table")
-    out: str = opt("", "run folder to write (default runs/eval-<time>)")
     seed: int = opt(0, "seed for prompts and sampling")
-    threads: int = opt(0, "torch intra-op threads (0: torch's default)")
 
     def __post_init__(self):
+        super().__post_init__()
         check(bool(self.reference), "reference is required: the SFT policy's run folder or model directory")
         check(self.n_prompts >= 1, f"n_prompts must be >= 1, got {self.n_prompts}")
         check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")

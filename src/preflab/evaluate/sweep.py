@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from preflab.config import build_config, check, opt
+from preflab.config import RunConfig, build_config, check, opt
 from preflab.evaluate.policy import EvalConfig, sample_with_kl, score
 from preflab.evaluate.stats import fit_rl
 from preflab.runs import Run, seed_everything
@@ -33,8 +33,8 @@ from preflab.stages import stage
 from preflab.training import set_threads
 
 
-@dataclass
-class SweepConfig:
+@dataclass(kw_only=True)
+class SweepConfig(RunConfig):
     model: str = opt("", "the reference (SFT) policy every run starts from: a run folder or model directory")
     reward: str = opt("", "the proxy reward the policies are trained on: a reward-model folder or module:function")
     algorithm: str = opt("rloo", "the online RL stage to run: rloo or ppo")
@@ -45,11 +45,10 @@ class SweepConfig:
                            cli=False)
     n_prompts: int = opt(200, "held-out prompts for each evaluation")
     max_new_tokens: int = opt(32, "longest response, in training and evaluation")
-    out: str = opt("", "run folder to write (default runs/sweep-<time>)")
     seed: int = opt(0, "random seed")
-    threads: int = opt(0, "torch intra-op threads (0: torch's default)")
 
     def __post_init__(self):
+        super().__post_init__()
         check(bool(self.model), "give --model: the SFT policy every sweep run starts from")
         check(bool(self.reward), "give --reward: the proxy reward the sweep trains on")
         check(self.algorithm in ("rloo", "ppo", "grpo"), f"algorithm must be rloo, ppo or grpo, got {self.algorithm!r}")
