@@ -1,18 +1,19 @@
 """`preflab eval sweep`: reward over-optimisation, measured. True and proxy reward against sqrt(KL).
 
     1. for each arm (a KL coefficient with the proxy reward model, plus optional other rewards such as an
-       ensemble, run at the smallest coefficient) and each training length: train the online RL stage
-       (`ppo` or `rloo`) from the reference policy, each (arm, length) a fresh run from the same start
-    2. evaluate every trained policy on the same held-out prompts: KL to the reference (k1, on its own samples),
-       true utility, proxy reward, mean length (`preflab.evaluate.policy`)
+       ensemble, run at the smallest coefficient): one ordinary run of the online RL stage (`ppo`, `rloo` or
+       `grpo`) from the reference policy to the longest training length, checkpointed at every length asked for
+    2. evaluate the policy at each length on the same held-out prompts: KL to the reference (k1, on its own
+       samples), true utility, proxy reward, mean length (`preflab.evaluate.policy`)
     3. per arm, fit Gao, Schulman and Hilton (2022)'s RL form R(d) = d (a - b log d) to the true-utility gain
        against d = sqrt(KL) (the reference is the point (0, 0)), and mark where the true reward peaks: the
        fitted d* and the best measured point
     4. write sweep.json and sweep.md; `preflab report` draws the figure
 
 Reward hacking shows as an arm whose proxy gain keeps rising while the true-utility gain turns down.
-Separate runs per length (rather than checkpoints of one run) keep each point an ordinary training run of
-the RL stage as users run it, at the cost of training the shorter lengths again.
+The online stages use a constant learning rate and a step-indexed prompt order and sampling seed, so the
+checkpoint at step N of a long run is the policy a run of N steps ends with: one run per arm gives every length.
+Each point keeps its per-prompt true utilities and proxy rewards, so claims about the curve carry intervals.
 """
 
 from __future__ import annotations
@@ -78,16 +79,19 @@ def fit_arm(points: list[dict], base_true: float) -> dict:
     return fit
 
 
-def run_rl(config: SweepConfig, beta: float, reward: str, steps: int, out: Path) -> Path:
-    """One ordinary run of the RL stage; returns its folder."""
+def run_rl(config: SweepConfig, beta: float, reward: str, out: Path) -> dict[int, Path]:
+    """One ordinary run of the RL stage to the longest length, checkpointed at every length; {steps: folder}."""
     from preflab.policy.ppo import ppo
     from preflab.policy.rloo import grpo, rloo
 
     fn = {"ppo": ppo, "rloo": rloo, "grpo": grpo}[config.algorithm]
+    lengths = sorted(config.steps)
+    every = math.gcd(*lengths)
     values = {"eval_prompts": 0, **config.rl_options, "model": config.model, "reward": reward, "beta": beta,
-              "max_steps": steps, "max_new_tokens": config.max_new_tokens, "out": str(out), "seed": config.seed}
+              "max_steps": lengths[-1], "max_new_tokens": config.max_new_tokens, "out": str(out), "seed": config.seed,
+              "checkpoint_every": every, "keep_checkpoints": lengths[-1] // every}
     fn(build_config(fn.config_class, values, source="sweep"))
-    return out
+    return {n: out / "checkpoints" / f"step-{n:08d}" for n in lengths}
 
 
 def markdown(points: list[dict], fits: dict, base: dict) -> str:
@@ -130,15 +134,17 @@ def sweep(config: SweepConfig) -> dict:
                                           torch.Generator().manual_seed(config.seed + 1)), proxy)
         kl = max(float(np.mean(s["kl"])), 0.0)  # the k1 estimate can dip below 0 by noise near the reference
         return {"kl": kl, "sqrt_kl": math.sqrt(kl), "true_utility": float(np.mean(s["utility"])),
-                "proxy": float(np.mean(s["proxy"])), "length": float(np.mean(s["lengths"]))}
+                "proxy": float(np.mean(s["proxy"])), "length": float(np.mean(s["lengths"])),
+                "utilities": [round(u, 6) for u in s["utility"]], "proxies": [round(float(x), 6) for x in s["proxy"]]}
 
     base = measure(ref_model)
     points = []
     i = 0
     for label, beta, reward in arms(config):
-        for steps in sorted(config.steps):
-            print(f"[sweep] {label}: {steps} {config.algorithm} steps", flush=True)
-            folder = run_rl(config, beta, reward, steps, run.dir / "runs" / f"{label.replace(' ', '_')}-{steps}")
+        print(f"[sweep] {label}: {max(config.steps)} {config.algorithm} steps, measured at {sorted(config.steps)}",
+              flush=True)
+        folders = run_rl(config, beta, reward, run.dir / "runs" / label.replace(" ", "_"))
+        for steps, folder in folders.items():
             point = {"arm": label, "beta": beta, "reward": reward, "steps": steps, "run": str(folder),
                      **measure(load_model(folder)[0])}
             points.append(point)
