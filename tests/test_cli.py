@@ -80,4 +80,4 @@ def test_fast_flag_is_the_fast_preset():
     args = build_parser(["demo", "--fast"]).parse_args(["demo", "--fast"])
     assert args.preset == "fast"
     config = resolve_config(DemoConfig, args, stage="demo")
-    assert config.bon_n == 2 and config.pretrain["max_seconds"] == 30
+    assert config.bon_n == 2 and config.pretrain == {"max_steps": 120, "max_seconds": 0, "batch_size": 16}

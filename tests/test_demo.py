@@ -26,14 +26,17 @@ def test_demo_config_validation_and_presets_parse():
 
 
 @pytest.mark.slow
-def test_fast_demo_end_to_end(tmp_path):
-    """The `fast` preset, end to end: every artefact exists, every figure is a finite PNG, SFT beats the base model."""
+def test_fast_demo_end_to_end_twice_gives_the_same_headline(tmp_path, monkeypatch, capsys):
+    """The `fast` preset, end to end: every artefact exists, every figure is a finite PNG, SFT beats the base model;
+    a second run with the same seed reuses the cached base model and writes the same headline.json."""
+    monkeypatch.setenv("PREFLAB_CACHE_DIR", str(tmp_path / "cache"))
     values = load_preset("fast")["demo"]
     summary = demo(build_config(DemoConfig, {**values, "out": str(tmp_path / "demo")}, source="fast"))
     root = tmp_path / "demo"
     for rel in ["pretrain/model/config.json", "sft/model/config.json", "generate/pairs.jsonl", "votes/train.jsonl",
                 "votes/heldout.jsonl", "reward/summary.json", "bias/bias.json", "ppo/model/config.json",
-                "dpo/model/config.json", "eval/eval.json", "eval/eval.md", "sweep/sweep.json", "headline.json", "report.html"]:
+                "dpo/model/config.json", "eval/eval.json", "eval/eval.md", "sweep/sweep.json", "headline.json",
+                "timings.json", "report.html"]:
         assert (root / rel).exists(), rel
     ev = json.loads((root / "eval" / "eval.json").read_text())
     assert set(ev["policies"]) == {"sft", "base", "ppo", "dpo", "bon2"}
@@ -45,6 +48,14 @@ def test_fast_demo_end_to_end(tmp_path):
     images = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", text)
     assert len(images) == 5 and all(base64.b64decode(i)[:4] == b"\x89PNG" for i in images)
     sweep = json.loads((root / "sweep" / "sweep.json").read_text())
+    assert sorted({p["steps"] for p in sweep["points"]}) == [1, 2]
     assert all(math.isfinite(p["true_utility"]) and math.isfinite(p["proxy"]) for p in sweep["points"])
-    assert summary["report"] == str(root / "report.html")
     assert 0.5 <= json.loads((root / "votes" / "annotators.json").read_text())["ceiling_accuracy"] <= 1.0
+    headline = json.loads((root / "headline.json").read_text())
+    assert len(headline["claims"]) == 6 and headline["claims"] == summary["claims"]
+    assert "The lesson's claims" in capsys.readouterr().out
+
+    again = demo(build_config(DemoConfig, {**values, "out": str(tmp_path / "again")}, source="fast"))
+    assert "reusing the base model cached at" in capsys.readouterr().out
+    assert (tmp_path / "again" / "headline.json").read_text() == (root / "headline.json").read_text()
+    assert again["numbers"] == summary["numbers"]

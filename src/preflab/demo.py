@@ -19,14 +19,19 @@ overridden by another preset (`--fast` = `presets/fast.yaml`) and by YAML given 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from preflab.config import RunConfig, build_config, check, load_preset, opt
+from preflab.config import RunConfig, build_config, check, load_preset, opt, to_dict
 from preflab.evaluate.bias import audit
+from preflab.evaluate.claims import all_claims, format_claims
 from preflab.evaluate.policy import evaluate_policies
 from preflab.evaluate.sweep import sweep
 from preflab.generate import generate_stage
@@ -62,6 +67,8 @@ class DemoConfig(RunConfig):
     run_rloo: bool = opt(False, "also train RLOO")
     run_sweep: bool = opt(True, "run the over-optimisation sweep")
     ensemble: int = opt(0, "K > 1: also train a K-member reward ensemble (min) as a sweep arm")
+    seeds: list[int] = opt([], "run the whole demo once per seed (e.g. 0,1,2) into seed-N/ and report each claim "
+                               "on every seed with the spread of the numbers (seeds.md)")
     pretrain: dict = opt({}, "pretrain options over the demo's defaults (YAML)", cli=False)
     sft: dict = opt({}, "sft options (YAML)", cli=False)
     generate: dict = opt({}, "generate options (YAML)", cli=False)
@@ -78,6 +85,8 @@ class DemoConfig(RunConfig):
         check(0 < self.temperature_low <= self.temperature_high,
               f"need 0 < temperature_low <= temperature_high, got {self.temperature_low}, {self.temperature_high}")
         check(0 < self.held_out < 0.5, f"held_out must be in (0, 0.5), got {self.held_out}")
+        check(len(set(self.seeds)) == len(self.seeds) and all(x >= 0 for x in self.seeds),
+              f"seeds must be distinct and >= 0, got {self.seeds}")
         check(self.bon_n >= 0 and self.ensemble >= 0, f"bon_n and ensemble must be >= 0, got {self.bon_n}, {self.ensemble}")
         for name in SECTIONS:
             check(isinstance(getattr(self, name), dict), f"{name} must be a mapping of options, got {getattr(self, name)!r}")
@@ -132,9 +141,10 @@ def annotate(root: Path, pairs_file: Path, config: DemoConfig) -> dict:
     return info
 
 
-def headline(root: Path, ev: dict, rm: dict, votes: dict, bias: dict, sweep: dict | None) -> dict:
-    """The numbers the lesson is about, flat, for headline.json, the report and the console."""
-    h = {"report": str(root / "report.html")}
+def headline(ev: dict, rm: dict, votes: dict, bias: dict, sweep: dict | None) -> dict:
+    """The numbers the lesson is about, flat, for headline.json, the report and the console (nothing in it depends
+    on the machine's speed or the folder: the same seed gives the same file)."""
+    h = {}
     for name, r in ev["policies"].items():
         g = r["gain"]
         h[f"{name}: true utility"] = round(r["true_utility"]["mean"], 3)
@@ -157,24 +167,93 @@ def headline(root: Path, ev: dict, rm: dict, votes: dict, bias: dict, sweep: dic
     return h
 
 
-@stage(DemoConfig)
-def demo(config: DemoConfig) -> dict:
-    set_threads(config.threads)
-    root = Path(config.out) if config.out else default_out("demo")
+def numbers(ev: dict, rm: dict, bias: dict, sweep: dict | None) -> dict:
+    """The headline as numbers (no intervals), for the spread over seeds."""
+    out = {}
+    for name, r in ev["policies"].items():
+        if name != ev["reference"]:
+            out[f"{name}: gain vs sft"] = r["gain"]["mean"]
+        out[f"{name}: right-answer rate"] = r["right_answer_rate"]
+    out["reward model held-out accuracy"] = rm.get("eval_accuracy", float("nan"))
+    out["bias audit: length bias"] = bias["length_bias"]
+    if sweep:
+        base = sweep["reference"]
+        for arm in sweep["fits"]:
+            last = max((p for p in sweep["points"] if p["arm"] == arm), key=lambda p: p["steps"])
+            out[f"sweep {arm}: longest run proxy gain"] = last["proxy"] - base["proxy"]
+            out[f"sweep {arm}: longest run true gain"] = last["true_utility"] - base["true_utility"]
+    return out
+
+
+# ---- stage 1, cached -----------------------------------------------------------------------------------------
+
+def cache_root() -> Path:
+    """Where base models are cached: $PREFLAB_CACHE_DIR, else $XDG_CACHE_HOME/preflab, else ~/.cache/preflab."""
+    if os.environ.get("PREFLAB_CACHE_DIR"):
+        return Path(os.environ["PREFLAB_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "preflab"
+
+
+def pretrain_key(options: dict) -> str:
+    """A hash of everything the base model depends on: the resolved pretrain config (its folder aside), the code
+    that builds the corpus, tokenizer and model, and the library versions."""
+    import torch
+    import transformers
+
+    config = to_dict(build_config(pretrain.config_class, options, source="demo pretrain"))
+    config.pop("out", None)
+    config.pop("threads", None)
+    here = Path(__file__).resolve().parent
+    code = sorted([here / "pretrain.py", here / "models.py", here / "training.py", *(here / "world").glob("*.py")])
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for path in code:
+        digest.update(path.read_bytes())
+    digest.update(f"{torch.__version__} {transformers.__version__}".encode())
+    return digest.hexdigest()[:16]
+
+
+def pretrain_cached(p: Pipeline, title: str) -> dict:
+    """Stage 1 through the cache: a step-budgeted base model is trained once per config hash and reused after
+    (a time budget gives a machine-dependent model, so it is never cached)."""
+    options = {**DEFAULTS.get("pretrain", {}), **p.config.pretrain, "seed": p.config.seed, "out": str(p.root / "pretrain")}
+    if options.get("max_seconds"):
+        return p.run("pretrain", title)
+    cached = cache_root() / "pretrain" / pretrain_key(options)
+    if (cached / "summary.json").exists():
+        p.banner(title)
+        shutil.copytree(cached, p.root / "pretrain", dirs_exist_ok=True)
+        print(f"[demo] pretrain: reusing the base model cached at {cached} (same options, code and versions; "
+              "delete that folder to pretrain again)", flush=True)
+        return json.loads((cached / "summary.json").read_text())
+    summary = p.run("pretrain", title)
+    tmp = cached.parent / (cached.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(p.root / "pretrain", tmp, ignore=shutil.ignore_patterns("checkpoints", "events.*"))
+    if not cached.exists():
+        tmp.rename(cached)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return summary
+
+
+# ---- the demo ------------------------------------------------------------------------------------------------
+
+def demo_once(config: DemoConfig, root: Path) -> dict:
+    """The whole loop once, with `config.seed`, into `root`. Returns headline, claims and numbers."""
     root.mkdir(parents=True, exist_ok=True)
     p = Pipeline(root, config, n_stages=10 + config.run_rloo + config.run_sweep)
-    print(f"[demo] writing to {root}", flush=True)
+    print(f"[demo] writing to {root} (seed {config.seed})", flush=True)
 
-    # 1-3. pretrain, SFT, candidates from the SFT policy
-    p.run("pretrain", "pretrain: a tiny Llama from scratch on the world corpus")
+    # 1-3. pretrain (cached), SFT, candidates from the SFT policy
+    pretrain_cached(p, "pretrain: a tiny Llama from scratch on the world corpus")
     p.run("sft", "sft: imperfect demonstrations", model=str(root / "pretrain"))
-    gen = p.run("generate", "generate: candidate pairs from the SFT policy", model=str(root / "sft"), pairs=True, split="train")
+    gen = p.run("generate", "generate: candidate pairs from the SFT policy", model=str(root / "sft"), pairs=True,
+                split="train")
     # 4. annotators
     p.banner("annotate: simulated annotators with a planted length bias")
     votes = annotate(root, Path(gen["run_dir"]) / "pairs.jsonl", config)
     # 5-6. reward model, bias audit
-    rm = p.run("reward", "reward: Bradley-Terry reward model", model=str(root / "sft"), data=str(root / "votes" / "train.jsonl"),
-               eval_data=str(root / "votes" / "heldout.jsonl"), held_out=0.0)
+    rm = p.run("reward", "reward: Bradley-Terry reward model", model=str(root / "sft"),
+               data=str(root / "votes" / "train.jsonl"), eval_data=str(root / "votes" / "heldout.jsonl"), held_out=0.0)
     print(f"[demo] reward model held-out accuracy {rm.get('eval_accuracy', float('nan')):.3f} vs the annotators' "
           f"noise ceiling {votes['ceiling_accuracy']:.3f}", flush=True)
     bias = p.run("bias", "bias audit of the votes", file=str(root / "votes" / "all.jsonl"))
@@ -200,17 +279,56 @@ def demo(config: DemoConfig) -> dict:
     swept = None
     if config.run_sweep:
         extra = [f"ensemble={ens['model']}"] if ens else []
-        p.run("sweep", "sweep: KL coefficient x training length", model=str(root / "sft"), reward=str(root / "reward"),
-              extra_rewards=extra)
+        p.run("sweep", "sweep: KL coefficient x training length", model=str(root / "sft"),
+              reward=str(root / "reward"), extra_rewards=extra)
         swept = json.loads((root / "sweep" / "sweep.json").read_text())
-    # 10. headline and report
-    h = headline(root, ev, rm, votes, bias, swept)
-    h["demo seconds"] = round(time.time() - p.started, 1)
-    (root / "headline.json").write_text(json.dumps(h, indent=2) + "\n")
+    # 10. headline, claims, report
+    h = headline(ev, rm, votes, bias, swept)
+    claims = all_claims(ev, bias, swept, seed=config.seed)
+    (root / "headline.json").write_text(json.dumps({**h, "claims": claims}, indent=2) + "\n")
+    seconds = round(time.time() - p.started, 1)
+    (root / "timings.json").write_text(json.dumps({"demo seconds": seconds, "stage seconds": {
+        k: round(v, 1) for k, v in p.times.items()}}, indent=2) + "\n")
     p.banner("report")
     from preflab.report.html import ReportConfig, report
 
     report(ReportConfig(run_dir=str(root)))
     print("\n" + "\n".join(f"  {k}: {v}" for k, v in h.items()), flush=True)
-    print(f"\n[demo] done in {h['demo seconds']:.0f}s; open {root / 'report.html'}", flush=True)
-    return {**h, "stage_seconds": {k: round(v, 1) for k, v in p.times.items()}}
+    print("\nThe lesson's claims (each holds only when its 95% interval supports it):\n" + format_claims(claims), flush=True)
+    print(f"\n[demo] done in {seconds:.0f}s; open {root / 'report.html'}", flush=True)
+    return {"headline": h, "claims": claims, "numbers": numbers(ev, rm, bias, swept), "seconds": seconds}
+
+
+def demo_seeds(config: DemoConfig, root: Path) -> dict:
+    """The demo once per seed (`root/seed-N/`), then each claim's verdict on every seed and the headline's spread
+    (`seeds.json`, `seeds.md`)."""
+    results = {}
+    for seed in config.seeds:
+        one = dataclasses.replace(config, seed=seed, seeds=[], out=str(root / f"seed-{seed}"))
+        results[seed] = demo_once(one, root / f"seed-{seed}")
+    claims = [c["claim"] for c in results[config.seeds[0]]["claims"]]
+    verdicts = {c: [next(x["holds"] for x in r["claims"] if x["claim"] == c) for r in results.values()] for c in claims}
+    spread = {}
+    for key in results[config.seeds[0]]["numbers"]:
+        values = [r["numbers"].get(key, float("nan")) for r in results.values()]
+        spread[key] = {"values": values, "mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+    out = {"seeds": config.seeds, "claims": verdicts, "numbers": spread}
+    (root / "seeds.json").write_text(json.dumps(out, indent=2) + "\n")
+    mark = {True: "holds", False: "FAILED", None: "n/a"}
+    lines = ["# The demo on seeds " + ", ".join(map(str, config.seeds)), "",
+             "| claim | " + " | ".join(f"seed {s}" for s in config.seeds) + " |",
+             "|---|" + "---|" * len(config.seeds)]
+    lines += [f"| {c} | " + " | ".join(mark[v] for v in vs) + " |" for c, vs in verdicts.items()]
+    lines += ["", "| number | mean | min | max | per seed |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {v['mean']:+.3f} | {v['min']:+.3f} | {v['max']:+.3f} | "
+              + ", ".join(f"{x:+.3f}" for x in v["values"]) + " |" for k, v in spread.items()]
+    (root / "seeds.md").write_text("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines), flush=True)
+    return out
+
+
+@stage(DemoConfig)
+def demo(config: DemoConfig) -> dict:
+    set_threads(config.threads)
+    root = Path(config.out) if config.out else default_out("demo")
+    return demo_seeds(config, root) if config.seeds else demo_once(config, root)

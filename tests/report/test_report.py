@@ -43,7 +43,13 @@ def make_demo_folder(root):
     (root / "sweep").mkdir()
     (root / "sweep" / "sweep.json").write_text(json.dumps(
         {"reference": base, "points": points, "fits": {"beta=0": fit_arm(points, 0.0)}}))
-    (root / "headline.json").write_text(json.dumps({"ppo_gain": 0.5}))
+    for stage in ("eval", "sweep"):     # one row per policy / sweep point: never to be drawn as training curves
+        (root / stage / "config.yaml").write_text(f"stage: {stage}\n")
+        (root / stage / "metrics.jsonl").write_text("".join(json.dumps({"step": i, f"{stage}/x": i}) + "\n"
+                                                            for i in range(3)))
+    claims = [{"claim": "PPO beats SFT on true utility", "holds": True, "evidence": "gain +0.5 [+0.2, +0.8]"},
+              {"claim": "PPO gains right answers (not only hedges)", "holds": False, "evidence": "-0.1 [-0.3, +0.1]"}]
+    (root / "headline.json").write_text(json.dumps({"ppo_gain": 0.5, "claims": claims}))
 
 
 def test_report_embeds_every_figure_as_png(tmp_path):
@@ -56,7 +62,10 @@ def test_report_embeds_every_figure_as_png(tmp_path):
         assert base64.b64decode(img)[:8] == b"\x89PNG\r\n\x1a\n"
     assert "src='http" not in text and "<link" not in text       # self-contained
     assert "ppo_gain" in text and "Sample responses" in text and "I am not sure." in text
-    assert summary["eval"] and summary["sweep"] and summary["runs"] == 1
+    assert summary["eval"] and summary["sweep"] and summary["runs"] == 1      # eval and sweep are not curves
+    assert "<td>PPO gains right answers (not only hedges)</td><td>FAILED</td>" in text
+    assert "Answers by question kind" in text and "capital: right / hedged / wrong" in text
+    assert text.index("Answers by question kind") < text.index("Sample responses") < text.index("<img")
 
 
 def test_report_on_a_bare_training_run_draws_only_curves(tmp_path):

@@ -194,6 +194,8 @@ def summarise(scored: dict[str, dict], reference: str, seed: int = 0) -> dict[st
                                                                ref["lengths"]).lc_win_rate,
                 # correctness 0 is an honest "not sure": the right-answer rate tells hedging from knowing
                 "right_answer_rate": float(np.mean(np.asarray(s["correctness"]) == 1.0)),
+                "right_answer_gain": paired_difference(np.asarray(s["correctness"]) == 1.0,
+                                                       np.asarray(ref["correctness"]) == 1.0, seed=seed).as_dict(),
                 "outcomes_by_kind": outcomes_by_kind(s),
             })
         if s.get("proxy") is not None and ref.get("proxy") is not None:

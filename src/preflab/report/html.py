@@ -44,12 +44,24 @@ def _load_json(path: Path | None):
     return json.loads(path.read_text()) if path and path.exists() else None
 
 
+# Stages whose metrics.jsonl rows are not training steps (one row per policy, sweep point or audit): they are
+# shown as tables and figures of their own, never as curves against a step.
+NOT_TRAINING = {"eval", "sweep", "bias", "bon", "eval-reward"}
+
+
+def _stage_of(folder: Path) -> str | None:
+    import yaml
+
+    path = folder / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}).get("stage") if path.exists() else None
+
+
 def find_runs(root: Path, max_depth: int = 2) -> dict[str, list[dict]]:
-    """Relative name -> metrics rows, for every run folder with metrics (sweep sub-runs skipped)."""
+    """Relative name -> metrics rows, for every training run folder with metrics (sweep sub-runs skipped)."""
     runs = {}
     for path in sorted(root.rglob("metrics.jsonl")):
         rel = path.parent.relative_to(root)
-        if len(rel.parts) > max_depth:
+        if len(rel.parts) > max_depth or _stage_of(path.parent) in NOT_TRAINING:
             continue
         rows = read_metrics(path.parent)
         if rows:
@@ -108,6 +120,24 @@ def policy_tables(evaluation: dict) -> str:
     return out
 
 
+def claims_table(claims: list[dict]) -> str:
+    """Each of the lesson's claims with its verdict and the interval that decided it."""
+    mark = {True: "holds", False: "FAILED", None: "not measured"}
+    return _table(["claim", "verdict", "evidence (95% intervals)"], [[c["claim"], mark[c["holds"]], c["evidence"]]
+                                                                    for c in claims])
+
+
+def outcomes_table(evaluation: dict) -> str:
+    """Right / hedged / wrong answers per question kind and policy: a gain made of hedging shows at a glance."""
+    policies = {n: r for n, r in evaluation["policies"].items() if "outcomes_by_kind" in r}
+    if not policies:
+        return ""
+    kinds = list(next(iter(policies.values()))["outcomes_by_kind"])
+    rows = [[name] + [f"{r['outcomes_by_kind'][k]['right']:.0%} / {r['outcomes_by_kind'][k]['hedge']:.0%} / "
+                      f"{r['outcomes_by_kind'][k]['wrong']:.0%}" for k in kinds] for name, r in policies.items()]
+    return _table(["policy", *(f"{k}: right / hedged / wrong" for k in kinds)], rows)
+
+
 def sample_table(samples: list[dict], n: int) -> str:
     from preflab.world import question_of
 
@@ -142,7 +172,18 @@ def build_report(root: Path, n_samples: int = 8) -> tuple[str, dict]:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>preflab report: {html.escape(root.name)}</title>"
              f"<style>{STYLE}</style></head><body><h1>preflab report: {html.escape(str(root))}</h1>"]
     if headline:
-        parts.append("<h2>Headline</h2>" + _table(["figure", "value"], [[k, v] for k, v in headline.items()]))
+        claims = headline.get("claims", [])
+        parts.append("<h2>Headline</h2>" + _table(["figure", "value"], [[k, v] for k, v in headline.items()
+                                                                        if k != "claims"]))
+        if claims:
+            parts.append("<h2>The lesson's claims</h2><p class='note'>each holds only when its 95% interval supports "
+                         "it; a failed claim is shown as failed</p>" + claims_table(claims))
+    if evaluation and outcomes_table(evaluation):
+        parts.append("<h2>Answers by question kind</h2><p class='note'>a hedge (\"I am not sure\") scores 0 on "
+                     "correctness: a gain in true utility with fewer right answers is a gain made of hedging</p>"
+                     + outcomes_table(evaluation))
+    if samples and n_samples:
+        parts.append("<h2>Sample responses (true utility in brackets)</h2>" + sample_table(samples, n_samples))
     if evaluation:
         where = "held-out" if evaluation.get("has_true_utility", True) else "of your own"
         parts.append(f"<h2>Policies on {evaluation['n_prompts']} prompts {where}</h2>" + policy_tables(evaluation))
@@ -167,8 +208,6 @@ def build_report(root: Path, n_samples: int = 8) -> tuple[str, dict]:
     if calib:
         parts.append("<h2>Calibration table</h2>" + _table(["bin", "n", "predicted", "observed"],
                                                              [[r["bin"], r["n"], r["predicted"], r["observed"]] for r in calib]))
-    if samples and n_samples:
-        parts.append("<h2>Sample responses (true utility in brackets)</h2>" + sample_table(samples, n_samples))
     parts.append("</body></html>")
     found = {"runs": len(runs), "eval": evaluation is not None, "sweep": sweep_data is not None,
              "figures": len(drawn), "calibration_bins": len(calib)}
