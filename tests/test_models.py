@@ -29,6 +29,15 @@ def test_disable_dropout_zeroes_dropout_named_in_the_config(micro_model_with_dro
     assert model.config.attention_dropout == 0.0
 
 
+def test_disable_dropout_reaches_a_wrapped_backbone(micro_model_with_dropout, tokenizer):
+    from preflab.reward.model import RewardModel
+
+    rm = RewardModel(micro_model_with_dropout, tokenizer, seed=0)
+    disable_dropout(rm)
+    assert rm.backbone.config.attention_dropout == 0.0
+    assert all(layer.self_attn.attention_dropout == 0.0 for layer in rm.backbone.model.layers)
+
+
 def test_disable_dropout_zeroes_every_dropout_float_and_module():
     """Config floats named *dropout* or *_pdrop (GPT-2's resid_pdrop, embd_pdrop, attn_pdrop) and nn.Dropout modules."""
     from transformers import GPT2Config, GPT2LMHeadModel

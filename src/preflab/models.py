@@ -226,18 +226,25 @@ def disable_dropout(model: torch.nn.Module) -> None:
     is built; and attributes copied from the config into layers that call dropout functionally (Llama's
     attention keeps `self.attention_dropout` and applies it in train mode, with no `nn.Dropout` module).
     """
+    from transformers import PretrainedConfig
+
+    configs = []
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-        for name, value in list(vars(module).items()):
-            if is_dropout_name(name) and isinstance(value, float):
-                setattr(module, name, 0.0)
-    config = getattr(model, "config", None)
-    configs = [config] + [getattr(config, k) for k in getattr(config, "sub_configs", {}) if getattr(config, k, None)]
-    for c in (c for c in configs if c is not None):
-        for name, value in list(vars(c).items()):
-            if is_dropout_name(name) and isinstance(value, float):
-                setattr(c, name, 0.0)
+        _zero_dropout_floats(module)
+        config = getattr(module, "config", None)   # (a wrapper such as a reward model holds a backbone's config)
+        if isinstance(config, PretrainedConfig):
+            configs += [config] + [getattr(config, k) for k in getattr(config, "sub_configs", {})]
+    for config in configs:
+        if isinstance(config, PretrainedConfig):
+            _zero_dropout_floats(config)
+
+
+def _zero_dropout_floats(obj) -> None:
+    for name, value in list(vars(obj).items()):
+        if is_dropout_name(name) and isinstance(value, float):
+            setattr(obj, name, 0.0)
 
 
 def chat_prompt_text(tokenizer, messages) -> str:

@@ -59,13 +59,16 @@ def test_missing_demonstration_field_names_line(tmp_path):
 
 
 @pytest.mark.parametrize("case", sorted(BAD_ROWS))
-def test_cli_check_exits_2_without_traceback(tmp_path, capsys, case):
+def test_cli_check_exits_1_without_traceback(tmp_path, capsys, case):
+    """A file whose only row is unusable is a finding (exit 1, as a linter), not a failure to read it (exit 2)."""
     line, _, phrase = BAD_ROWS[case]
     path = write(tmp_path, [line])
-    assert main(["data", "check", str(path)]) == 2
+    with pytest.raises(SystemExit) as stop:
+        main(["data", "check", str(path)])
+    assert stop.value.code == 1
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
-    assert "error:" in err and "no usable rows" in err
+    assert "1 of 1 rows skipped (0 usable)" in err
     assert f"{path}:1" in out and phrase in out  # the report lists the row and why it was skipped
 
 

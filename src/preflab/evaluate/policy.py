@@ -38,7 +38,7 @@ from preflab.evaluate.stats import (
 )
 from preflab.runs import Run, progress, seed_everything
 from preflab.training import set_threads
-from preflab.world import COMPONENTS, prompts as world_prompts, question_of, task_for, true_utility
+from preflab.world import COMPONENTS, question_of, task_for, true_utility
 
 
 @dataclass(kw_only=True)
@@ -124,15 +124,6 @@ def best_of_n_samples(ref_model, tokenizer, prompts, prompt_ids, n: int, reward,
             finished.append(bool(roll.finished[k]))
     return {"texts": texts, "lengths": lengths, "finished": finished, "kl": [kl_bound(n)] * len(texts),
             "kl_is_bound": True}
-
-
-def read_prompts(config: EvalConfig) -> list:
-    """The prompts: `n_prompts` held-out world prompts, or the first `n_prompts` rows of the user's file."""
-    if config.prompts == "world":
-        return world_prompts(config.n_prompts, seed=config.seed, split="eval")
-    from preflab.data import load_prompts
-
-    return list(load_prompts(config.prompts).rows)[:config.n_prompts]
 
 
 # ---- scoring and summaries (pure: testable without models) ----------------------------------------------------
@@ -285,6 +276,7 @@ def world_tables(table: dict) -> list[str]:
 @stage(EvalConfig)
 def evaluate_policies(config: EvalConfig) -> dict:
     from preflab.data.tokenize import encode_prompt
+    from preflab.generate import read_prompts
     from preflab.models import load_model
     from preflab.reward import load_reward
 
@@ -294,7 +286,7 @@ def evaluate_policies(config: EvalConfig) -> dict:
 
     # 1. prompts, models, reward
     world = config.prompts == "world"
-    prompts = read_prompts(config)
+    prompts = read_prompts(config.prompts, config.n_prompts, "eval", config.seed)   # world: its held-out split
     if not world:
         print(f"[eval] {len(prompts)} prompts from {config.prompts}: no true utility (it needs --prompts world); "
               "reporting " + ("the proxy reward, " if config.reward_model else "") + "KL, length and samples", flush=True)
