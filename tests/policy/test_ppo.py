@@ -43,7 +43,19 @@ def ppo_data(model, tokenizer, value_model, n=4, seed=0):
     return {**batch, "old_logps": old, "old_values": values, "advantages": masked_whiten(adv, mask), "returns": ret}
 
 
-def test_first_minibatch_ratio_is_one_and_approxkl_zero(tokenizer, model):
+def loaded_with_dropout(model, tokenizer, tmp_path):
+    """A model whose config asks for dropout, saved and loaded the way every stage loads one (`load_model`)."""
+    from preflab.models import load_model
+
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    loaded, _ = load_model(tmp_path / "m")
+    assert loaded.config.attention_dropout == 0.0                  # what the config asked for is switched off
+    return loaded
+
+
+def test_first_minibatch_ratio_is_one_and_approxkl_zero(tokenizer, micro_model_with_dropout, tmp_path):
+    model = loaded_with_dropout(micro_model_with_dropout, tokenizer, tmp_path)
     value = make_value_model(model, tokenizer, "policy")
     data = ppo_data(model, tokenizer, value)
     model.train()
@@ -197,12 +209,15 @@ def test_ppo_cli_writes_a_loadable_policy_and_every_metric(model_dir, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), original.parameters()))
 
 
-def test_kl_is_zero_when_policy_is_the_reference_and_eos_penalty_hits_unfinished_rows(tokenizer, model):
+def test_kl_is_zero_when_policy_is_the_reference_and_eos_penalty_hits_unfinished_rows(tokenizer, micro_model_with_dropout,
+                                                                                    tmp_path):
+    model = loaded_with_dropout(micro_model_with_dropout, tokenizer, tmp_path)
     prompts = world_prompts(6, seed=3)
     rollout = generate(model, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], 5,
                        generator=torch.Generator().manual_seed(3))
     ref = frozen_copy(model)
     assert all(not p.requires_grad for p in ref.parameters())
+    model.train()                                                 # as in the PPO epochs: dropout would show here
     mask = rollout.batch["completion_mask"].float()
     logp, ref_logp = chunked_logps(model, rollout.batch, 0.7, 4), chunked_logps(ref, rollout.batch, 0.7, 3)
     for estimator in ("k1", "k3"):
