@@ -28,7 +28,8 @@ from preflab.logps import chunked_logps
 from preflab.policy.losses import KL_ESTIMATORS
 from preflab.rollout import Rollout, generate
 from preflab.runs import Run, save_model, seed_everything
-from preflab.training import TrainingStopped, check_finite, make_accelerator, set_threads
+from preflab.policy.kl_control import make_kl_controller
+from preflab.training import Budget, TrainingStopped, check_finite, make_accelerator, set_threads
 
 
 @dataclass(kw_only=True)
@@ -264,27 +265,46 @@ def optimise(modules: list, optimizer, data: dict, config: OnlineConfig, generat
 
 # ---- checkpoints and resume -------------------------------------------------------------------------------
 
-def online_state(optimizer, kl_ctl, generator: torch.Generator, cycle: PromptCycle, before: dict, step: int,
-                 elapsed: float, modules: dict | None = None) -> dict:
-    """What an online loop needs to continue exactly: optimiser, beta, the shuffling generator, the prompt
-    position, the held-out numbers from before training, extra modules (PPO's critic) and the clock."""
-    return {"optimizer": optimizer.state_dict(), "beta": kl_ctl.value, "generator": generator.get_state(),
-            "order": list(cycle.order), "before": before, "loop": (step, elapsed),
-            "modules": {name: m.state_dict() for name, m in (modules or {}).items()}}
+@dataclass
+class LoopState:
+    """What an online loop carries from step to step, and into its checkpoints."""
+
+    kl_ctl: Any                      # the fixed or adaptive KL coefficient (`.value`)
+    generator: torch.Generator       # the prompt order and the minibatch shuffles
+    prompts: PromptCycle
+    before: dict                     # held-out numbers before training (for the summary)
+    step: int
+    budget: Budget
 
 
-def restore_online(ckpt, setup: OnlineSetup, optimizer, kl_ctl, generator: torch.Generator, cycle: PromptCycle,
-                   modules: dict | None = None) -> tuple[dict, int, float]:
-    """The inverse of `online_state` (the policy's weights from the checkpoint folder); (before, step, elapsed)."""
+def start_loop(setup: OnlineSetup, config: OnlineConfig, optimizer, modules: dict | None = None) -> LoopState:
+    """A fresh loop (held-out numbers measured before training), or with --resume the loop as its newest
+    checkpoint left it: the policy's and `modules`' weights, optimiser, beta, generator, prompt position, clock."""
+    kl_ctl = make_kl_controller(config.beta, config.target_kl, config.horizon)
+    generator = torch.Generator().manual_seed(config.seed)
+    prompts = PromptCycle(setup.train_prompts, config.batch_size, generator)
+    ckpt = setup.run.resume_state()
+    if ckpt is None:
+        return LoopState(kl_ctl, generator, prompts, evaluate_policy(setup, config, config.seed + 7), 0,
+                         Budget(config.max_steps, config.max_seconds))
     ckpt.load_model_weights(setup.policy)
     for name, module in (modules or {}).items():
         module.load_state_dict(ckpt.state["modules"][name])
     optimizer.load_state_dict(ckpt.state["optimizer"])
     kl_ctl.value = ckpt.state["beta"]
     generator.set_state(ckpt.state["generator"])
-    cycle.order = list(ckpt.state["order"])
+    prompts.order = list(ckpt.state["order"])
     step, elapsed = ckpt.state["loop"]
-    return ckpt.state["before"], step, elapsed
+    return LoopState(kl_ctl, generator, prompts, ckpt.state["before"], step,
+                     Budget(config.max_steps, config.max_seconds, elapsed=elapsed))
+
+
+def save_loop(setup: OnlineSetup, loop: LoopState, optimizer, modules: dict | None = None) -> None:
+    """A checkpoint of the policy and everything `start_loop` needs to continue exactly."""
+    setup.run.save_checkpoint(loop.step, setup.policy, setup.tokenizer, {
+        "optimizer": optimizer.state_dict(), "beta": loop.kl_ctl.value, "generator": loop.generator.get_state(),
+        "order": list(loop.prompts.order), "before": loop.before, "loop": (loop.step, loop.budget.elapsed),
+        "modules": {name: m.state_dict() for name, m in (modules or {}).items()}})
 
 
 # ---- evaluation and the end of a run -----------------------------------------------------------------------
@@ -304,14 +324,13 @@ def evaluate_policy(setup: OnlineSetup, config: OnlineConfig, seed: int) -> dict
             "length": rollout.lengths.float().mean().item(), "eos_rate": rollout.finished.float().mean().item()}
 
 
-def finish_online(setup: OnlineSetup, name: str, config: OnlineConfig, before: dict, step: int, beta: float,
-                  extra: dict | None = None) -> dict:
+def finish_online(setup: OnlineSetup, name: str, config: OnlineConfig, loop: LoopState, extra: dict | None = None) -> dict:
     """Held-out evaluation after training, the policy saved as a HF directory, the summary."""
     after = evaluate_policy(setup, config, config.seed + 7)
     if after:
-        setup.run.log(step, {f"{name}/eval/{k}": v for k, v in after.items()})
+        setup.run.log(loop.step, {f"{name}/eval/{k}": v for k, v in after.items()})
     save_model(setup.policy, setup.tokenizer, setup.run.model_dir)
-    summary = {"steps": step, "beta": beta, "model": str(setup.run.model_dir), **(extra or {})}
-    summary.update({f"eval_{k}_before": v for k, v in before.items() if k != "kl"})
+    summary = {"steps": loop.step, "beta": loop.kl_ctl.value, "model": str(setup.run.model_dir), **(extra or {})}
+    summary.update({f"eval_{k}_before": v for k, v in loop.before.items() if k != "kl"})
     summary.update({f"eval_{k}_after": v for k, v in after.items()})
     return setup.run.finish(summary)

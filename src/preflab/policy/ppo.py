@@ -25,16 +25,13 @@ import torch
 
 from preflab.config import check, opt
 from preflab.logps import masked_mean, sequence_logps
-from preflab.policy.kl_control import make_kl_controller
 from preflab.policy.losses import (approx_kl, clipped_policy_loss, clipped_value_loss, explained_variance, gae,
                                    masked_whiten, rlhf_rewards)
-from preflab.policy.online import (OnlineConfig, PromptCycle, add_token_stats, check_scores, evaluate_policy, finish_online,
-                                   micro_batches, online_state, optimise, restore_online, rollout_and_score,
-                                   setup_online)
+from preflab.policy.online import (OnlineConfig, add_token_stats, check_scores, finish_online, micro_batches, optimise,
+                                   rollout_and_score, save_loop, setup_online, start_loop)
 from preflab.policy.value import make_value_model, save_value_model
 from preflab.runs import progress
 from preflab.stages import stage
-from preflab.training import Budget
 
 
 @dataclass(kw_only=True)
@@ -93,27 +90,21 @@ def ppo(config: PPOConfig) -> dict:
                                    config.value_model or config.reward).to(s.device)
     optimizer = torch.optim.AdamW([*s.policy.parameters(), *value_model.parameters()], lr=config.lr, eps=1e-5,
                                   weight_decay=config.weight_decay)
-    kl_ctl = make_kl_controller(config.beta, config.target_kl, config.horizon)
-    gen = torch.Generator().manual_seed(config.seed)
-    batches = PromptCycle(s.train_prompts, config.batch_size, gen)
-    ckpt = s.run.resume_state()
-    if ckpt is None:
-        before, step, elapsed = evaluate_policy(s, config, config.seed + 7), 0, 0.0
-    else:
-        before, step, elapsed = restore_online(ckpt, s, optimizer, kl_ctl, gen, batches, {"value_model": value_model})
-    budget = Budget(config.max_steps, config.max_seconds, elapsed=elapsed)
-    bar = progress(total=config.max_steps, initial=step, desc="ppo")
+    critic = {"value_model": value_model}
+    loop = start_loop(s, config, optimizer, critic)
+    bar = progress(total=config.max_steps, initial=loop.step, desc="ppo")
     with s.run.guarded() as stop:
-        while not budget.done(step):
+        while not loop.budget.done(loop.step):
             # 1-3. rollout (pure sampling at temperature T, stop at EOS: details #3, #4); old and reference log-probs
             #      with the one log-prob function (temperature on both); scores with the missing-EOS penalty
-            r = rollout_and_score(s, next(batches), config, step)
+            r = rollout_and_score(s, next(loop.prompts), config, loop.step)
             mask = r.mask
             with torch.no_grad():
                 # 4. per-token reward: -beta KL_t, score at the last real token (details #5, #11)
-                rewards, kl = rlhf_rewards(r.old_logps, r.ref_logps, r.scores, mask, kl_ctl.value, config.kl_estimator)
+                rewards, kl = rlhf_rewards(r.old_logps, r.ref_logps, r.scores, mask, loop.kl_ctl.value,
+                                           config.kl_estimator)
                 rlhf_reward = rewards.sum(-1)
-                check_scores(step + 1, r.scores, kl.sum(-1), config)     # NaN, a broken reward, KL past max_kl
+                check_scores(loop.step + 1, r.scores, kl.sum(-1), config)     # NaN, a broken reward, KL past max_kl
                 # 5. reward whitening without mean shift (detail #14)
                 if config.whiten_rewards:
                     rewards = masked_whiten(rewards, mask, shift_mean=False)
@@ -124,19 +115,20 @@ def ppo(config: PPOConfig) -> dict:
             data = {**r.batch, "old_logps": r.old_logps, "old_values": old_values, "advantages": advantages,
                     "returns": returns}
             # 7. several epochs over reshuffled minibatches; one optimiser step per minibatch (details #16, #17)
-            stats = optimise([s.policy, value_model], optimizer, data, config, gen,
-                             lambda mb, st: ppo_minibatch(s.policy, value_model, mb, config, st), step + 1)
-            step += 1
+            stats = optimise([s.policy, value_model], optimizer, data, config, loop.generator,
+                             lambda mb, st: ppo_minibatch(s.policy, value_model, mb, config, st), loop.step + 1)
+            loop.step += 1
             # 8. KL controller on the mean per-sequence KL of this batch (detail #12)
             mean_kl = kl.sum(-1).mean().item()
-            beta_used = kl_ctl.value
-            kl_ctl.update(mean_kl, len(r.scores))
+            beta_used = loop.kl_ctl.value
+            loop.kl_ctl.update(mean_kl, len(r.scores))
             # 9. log: means over the whole step
             n = max(stats["tokens"], 1.0)
-            if step % config.log_every == 0 or step == config.max_steps:
-                s.run.log(step, {
+            if loop.step % config.log_every == 0 or loop.step == config.max_steps:
+                s.run.log(loop.step, {
                     "ppo/objective/kl": mean_kl, "ppo/objective/scores": r.scores.mean(),
-                    "ppo/objective/rlhf_reward": rlhf_reward.mean(), "ppo/objective/entropy": masked_mean(r.entropy, mask),
+                    "ppo/objective/rlhf_reward": rlhf_reward.mean(),
+                    "ppo/objective/entropy": masked_mean(r.entropy, mask),
                     "ppo/policy/approxkl": stats["policy/approxkl"] / n, "ppo/policy/clipfrac": stats["policy/clipfrac"] / n,
                     "ppo/policy/first_ratio_dev": stats["first_ratio_dev"],
                     "ppo/val/ratio": stats["val/ratio"] / n, "ppo/val/clipfrac": stats["val/clipfrac"] / n,
@@ -147,9 +139,7 @@ def ppo(config: PPOConfig) -> dict:
                 })
             bar.update(1)
             bar.set_postfix(score=f"{r.scores.mean().item():.3f}", kl=f"{mean_kl:.2f}")
-            s.run.step_end(step, config.checkpoint_every, stop, lambda: s.run.save_checkpoint(step, s.policy, s.tokenizer,
-                           online_state(optimizer, kl_ctl, gen, batches, before, step, budget.elapsed,
-                                        {"value_model": value_model})))
+            s.run.step_end(loop.step, config.checkpoint_every, stop, lambda: save_loop(s, loop, optimizer, critic))
     bar.close()
     value_dir = save_value_model(value_model, s.run.dir / "value_model")
-    return finish_online(s, "ppo", config, before, step, kl_ctl.value, extra={"value_model": str(value_dir)})
+    return finish_online(s, "ppo", config, loop, extra={"value_model": str(value_dir)})

@@ -25,15 +25,12 @@ import torch
 
 from preflab.config import check, opt
 from preflab.logps import masked_mean, sequence_logps
-from preflab.policy.kl_control import make_kl_controller
 from preflab.policy.losses import (approx_kl, clipped_policy_loss, grpo_advantages, kl_estimate, kl_k3,
                                    rloo_advantages)
-from preflab.policy.online import (OnlineConfig, PromptCycle, add_token_stats, check_scores, evaluate_policy, finish_online,
-                                   micro_batches, online_state, optimise, restore_online, rollout_and_score,
-                                   setup_online)
+from preflab.policy.online import (OnlineConfig, add_token_stats, check_scores, finish_online, micro_batches, optimise,
+                                   rollout_and_score, save_loop, setup_online, start_loop)
 from preflab.runs import progress
 from preflab.stages import stage
-from preflab.training import Budget
 
 
 @dataclass(kw_only=True)
@@ -87,41 +84,34 @@ def critic_free_minibatch(policy, mb: dict, config: RLOOConfig, method: str, bet
 def critic_free(config: RLOOConfig, method: str) -> dict:
     s = setup_online(config, method)
     optimizer = torch.optim.AdamW(s.policy.parameters(), lr=config.lr, eps=1e-5, weight_decay=config.weight_decay)
-    kl_ctl = make_kl_controller(config.beta, config.target_kl, config.horizon)
-    gen = torch.Generator().manual_seed(config.seed)
-    batches = PromptCycle(s.train_prompts, config.batch_size, gen)
-    ckpt = s.run.resume_state()
-    if ckpt is None:
-        before, step, elapsed = evaluate_policy(s, config, config.seed + 7), 0, 0.0
-    else:
-        before, step, elapsed = restore_online(ckpt, s, optimizer, kl_ctl, gen, batches)
-    budget = Budget(config.max_steps, config.max_seconds, elapsed=elapsed)
-    bar = progress(total=config.max_steps, initial=step, desc=method)
+    loop = start_loop(s, config, optimizer)
+    bar = progress(total=config.max_steps, initial=loop.step, desc=method)
     k = config.k
     with s.run.guarded() as stop:
-        while not budget.done(step):
-            prompts = [p for p in next(batches) for _ in range(k)]               # prompt-major groups of k
+        while not loop.budget.done(loop.step):
+            prompts = [p for p in next(loop.prompts) for _ in range(k)]               # prompt-major groups of k
             # 1-3. rollout, old and reference log-probs (temperature on both), scores with the missing-EOS penalty
-            r = rollout_and_score(s, prompts, config, step)
+            r = rollout_and_score(s, prompts, config, loop.step)
             mask = r.mask
             with torch.no_grad():
                 kl = (kl_estimate(r.old_logps, r.ref_logps, config.kl_estimator) * mask).sum(-1)
-                check_scores(step + 1, r.scores, kl, config)          # NaN, a broken reward, KL past max_kl
+                check_scores(loop.step + 1, r.scores, kl, config)          # NaN, a broken reward, KL past max_kl
                 # 4. advantages: leave-one-out on the KL-penalised reward, or group-normalised scores
                 if method == "rloo":
-                    advantages = rloo_advantages(r.scores - kl_ctl.value * kl, k)
+                    advantages = rloo_advantages(r.scores - loop.kl_ctl.value * kl, k)
                 else:
                     advantages = grpo_advantages(r.scores, k)
             data = {**r.batch, "old_logps": r.old_logps, "ref_logps": r.ref_logps, "advantages": advantages}
             # 5. epochs over reshuffled minibatches, one optimiser step per minibatch
-            beta_used = kl_ctl.value
-            stats = optimise([s.policy], optimizer, data, config, gen,
-                             lambda mb, st: critic_free_minibatch(s.policy, mb, config, method, beta_used, st), step + 1)
-            step += 1
+            beta_used = loop.kl_ctl.value
+            stats = optimise([s.policy], optimizer, data, config, loop.generator,
+                             lambda mb, st: critic_free_minibatch(s.policy, mb, config, method, beta_used, st),
+                             loop.step + 1)
+            loop.step += 1
             # 6. KL controller, then 7. log means over the step
-            kl_ctl.update(kl.mean().item(), len(prompts))
+            loop.kl_ctl.update(kl.mean().item(), len(prompts))
             n, rows = max(stats["tokens"], 1.0), max(stats["rows"], 1.0)
-            if step % config.log_every == 0 or step == config.max_steps:
+            if loop.step % config.log_every == 0 or loop.step == config.max_steps:
                 metrics = {
                     "objective/kl": kl.mean(), "objective/scores": r.scores.mean(),
                     "objective/rlhf_reward": (r.scores - beta_used * kl).mean(),
@@ -135,13 +125,12 @@ def critic_free(config: RLOOConfig, method: str) -> dict:
                 }
                 if method == "grpo":
                     metrics["loss/kl"] = stats["loss/kl"] / rows
-                s.run.log(step, {f"{method}/{name}": value for name, value in metrics.items()})
+                s.run.log(loop.step, {f"{method}/{name}": value for name, value in metrics.items()})
             bar.update(1)
             bar.set_postfix(score=f"{r.scores.mean().item():.3f}", kl=f"{kl.mean().item():.2f}")
-            s.run.step_end(step, config.checkpoint_every, stop, lambda: s.run.save_checkpoint(
-                step, s.policy, s.tokenizer, online_state(optimizer, kl_ctl, gen, batches, before, step, budget.elapsed)))
+            s.run.step_end(loop.step, config.checkpoint_every, stop, lambda: save_loop(s, loop, optimizer))
     bar.close()
-    return finish_online(s, method, config, before, step, kl_ctl.value)
+    return finish_online(s, method, config, loop)
 
 
 @stage(RLOOConfig)
