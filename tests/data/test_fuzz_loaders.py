@@ -429,3 +429,15 @@ def test_stage_cli_reads_bad_files_without_traceback(stage, name, monkeypatch):
     assert expected is not None, f"{name}: exit {code}, expected rows: {err[:300]}"
     assert code == 2 and "Traceback" not in out + err, err[-2000:]
     assert err.startswith(f"error: {path}") and expected.split(": ")[-1].split(" (")[0] in err, err[:300]
+
+
+@pytest.mark.xfail(reason="data/check.py's detect_kind (kind auto, the default) calls json.loads itself and raises "
+                          "RecursionError/ValueError on these lines; fix there: parse with "
+                          "preferences.parse_json_line and skip on DataError (check.py is changed on another branch)",
+                   raises=(RecursionError, ValueError), strict=False)
+@pytest.mark.parametrize("name", ["deeply nested line", "a 5000-digit number"])
+def test_cli_data_check_auto_kind_without_traceback(name):
+    body, _ = named_file(name, "preferences")
+    with file_with(body) as path:
+        code, out, err = run_cli(["data", "check", str(path)])
+    assert code == 2 and "Traceback" not in out + err and err.startswith(f"error: {path}")
