@@ -233,7 +233,7 @@ def _lines(path: Path) -> list[bytes]:
 
 def parse_json_line(line: bytes | str, src: str) -> Any:
     """One JSONL line as a value, or `DataError(src, ...)`: bad UTF-8, malformed JSON, nesting too deep for the
-    parser, a number too long to read. Never another exception."""
+    parser or deeper than MAX_DEPTH, a number too long to read. Never another exception."""
     if isinstance(line, bytes):
         try:
             line = line.decode("utf-8")
