@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass
 from importlib import resources
@@ -131,9 +132,19 @@ def load_yaml(path: str | Path) -> dict:
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        raw = path.read_bytes()
+        text = raw.decode("utf-8-sig")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text ({exc.reason})") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
     return data
@@ -152,12 +163,86 @@ def load_preset(name: str) -> dict:
     return yaml.safe_load(text) or {}
 
 
+def _show(value: Any, n: int = 80) -> str:
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = type(value).__name__
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _coerce(name: str, tp: Any, value: Any, source: str) -> Any:
+    """A YAML (or dict) value as the field's type, or ConfigError naming the option and the value. Strings are
+    read as numbers where a number is wanted (YAML reads `1e-4` as a string), numbers kept as they are."""
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{source}: option '{name}' expects {expected}, got {_show(value)}")
+
+    origin, args = typing.get_origin(tp), [a for a in typing.get_args(tp) if a is not type(None)]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        tp, origin = args[0], typing.get_origin(args[0])
+        args = list(typing.get_args(tp))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return _parse_bool(value)
+            except argparse.ArgumentTypeError:
+                pass
+        raise bad("true or false")
+    if tp in (int, float):
+        expected = "an integer" if tp is int else "a number"
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise bad(expected)
+        if isinstance(value, str):
+            try:
+                value = float(value) if tp is float else int(value.strip())
+            except ValueError:
+                try:  # an int option given as 1e3
+                    as_float = float(value)
+                except ValueError:
+                    raise bad(expected) from None
+                value = as_float
+        if tp is int and isinstance(value, float):
+            if not value.is_integer():
+                raise bad(expected)
+            value = int(value)
+        return value
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise bad("valid Unicode text (no lone surrogates)") from None
+            return value
+        if isinstance(value, os.PathLike):
+            return value
+        raise bad("a string")
+    if tp in (list, tuple) or origin in (list, tuple):
+        if isinstance(value, str):
+            value = [x for x in value.split(",") if x != ""]
+        if not isinstance(value, (list, tuple)):
+            raise bad("a list")
+        inner = args[0] if args else Any
+        return [_coerce(f"{name}[{i}]", inner, v, source) for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise bad("a mapping")
+    return value
+
+
 def build_config(cls: type, values: dict, source: str = "config") -> Any:
-    """Instantiate `cls` from a dict, rejecting unknown keys by name."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    """Instantiate `cls` from a dict, rejecting unknown keys by name and values of the wrong type."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted((str(k) for k in set(values) - set(fields)))
     if unknown:
-        raise ConfigError(f"{source}: unknown option(s) {unknown} for {cls.__name__}; known: {sorted(names)}")
+        raise ConfigError(f"{source}: unknown option(s) {unknown} for {cls.__name__}; known: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {k: _coerce(k, hints.get(k, Any), v, source) for k, v in values.items()}
     return cls(**values)
 
 

@@ -17,6 +17,7 @@ collects every problem as a skipped row with its reason. Nothing is ever dropped
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,7 +86,29 @@ def _check_messages(value: Any, src: str, name: str) -> Messages:
             raise DataError(src, f"field '{name}'[{i}].role: expected one of {ROLES}, got {msg['role']!r}")
         if not isinstance(msg["content"], str):
             raise DataError(src, f"field '{name}'[{i}].content: expected a string, got {type(msg['content']).__name__}")
+        _check_unicode(msg["content"], src, f"'{name}'[{i}].content")
     return value
+
+
+def _check_unicode(value: str, src: str, name: str) -> str:
+    """A string that can be written back as UTF-8 and tokenised: no lone surrogates (e.g. a JSON "\\ud800")."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataError(src, f"field {name}: not valid Unicode text (a lone surrogate {value[exc.start]!r} at "
+                             f"character {exc.start + 1})", "fix the text's encoding or remove the row") from None
+    return value
+
+
+def _finite(value: Any) -> float | None:
+    """The number as a finite float, or None when it is not a number (bools are not) or not finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _check_text(row: dict, name: str, src: str) -> Text:
@@ -95,14 +118,17 @@ def _check_text(row: dict, name: str, src: str) -> Text:
     if isinstance(value, str):
         if not value.strip():
             raise DataError(src, f"field '{name}' is empty", "remove the row or fill in the text")
-        return value
+        return _check_unicode(value, src, f"'{name}'")
     if isinstance(value, list):
         return _check_messages(value, src, name)
     raise DataError(src, f"field '{name}': expected a string or a list of chat messages, got {type(value).__name__} {_short(value)}")
 
 
 def _short(value: Any, n: int = 60) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    try:
+        text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    except (RecursionError, ValueError):
+        text = type(value).__name__
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
@@ -152,17 +178,19 @@ def parse_preference(row: Any, src: str, notes: Counter | None = None) -> Prefer
     if chosen == rejected:
         raise DataError(src, "fields 'chosen' and 'rejected' are identical: the row carries no preference", "remove the row")
     margin = row.get("margin")
-    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
-        raise DataError(src, f"field 'margin': expected a number, got {_short(margin)}")
+    if margin is not None and _finite(margin) is None:
+        raise DataError(src, f"field 'margin': expected a finite number, got {_short(margin)}")
     tie = row.get("tie", False)
     if not isinstance(tie, bool):
         raise DataError(src, f"field 'tie': expected true or false, got {_short(tie)}")
     for name in ("annotator", "subset"):
         if row.get(name) is not None and not isinstance(row[name], (str, int)):
             raise DataError(src, f"field '{name}': expected a string, got {_short(row[name])}")
+        if isinstance(row.get(name), str):
+            _check_unicode(row[name], src, f"'{name}'")
     return Preference(
         prompt=prompt, chosen=chosen, rejected=rejected,
-        margin=float(margin) if margin is not None else None, tie=tie,
+        margin=_finite(margin) if margin is not None else None, tie=tie,
         annotator=str(row["annotator"]) if row.get("annotator") is not None else None,
         subset=str(row["subset"]) if row.get("subset") is not None else None,
         source=src,
@@ -190,29 +218,68 @@ def parse_prompt(row: Any, src: str, notes: Counter | None = None) -> Text:
     return _check_text(row, "prompt", src)
 
 
-def read_jsonl(path: str | Path, parse, strict: bool = True) -> DataSet:
-    path = Path(path)
+def _lines(path: Path) -> list[bytes]:
+    """The file's lines as bytes (split on \\n, \\r\\n or \\r, as text-mode reading splits them), a UTF-8 BOM dropped."""
     if not path.exists():
         raise DataError(str(path), "file not found", "check the path (relative paths start from the current folder)")
     if path.is_dir():
         raise DataError(str(path), "is a folder, expected a .jsonl file")
-    data = DataSet(path=str(path))
-    with open(path, encoding="utf-8", errors="strict") as handle:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(str(path), f"cannot read the file ({exc.strerror or exc})") from None
+    return (raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw).splitlines()
+
+
+def parse_json_line(line: bytes | str, src: str) -> Any:
+    """One JSONL line as a value, or `DataError(src, ...)`: bad UTF-8, malformed JSON, nesting too deep for the
+    parser or deeper than MAX_DEPTH, a number too long to read. Never another exception."""
+    if isinstance(line, bytes):
         try:
-            lines = list(handle)
+            line = line.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise DataError(str(path), f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+            raise DataError(src, f"not UTF-8 text ({exc.reason} at byte {exc.start + 1} of the line)",
+                            "save the file as UTF-8") from None
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(src, f"malformed JSON ({exc.msg} at column {exc.colno})", "each line must be one JSON object") from None
+    except RecursionError:
+        raise DataError(src, "malformed JSON (nested too deeply to read)", "each line must be one JSON object") from None
+    except ValueError as exc:  # e.g. an integer over Python's 4300-digit limit
+        raise DataError(src, f"malformed JSON (a number too long to read: {str(exc).split(':')[0]})",
+                        "each line must be one JSON object") from None
+    if _too_deep(value):
+        raise DataError(src, f"row nested too deeply (more than {MAX_DEPTH} levels of lists and objects)",
+                        "rows hold text, chat messages and a few flat fields")
+    return value
+
+
+MAX_DEPTH = 100  # deeper rows are refused on reading, so no later comparison or dump of them can recurse too far
+
+
+def _too_deep(value: Any) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > MAX_DEPTH:
+                return True
+            stack.extend((x, depth + 1) for x in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
+def read_jsonl(path: str | Path, parse, strict: bool = True) -> DataSet:
+    path = Path(path)
+    lines = _lines(path)
+    data = DataSet(path=str(path))
     for number, line in enumerate(lines, start=1):
-        if not line.strip():
+        if not line.decode("utf-8", "replace").strip():  # blank as text (an undecodable line is not blank)
             continue
         data.lines_read += 1
         src = f"{path}:{number}"
         try:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(src, f"malformed JSON ({exc.msg} at column {exc.colno})", "each line must be one JSON object") from None
-            data.rows.append(parse(row, src, data.notes))
+            data.rows.append(parse(parse_json_line(line, src), src, data.notes))
         except DataError as err:
             if strict:
                 raise

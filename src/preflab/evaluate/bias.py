@@ -73,7 +73,7 @@ def read_votes(path: str) -> tuple[list[Vote], bool]:
     from preflab.data.preferences import completion_text
 
     data = load_preferences(path)
-    with open(path, encoding="utf-8") as handle:  # split into lines exactly as load_preferences does
+    with open(path, encoding="utf-8-sig") as handle:  # split into lines exactly as load_preferences does
         raw = dict(enumerate(handle, 1))
     votes, positioned = [], True
     for row in data.rows:
