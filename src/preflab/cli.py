@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ConfigError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except SystemExit as exc:           # a stage's own verdict, e.g. `data check` exits 1 when rows were skipped
+        return exc.code if isinstance(exc.code, int) else 1
     except TrainingStopped as exc:
         print(f"stopped: {exc}; the last good checkpoint is kept in the run folder's checkpoints/", file=sys.stderr)
         return 1

@@ -48,6 +48,7 @@ class RunConfig:
 
     def __post_init__(self):
         check(self.threads >= 0, f"threads must be >= 0, got {self.threads}")
+        check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
 
 
 @dataclass(kw_only=True)
@@ -74,7 +75,26 @@ class OptimConfig(RunConfig):
         check(self.max_seconds >= 0, f"max_seconds must be >= 0, got {self.max_seconds}")
 
 
-SHARED_BASES = (RunConfig, OptimConfig)
+@dataclass(kw_only=True)
+class LoraConfig(RunConfig):
+    """LoRA (Hu et al. 2021) for the stages that fine-tune an existing model: low-rank adapters on the chosen
+    linear layers are trained and the base weights stay frozen; the reference is the base with the adapter off."""
+
+    lora_r: int = opt(0, "LoRA rank (0: train every weight, no adapter)")
+    lora_alpha: float = opt(16.0, "LoRA scale alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = opt(0.0, "dropout on the LoRA input (keep 0 for online RL: the first PPO ratio must be 1)")
+    lora_targets: str = opt("all-linear", "layers that get adapters: 'all-linear' (every linear layer but the LM "
+                                          "head) or comma-separated module names, e.g. q_proj,v_proj")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.lora_r >= 0, f"lora_r must be >= 0, got {self.lora_r}")
+        check(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
+        check(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        check(bool(self.lora_targets.strip()), "lora_targets must name layers or be 'all-linear', got ''")
+
+
+SHARED_BASES = (RunConfig, OptimConfig, LoraConfig)
 
 
 def to_dict(config: Any) -> dict:

@@ -22,7 +22,8 @@ from pathlib import Path
 from preflab.stages import stage
 from preflab.config import check as check_value
 from preflab.config import opt
-from preflab.data.preferences import DataError, DataSet, Preference, load_demonstrations, load_preferences
+from preflab.data.preferences import (DataError, DataSet, Preference, load_demonstrations, load_preferences,
+                                      parse_json_line)
 from preflab.data.tokenize import encode_demonstration, encode_preference
 
 KINDS = ("auto", "preferences", "demonstrations")
@@ -49,13 +50,13 @@ def detect_kind(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
         return "preferences"  # the loader reports the missing file
-    with open(path, encoding="utf-8", errors="replace") as handle:
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
         for n, line in enumerate(handle):
             if n >= 1000:
                 break
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
+                row = parse_json_line(line, str(path))
+            except DataError:
                 continue
             if isinstance(row, dict):
                 if "chosen" in row or "rejected" in row:
