@@ -119,7 +119,12 @@ class Checkpoint:
         """The checkpoint's weights into `model`, in place (so optimiser references stay valid)."""
         from safetensors.torch import load_model
 
-        load_model(model, self.path / "model.safetensors", strict=False)
+        from preflab.adapters import is_adapted, load_adapter_weights
+
+        if is_adapted(model):
+            load_adapter_weights(model, self.path)
+        else:
+            load_model(model, self.path / "model.safetensors", strict=False)
 
 
 def latest_checkpoint(root: Path, say=print) -> Checkpoint | None:

@@ -135,11 +135,12 @@ def resolve_model_path(spec: str | Path) -> tuple[Path, str | None]:
     path = Path(spec)
     if path.is_file() and path.suffix == ".gguf":
         return path.parent, path.name
-    if path.is_dir() and not (path / "config.json").exists() and (path / "model" / "config.json").exists():
+    if path.is_dir() and not (path / "config.json").exists() and not (path / "adapter_config.json").exists() and (
+            (path / "model" / "config.json").exists() or (path / "model" / "adapter_config.json").exists()):
         return path / "model", None  # a preflab run folder
     if not path.exists():
         raise ModelError(f"model {spec!r} not found: give a Hugging Face model directory, a run folder, a .gguf file or 'smollm2'")
-    if not (path / "config.json").exists():
+    if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
         raise ModelError(f"{path} has no config.json: it is not a Hugging Face model directory")
     return path, None
 
@@ -169,6 +170,10 @@ def load_model(spec: str | Path, dtype: torch.dtype = torch.float32, tokenizer=N
 
     directory, gguf = resolve_model_path(spec)
     kwargs = {"gguf_file": gguf} if gguf else {}
+    from preflab.adapters import is_adapter_dir, load_adapter
+
+    if is_adapter_dir(directory):                        # a LoRA run: its base (loaded the same way) + the adapter
+        return load_adapter(directory, tokenizer=tokenizer)
     if not gguf:
         config = AutoConfig.from_pretrained(directory)
         if not is_causal_lm(config):

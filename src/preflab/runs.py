@@ -191,8 +191,13 @@ def _fmt(value: Any) -> str:
 
 
 def save_model(model, tokenizer, directory: str | Path) -> Path:
-    """A normal Hugging Face directory: safetensors weights + config + tokenizer."""
+    """A normal Hugging Face directory: safetensors weights + config + tokenizer (for a LoRA model: the adapter and
+    the name of its base, which `load_model` reads back)."""
+    from preflab.adapters import is_adapted, save_adapter
+
     directory = Path(directory)
+    if is_adapted(model):
+        return save_adapter(model, tokenizer, directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
     if tokenizer is not None:

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from preflab.stages import stage
-from preflab.config import OptimConfig, check, opt
+from preflab.adapters import add_lora, trainable_parameters
+from preflab.config import LoraConfig, OptimConfig, check, opt
 from preflab.data.preferences import DataError, Demonstration, load_demonstrations, parse_demonstration, split_rows
 from preflab.data.tokenize import batches, collate_examples, tokenize_rows
 from preflab.models import describe, load_model
@@ -33,7 +34,7 @@ from preflab.training import Budget, check_finite, lr_factor, make_accelerator, 
 
 
 @dataclass(kw_only=True)
-class SFTConfig(OptimConfig):
+class SFTConfig(OptimConfig, LoraConfig):
     model: str = opt("", "the model to fine-tune: a Hugging Face directory, a run folder, a .gguf file or 'smollm2'")
     data: str = opt("world", "demonstrations: a JSONL file (prompt/completion or chat messages) or 'world'")
     world_demos: int = opt(2000, "demonstrations to generate when data is 'world'")
@@ -131,6 +132,7 @@ def sft(config: SFTConfig) -> dict:
 
     # 1. model and demonstrations
     model, tokenizer = load_model(config.model)
+    model = add_lora(model, config, base=config.model)          # --lora-r: only the adapters train
     demos = read_demonstrations(config.data, config.world_demos, config.seed, strict=not config.skip_bad_rows)
     run = Run(config.out or None, "sft", config)
     if config.resume and run.finished_summary():
@@ -154,7 +156,7 @@ def sft(config: SFTConfig) -> dict:
     print(f"[sft] {describe(model)}; {len(train)} train / {len(held)} held-out demonstrations "
           f"({n_trunc + n_trunc_held} truncated); {total_steps} steps of {per_step}", flush=True)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=config.lr, weight_decay=config.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     # 3. held-out loss before training (or, resuming, the state of the run at its last checkpoint)

@@ -19,6 +19,7 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "dpo": ("preflab.policy.dpo", "dpo", "direct preference optimisation and its relatives"),
     "bon": ("preflab.policy.bon", "best_of_n", "best-of-n sampling against a reward (no training)"),
     "report": ("preflab.report.html", "report", "write a self-contained HTML report for a run folder"),
+    "export": ("preflab.adapters", "export", "write a run's model as a Hugging Face directory (--merge folds a LoRA adapter in)"),
     "demo": ("preflab.demo", "demo", "the whole loop end to end on the built-in tutoring world"),
 }
 # Commands with their own sub-commands: name -> {sub: (module, function, help)}.

@@ -12,7 +12,8 @@ from preflab.data import encode_prompt
 from preflab.policy.losses import gae, masked_whiten, rlhf_rewards
 from preflab.data.tokenize import take
 from preflab.logps import chunked_logps
-from preflab.policy.online import PromptCycle, frozen_copy, load_prompt_sets, score_responses
+from preflab.adapters import frozen_copy
+from preflab.policy.online import PromptCycle, load_prompt_sets, score_responses
 from preflab.policy.ppo import PPOConfig, ppo_minibatch
 from preflab.policy.value import load_value_model, make_value_model
 from preflab.rollout import generate

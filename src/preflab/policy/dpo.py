@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from preflab.stages import stage
-from preflab.config import OptimConfig, check, opt
+from preflab.adapters import add_lora, reference_of
+from preflab.config import LoraConfig, OptimConfig, check, opt
 from preflab.data import DataError, collate_pairs, split_rows, tokenize_rows
 from preflab.logps import sequence_logps
 from preflab.runs import Run, progress, save_model, seed_everything
@@ -69,7 +70,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 
 @dataclass(kw_only=True)
-class DPOConfig(OptimConfig):
+class DPOConfig(OptimConfig, LoraConfig):
     model: str = opt("", "policy to start from: a run folder (sft/pretrain), a HF model directory, a .gguf or 'smollm2'")
     ref_model: str = opt("", "the frozen reference (default: the same as --model)")
     data: str = opt("", "comparison JSONL ({prompt, chosen, rejected, tie?}), or 'world' for simulated votes on world pairs")
@@ -134,7 +135,7 @@ def reference_logps(ref_model, pairs: list, pad_id: int, batch_size: int, length
     """[N, 2] reference log-probs (chosen, rejected) of every pair, in the pairs' order."""
     ref_model.eval()
     out = []
-    device = next(ref_model.parameters()).device
+    device = ref_model.device                       # (a base with its adapter off has no parameters of its own)
     for start in progress(range(0, len(pairs), batch_size), desc="dpo: reference log-probs"):
         batch = {k: v.to(device) for k, v in collate_pairs(pairs[start:start + batch_size], pad_id).items()}
         chosen, rejected = pair_logps(ref_model, batch, length_normalize)
@@ -239,8 +240,6 @@ def train_dpo(model, tokenizer, rows: list, config: DPOConfig, ref_model=None, r
 
     `ref_model` is the frozen reference (a copy of the starting policy when None).
     """
-    import copy
-
     accelerator = make_accelerator()
     pad_id = tokenizer.pad_token_id
     log = run.log if run is not None else (lambda step, metrics: None)
@@ -256,7 +255,7 @@ def train_dpo(model, tokenizer, rows: list, config: DPOConfig, ref_model=None, r
                         f"split) are fewer than one batch of {config.batch_size}", "lower --batch-size or give more pairs")
 
     # 2. the reference: precomputed once (then freed) or kept for on-the-fly scoring
-    ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
+    ref_model = ref_model if ref_model is not None else reference_of(model)   # LoRA: the base, adapter off
     ref_model.to(accelerator.device).eval()
     for p in ref_model.parameters():
         p.requires_grad_(False)
@@ -350,6 +349,7 @@ def dpo(config: DPOConfig) -> dict:
         return run.finished_summary()
 
     model, tokenizer = load_model(config.model)
+    model = add_lora(model, config, base=config.model)          # --lora-r: only the adapters train
     ref_model = load_model(config.ref_model, tokenizer=tokenizer)[0] if config.ref_model else None
     rows = load_rows(config)
     print(f"[dpo] {len(rows)} comparisons, loss {config.loss_type}, beta {config.beta}", flush=True)

@@ -15,14 +15,14 @@ Only the method-specific maths lives in the method's file, so each reads like it
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from preflab.config import OptimConfig, RunConfig, check, opt
+from preflab.adapters import add_lora, reference_of
+from preflab.config import LoraConfig, OptimConfig, RunConfig, check, opt
 from preflab.data.tokenize import encode_prompt, take
 from preflab.logps import chunked_logps
 from preflab.policy.losses import KL_ESTIMATORS
@@ -52,7 +52,7 @@ class SamplingConfig(RunConfig):
 
 
 @dataclass(kw_only=True)
-class OnlineConfig(SamplingConfig, OptimConfig):
+class OnlineConfig(SamplingConfig, OptimConfig, LoraConfig):
     """Online RL (PPO, RLOO, GRPO): sampling, the optimiser, and the rollout/minibatch/epoch shape."""
 
     n_prompts: int = opt(1000, "training prompts drawn from the world (prompts=world)")
@@ -122,14 +122,6 @@ def load_prompt_sets(spec: str, n_prompts: int, n_eval: int, seed: int) -> tuple
     return (rows[:-n_eval], rows[-n_eval:]) if n_eval else (rows, [])
 
 
-def frozen_copy(model):
-    """The reference: a copy of the initial policy, eval mode, no gradients."""
-    ref = copy.deepcopy(model).eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref
-
-
 def setup_online(config: OnlineConfig, stage_name: str) -> OnlineSetup:
     from preflab.models import load_model
     from preflab.reward import load_reward
@@ -139,10 +131,12 @@ def setup_online(config: OnlineConfig, stage_name: str) -> OnlineSetup:
     train_prompts, eval_prompts = load_prompt_sets(config.prompts, config.n_prompts, config.eval_prompts, config.seed)
     reward_fn = load_reward(config.reward)
     policy, tokenizer = load_model(config.model)        # dropout off, pad != eos (details #1, #10)
+    policy = add_lora(policy, config, base=config.model)      # --lora-r: only the adapters train
     run = Run(config.out or None, stage_name, config)
     device = make_accelerator().device
     policy.to(device)
-    return OnlineSetup(run=run, device=device, policy=policy, ref=frozen_copy(policy), tokenizer=tokenizer,
+    # the reference: a frozen copy of the starting policy, or with LoRA the same weights with the adapter off
+    return OnlineSetup(run=run, device=device, policy=policy, ref=reference_of(policy), tokenizer=tokenizer,
                        reward_fn=reward_fn, train_prompts=train_prompts, eval_prompts=eval_prompts)
 
 

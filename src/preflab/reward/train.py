@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from preflab.stages import stage
-from preflab.config import ConfigError, OptimConfig, check, opt
+from preflab.adapters import add_lora, is_adapted
+from preflab.config import ConfigError, LoraConfig, OptimConfig, check, opt
 from preflab.data import DataError, collate_pairs, load_demonstrations, load_preferences, split_rows, tokenize_rows
 from preflab.data.tokenize import encode_completion, encode_prompt, truncate
 from preflab.models import describe, load_model
@@ -41,7 +42,7 @@ from preflab.training import Budget, check_finite, lr_factor, make_accelerator, 
 
 
 @dataclass(kw_only=True)
-class RewardConfig(OptimConfig):
+class RewardConfig(OptimConfig, LoraConfig):
     model: str = opt("", "backbone: a Hugging Face causal-LM directory, a run folder, a .gguf file or 'smollm2'")
     data: str = opt("", "preference JSONL (prompt/chosen/rejected, optional margin, tie, subset)")
     eval_data: str = opt("", "held-out preference JSONL (default: a held_out share of --data)")
@@ -87,6 +88,8 @@ class RewardConfig(OptimConfig):
         check(self.train_layers >= -1, f"train_layers must be >= -1, got {self.train_layers}")
         check(self.ensemble >= 1, f"ensemble must be >= 1, got {self.ensemble}")
         check(self.reduce in REDUCTIONS, f"reduce must be one of {REDUCTIONS}, got {self.reduce!r}")
+        check(self.lora_r == 0 or self.train_layers == -1,
+              f"give --lora-r or --train-layers, not both (got {self.lora_r} and {self.train_layers})")
         check(self.reference_rows >= 1, f"reference_rows must be >= 1, got {self.reference_rows}")
 
 
@@ -178,6 +181,7 @@ def train_member(config: RewardConfig, k: int, train_pairs: list, eval_pairs: li
     model = RewardModel(backbone, tokenizer, seed=seed, max_prompt_length=config.max_prompt_length,
                         max_completion_length=config.max_completion_length, batch_size=config.eval_batch_size)
     freeze_lower_layers(model, config.train_layers)
+    model.backbone = add_lora(model.backbone, config, base=config.model)   # --lora-r: adapters + the head train
     accelerator = make_accelerator()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
@@ -230,6 +234,8 @@ def train_member(config: RewardConfig, k: int, train_pairs: list, eval_pairs: li
             run.step_end(step, config.checkpoint_every, stop, save)
     bar.close()
     model = accelerator.unwrap_model(model).eval()
+    if is_adapted(model.backbone):          # a reward model is scored, never trained further: fold the adapter in
+        model.backbone = model.backbone.merge_and_unload()
     # d. normalisation on reference responses
     prompts, completions, source = reference_ids(config, model.tokenizer, train_pairs)
     model.set_normalisation(model.score_ids(prompts, completions, normalise=False), source)
