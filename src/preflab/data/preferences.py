@@ -21,10 +21,10 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 Messages = list[dict]
-Text = Union[str, Messages]
+Text = str | Messages
 ROLES = ("system", "user", "assistant")
 
 
