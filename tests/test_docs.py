@@ -143,3 +143,25 @@ def test_the_checker_catches_what_it_should():
     assert all(p.startswith("probe.md:2: ") for p in problems)
     assert "line number" in problems[0] and "no `no_such_function`" in problems[1] and "names no file" in problems[2]
     assert "line-number citation (l. 7)" in problems[3]
+
+
+@pytest.mark.parametrize("path", DOCS, ids=rel)
+def test_dotted_references_resolve(path):
+    """`preflab.module.name` and `preflab.module:function` in the docs import."""
+    import importlib
+
+    problems = []
+    for ref in sorted(set(re.findall(r"\bpreflab(?:\.[A-Za-z_]\w*)+(?::[A-Za-z_]\w*)?", path.read_text()))):
+        parts = ref.replace(":", ".").split(".")
+        for i in range(len(parts), 0, -1):  # the longest importable module, then attributes
+            try:
+                obj = importlib.import_module(".".join(parts[:i]))
+                break
+            except ModuleNotFoundError:
+                continue
+        try:
+            for name in parts[i:]:
+                obj = getattr(obj, name)
+        except AttributeError:
+            problems.append(f"{rel(path)}: `{ref}` does not resolve (no `{name}` in {'.'.join(parts[:i])})")
+    assert not problems, "\n".join(problems)
