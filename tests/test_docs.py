@@ -165,3 +165,36 @@ def test_dotted_references_resolve(path):
         except AttributeError:
             problems.append(f"{rel(path)}: `{ref}` does not resolve (no `{name}` in {'.'.join(parts[:i])})")
     assert not problems, "\n".join(problems)
+
+
+# Flags the docs name on purpose although no stage has them (e.g. results.md telling of an option that was removed).
+GONE_FLAGS = {"--eval-world-prompts"}
+
+
+@cache
+def cli_flags() -> frozenset[str]:
+    """Every option of every `preflab` command, read from the parsers the CLI builds."""
+    import argparse
+
+    from preflab.cli import build_parser
+    from preflab.stages import GROUPS, STAGES
+
+    flags: set[str] = set()
+    for argv in [[name] for name in STAGES] + [[group, sub] for group, subs in GROUPS.items() for sub in subs]:
+        parser = build_parser(argv)
+        for name in argv:
+            parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+        flags |= {option for action in parser._actions for option in action.option_strings}
+    return frozenset(flags)
+
+
+@pytest.mark.parametrize("path", DOCS, ids=rel)
+def test_every_flag_named_is_an_option(path):
+    """A `--flag` in README or docs is an option of some `preflab` command (accelerate's own flags excepted)."""
+    problems = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        line = re.sub(r"accelerate launch[^`]*", "", line)  # `accelerate launch --config_file ...` is not ours
+        for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*\b(?!_)", line):
+            if flag not in cli_flags() and flag not in GONE_FLAGS:
+                problems.append(f"{rel(path)}:{lineno}: {flag} is no option of any preflab command")
+    assert not problems, "\n".join(problems)
