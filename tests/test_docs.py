@@ -1,5 +1,7 @@
-"""The docs tell the truth about the code: every code citation names a file and a definition that exist, no
-citation is a line number (they rot with the next edit), and every relative link points to a file.
+"""The docs tell the truth about the code. In README.md and docs/**/*.md: every code citation names a file and a
+definition that exist, no citation is a line number (they rot with the next edit), every relative link points to
+a file (and heading), every `preflab.x.y` imports, every `--flag` is an option of some command, and every test
+named as evidence exists.
 
 A citation is `path/to/file.py:name` or `file.py:Class.method` (a path suffix that names one file in the
 repository is enough: `ppo.py:ppo`, `policy/losses.py:gae`); a bare `path/to/file.py` must name a file.
@@ -198,3 +200,11 @@ def test_every_flag_named_is_an_option(path):
             if flag not in cli_flags() and flag not in GONE_FLAGS:
                 problems.append(f"{rel(path)}:{lineno}: {flag} is no option of any preflab command")
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("path", DOCS, ids=rel)
+def test_every_test_named_exists(path):
+    """A test the docs name as evidence (`test_something`) is a test function in tests/."""
+    defined = {name.rpartition(".")[2] for f in python_files() if f.startswith("tests/") for name in definitions(f)}
+    named = set(re.findall(r"`(test_\w+)`", path.read_text()))
+    assert not named - defined, f"{rel(path)} names tests that do not exist: {sorted(named - defined)}"
