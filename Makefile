@@ -1,10 +1,11 @@
 # The two commands users need: `make demo` and `make test`. Both set up .venv first.
+# For development: `make test-fast` (the suite without the slow end-to-end tests) and `make lint` (ruff).
 PY      := .venv/bin/python
 STAMP   := .venv/.preflab-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test setup clean bench
+.PHONY: demo test test-fast lint setup clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -23,8 +24,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-bench: $(STAMP)
-	$(PY) bench/run.py
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+# Every Python file under the repository (ruff skips .venv and what .gitignore lists).
+lint: $(STAMP)
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 
 clean:
 	rm -rf .venv runs

@@ -73,6 +73,23 @@ def test_list_defaults_are_not_shared():
     assert b.sizes == [1, 2]
 
 
+def test_help_shows_each_default_once():
+    @dataclass
+    class Helped:
+        out: str = opt("", "run folder to write (default runs/toy-<time>)")
+        steps: int = opt(10, "steps")
+        threads: int = opt(0, "torch intra-op threads (0: torch's default)")
+        model: str = opt("", "a model folder")
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, Helped)
+    helps = {a.dest: a.help for a in parser._actions if a.dest != "help"}
+    assert helps["out"] == "run folder to write (default runs/toy-<time>)"  # its own default, no second one
+    assert helps["steps"] == "steps (default: 10)"
+    assert helps["threads"] == "torch intra-op threads (0: torch's default) (default: 0)"  # torch's, not ours
+    assert helps["model"] == "a model folder"  # '' means not given: nothing to show
+
+
 def test_stage_configs_round_trip_through_yaml(tmp_path):
     """A run folder's config.yaml can be fed back with --config (minus the `stage` key)."""
     import yaml

@@ -139,7 +139,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         flag = "--" + field.name.replace("_", "-")
         tp = _field_type(cls, field)
-        help_text = f"{field.metadata.get('help', '')} (default: {default!r})"
+        help_text = field.metadata.get("help", "")
+        # Show each default once: not when the help states its own ("(default runs/<stage>-<time>)"), nor an
+        # empty one ('' or [] means "not given"; the help says what happens then).
+        if "(default" not in help_text.lower() and default not in ("", [], {}, None):
+            help_text = f"{help_text} (default: {default!r})"
         if field.metadata.get("positional"):  # `opt(..., positional=True)`: also accepted as a bare argument
             group.add_argument(f"_{field.name}_positional", nargs="?", type=_converter(tp), default=None,
                                help=help_text, metavar=field.name.upper())

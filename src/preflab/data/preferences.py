@@ -21,10 +21,10 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 Messages = list[dict]
-Text = Union[str, Messages]
+Text = str | Messages
 ROLES = ("system", "user", "assistant")
 
 
@@ -219,7 +219,7 @@ def parse_prompt(row: Any, src: str, notes: Counter | None = None) -> Text:
 
 
 def _lines(path: Path) -> list[bytes]:
-    """The file's lines as bytes (split on \\n, \\r\\n or \\r, as text-mode reading splits them), a UTF-8 BOM dropped."""
+    """The file's lines as bytes (split on \\n, \\r\\n or \\r, as text mode splits them), a UTF-8 BOM dropped."""
     if not path.exists():
         raise DataError(str(path), "file not found", "check the path (relative paths start from the current folder)")
     if path.is_dir():

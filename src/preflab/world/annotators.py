@@ -5,9 +5,9 @@ Each annotator prefers the response shown first (A) over the second (B) with pro
     P(A preferred) = sigmoid((u_A - u_B) / temperature + length_bias * (len_A - len_B) + position_bias)
 
 where u is the world's true utility (`preflab.world.true_utility`), `temperature` is the annotator's own
-noise (larger: noisier), `len` is the response length in WORDS (`preflab.data.n_words`: whitespace-separated, so
-the bias does not depend on any tokenizer) and `position_bias > 0` favours the left/first response. A pool of annotators is
-drawn from one seed; each vote is drawn from another.
+noise (larger: noisier), `len` is the response length in WORDS (`preflab.data.n_words`: whitespace-separated,
+so the bias does not depend on any tokenizer) and `position_bias > 0` favours the left/first response. A pool of
+annotators is drawn from one seed; each vote is drawn from another.
 
 The votes are written as the same comparison JSONL that people's votes are (`preflab.data.load_preferences`
 reads both), one row per vote:
