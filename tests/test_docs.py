@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
 # Pages still citing line numbers, being converted to file:function form; empty this set once they are.
-PENDING = {"docs/algorithms/ppo.md"}
+PENDING: set[str] = set()
 
 # `file.py`, `file.py:name`, `file.py:Class.method`, `file.py:123`; not inside a URL or a longer path.
 CITATION = re.compile(r"(?<![\w/.:-])((?:[\w-]+/)*[\w-]+\.py)(?::([A-Za-z_][\w.]*\w|[A-Za-z_]|\d+(?:-\d+)?))?")

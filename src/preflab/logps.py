@@ -1,6 +1,6 @@
 """The one log-prob function: per-token and summed log-probs of completion tokens.
 
-Serves SFT, DPO, PPO, RLOO/GRPO, evaluation and benchmarks, so it sits below all of them. It takes a batch in the layout of
+Serves SFT, DPO, PPO, RLOO/GRPO and evaluation, so it sits below all of them. It takes a batch in the layout of
 `preflab.data.tokenize.collate` (prompts left-padded to P, completions right-padded to C) and computes the
 LM head and log-softmax only on the C+1 positions that predict completion tokens (`logits_to_keep`), never
 on the full [batch, length, vocab] tensor: the largest single speed-up measured for DPO on CPU (DESIGN.md).
