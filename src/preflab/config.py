@@ -130,12 +130,24 @@ def _converter(tp: Any):
     return str
 
 
+def own_fields(cls: type) -> set[str]:
+    """Names the stage's own classes declare (re-declared shared fields included), as against those it only
+    inherits from the shared bases (`RunConfig`, `OptimConfig`, `LoraConfig`)."""
+    return {name for klass in cls.__mro__ if klass not in SHARED_BASES and klass is not object
+            for name in vars(klass).get("__annotations__", {})}
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One `--field-name` option per dataclass field, defaulting to None (meaning: not given)."""
-    group = parser.add_argument_group(f"{cls.__name__} options")
-    for field in dataclasses.fields(cls):
+    """One `--field-name` option per dataclass field, defaulting to None (meaning: not given): the stage's own
+    options first, then those every stage of its kind shares."""
+    own = own_fields(cls)
+    groups = {True: parser.add_argument_group(f"{cls.__name__} options"),
+              False: parser.add_argument_group("options shared with the other stages")}
+    fields = sorted(dataclasses.fields(cls), key=lambda f: f.name not in own)      # stable: declaration order kept
+    for field in fields:
         if field.metadata.get("cli") is False:
             continue
+        group = groups[field.name in own]
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         flag = "--" + field.name.replace("_", "-")
         tp = _field_type(cls, field)
