@@ -37,7 +37,7 @@ class SamplingConfig(RunConfig):
     """What every stage that samples from a policy and scores the samples shares (online RL, best-of-n)."""
 
     model: str = opt("", "the policy to start from: a HF directory, a run folder, a .gguf file or 'smollm2'")
-    reward: str = opt("", "a reward-model folder, a Python function 'module:function' f(prompts, responses), or 'world'")
+    reward: str = opt("", "a reward-model folder, a Python function 'module:function' f(prompt, response) -> float, or 'world'")
     prompts: str = opt("world", "a JSONL file of {'prompt': ...} rows, or 'world' for the tutoring world's prompts")
     temperature: float = opt(1.0, "sampling temperature (log-probs of policy and reference use it too)")
     max_new_tokens: int = opt(32, "longest response sampled")
