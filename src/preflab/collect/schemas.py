@@ -25,7 +25,7 @@ class NextPair(BaseModel):
 
 
 class VoteCreate(Strict):
-    pair_id: int = Field(ge=1)
+    pair_id: int = Field(ge=1, le=2**31 - 1)
     choice: Literal["left", "right", "tie", "both_bad"]
     rationale: str = Field("", max_length=4000)
     client_id: str | None = Field(None, min_length=1, max_length=100,

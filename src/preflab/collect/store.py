@@ -180,12 +180,12 @@ def add_authored(session: Session, *, annotator_id: int, prompt: str, chosen: st
 def all_votes(session: Session) -> list[tuple[Vote, Pair, Annotator]]:
     """Every vote with its pair and annotator, oldest first (the export and the admin page read this)."""
     return list(session.execute(select(Vote, Pair, Annotator).join(Pair, Pair.id == Vote.pair_id)
-                                .join(Annotator, Annotator.id == Vote.annotator_id).order_by(Vote.id)).tuples())
+                                .join(Annotator, Annotator.id == Vote.annotator_id).order_by(Vote.id)).all())
 
 
 def all_authored(session: Session) -> list[tuple[Authored, Annotator]]:
     return list(session.execute(select(Authored, Annotator).join(Annotator, Annotator.id == Authored.annotator_id)
-                                .order_by(Authored.id)).tuples())
+                                .order_by(Authored.id)).all())
 
 
 def progress(session: Session, *, overlap: int) -> dict:
