@@ -130,7 +130,10 @@ def record_vote(session: Session, *, annotator_id: int, pair_id: int, choice: st
         exists = session.get(Pair, pair_id) is not None
         raise VoteError(409 if exists else 404, f"pair {pair_id} was not given to you: GET /api/next first"
                         if exists else f"no pair {pair_id}")
-    if session.scalar(select(Vote.id).where(Vote.annotator_id == annotator_id, Vote.pair_id == pair_id)) is not None:
+    earlier = session.scalar(select(Vote).where(Vote.annotator_id == annotator_id, Vote.pair_id == pair_id))
+    if earlier is not None:
+        if client_id and earlier.client_id == client_id:  # a concurrent retry committed first
+            return earlier, False
         raise VoteError(409, f"you already voted on pair {pair_id}")
     vote = Vote(annotator_id=annotator_id, pair_id=pair_id, choice=choice, left_is_a=assignment.left_is_a,
                 rationale=rationale or "", client_id=client_id or None, rule=assignment.rule,
