@@ -159,8 +159,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if field.metadata.get("positional"):  # `opt(..., positional=True)`: also accepted as a bare argument
             group.add_argument(f"_{field.name}_positional", nargs="?", type=_converter(tp), default=None,
                                help=help_text, metavar=field.name.upper())
+        extra = {"nargs": "?", "const": True} if tp is bool else {}  # `--flag` alone means `--flag true`
         group.add_argument(flag, dest=field.name, type=_converter(tp), default=None, help=help_text,
-                           metavar=field.name.upper())
+                           metavar=field.name.upper(), **extra)
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -28,6 +28,13 @@ GROUPS: dict[str, dict[str, tuple[str, str, str]]] = {
         "check": ("preflab.data.check", "check", "validate a preference or demonstration file and describe it"),
         "world": ("preflab.world.export", "export_world", "write the tutoring world's corpus, demonstrations and prompts"),
     },
+    "collect": {
+        "init": ("preflab.collect.cli", "init", "create a collection project from pairs.jsonl / responses.jsonl (or a model)"),
+        "annotator": ("preflab.collect.cli", "annotator", "add a person and print their personal link (token stored hashed)"),
+        "serve": ("preflab.collect.cli", "serve", "run the voting web app (FastAPI under uvicorn)"),
+        "export": ("preflab.collect.cli", "export", "write the votes as the comparison JSONL preflab reward / dpo read"),
+        "train": ("preflab.collect.cli", "train", "retrain the live reward model on the votes so far (background worker)"),
+    },
     "eval": {
         "reward": ("preflab.reward.evaluate", "evaluate_reward", "accuracy, calibration and length bias of a reward model"),
         "policy": ("preflab.evaluate.policy", "evaluate_policies", "true utility, proxy reward, win rates and KL of policies"),

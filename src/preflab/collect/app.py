@@ -1,0 +1,117 @@
+"""The app factory: `create_app(project)` builds the FastAPI app of one collection project.
+
+Beyond the routers it adds what every request needs: a body-size limit (413 before a large body is read),
+JSON errors for every failure (a 4xx names what was wrong; an unexpected error is a JSON 500 that logs its
+traceback) and security headers (no framing, a content-security policy allowing only this server's scripts).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from markdown_it import MarkdownIt
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from preflab.collect.db import open_database
+from preflab.collect.project import Project
+from preflab.collect.routes import admin, authored, pages, pairs, votes
+
+HERE = Path(__file__).parent
+MAX_BODY = 64 * 1024  # bytes: a vote or an authored comparison is far smaller
+log = logging.getLogger("preflab.collect")
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over `limit` bytes with 413 (by Content-Length, or while reading)."""
+
+    def __init__(self, app, limit: int = MAX_BODY):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        try:
+            too_big = length is not None and int(length) > self.limit
+        except ValueError:
+            too_big = True
+        if too_big:
+            return await _too_large(send, self.limit)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except BodyTooLarge:
+            await _too_large(send, self.limit)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def _too_large(send, limit: int) -> None:
+    body = f'{{"detail":"request body over {limit} bytes"}}'.encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(project: Project, sessions=None) -> FastAPI:
+    """The app for `project`; `sessions` (a sessionmaker) defaults to the project's database, migrated."""
+    app = FastAPI(title="preflab collect", version="1",
+                  description="Pairwise comparisons: GET /api/next, POST /api/votes, GET /api/votes, GET /api/stats. "
+                              "Authenticate with `Authorization: Bearer TOKEN` (from `preflab collect annotator`).")
+    if sessions is None:
+        _, sessions = open_database(project.db_url)
+    app.state.project, app.state.sessions = project, sessions
+    app.state.templates = Jinja2Templates(directory=str(HERE / "templates"))  # autoescape is on for .html
+    text = project.guidelines.read_text() if project.guidelines.is_file() else ""
+    app.state.guidelines_html = MarkdownIt("commonmark", {"html": False}).render(text)  # raw HTML is escaped
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    for module in (pairs, votes, authored, admin, pages):
+        app.include_router(module.router)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if request.url.path.startswith("/api") or "text/html" not in request.headers.get("accept", ""):
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+        page = app.state.templates.get_template("error.html").render(status=exc.status_code, detail=exc.detail)
+        return HTMLResponse(page, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "internal error (see the server log)"}, status_code=500)
+
+    @app.middleware("http")
+    async def headers(request: Request, call_next):
+        response = await call_next(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        if request.url.path not in ("/docs", "/redoc"):  # FastAPI's own docs pages load their scripts elsewhere
+            response.headers.setdefault("Content-Security-Policy", "default-src 'self'; script-src 'self'; "
+                                        "style-src 'self'; frame-ancestors 'none'")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        return response
+
+    app.add_middleware(BodyLimit)
+    return app
