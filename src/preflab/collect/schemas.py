@@ -3,11 +3,26 @@ client sends, public schemas for what it gets back. Unknown fields are refused, 
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 Prompt = Union[str, list[dict]]
+
+
+def storable(text: str) -> str:
+    """Text every database stores: no NUL character (PostgreSQL refuses it) and no lone surrogate (not UTF-8).
+    Found by the schemathesis fuzzer: a NUL in client_id was a 500 on PostgreSQL."""
+    if "\x00" in text:
+        raise ValueError("text may not contain the NUL character (\\u0000)")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (no lone surrogates)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(storable)]
 
 
 class Strict(BaseModel):
@@ -27,8 +42,8 @@ class NextPair(BaseModel):
 class VoteCreate(Strict):
     pair_id: int = Field(ge=1, le=2**31 - 1)
     choice: Literal["left", "right", "tie", "both_bad"]
-    rationale: str = Field("", max_length=4000)
-    client_id: str | None = Field(None, min_length=1, max_length=100,
+    rationale: Text = Field("", max_length=4000)
+    client_id: Text | None = Field(None, min_length=1, max_length=100,
                                   description="any id unique to this submission: a retry with it is stored once")
 
 
@@ -51,11 +66,11 @@ class Stats(BaseModel):
 
 
 class AuthoredCreate(Strict):
-    prompt: str = Field(min_length=1, max_length=8000)
-    better: str = Field(min_length=1, max_length=8000, description="the better response")
-    worse: str = Field(min_length=1, max_length=8000, description="the worse response")
-    teaches: str = Field(min_length=1, max_length=2000, description="what behaviour this label teaches")
-    bias: str = Field("", max_length=2000, description="which bias it might introduce")
+    prompt: Text = Field(min_length=1, max_length=8000)
+    better: Text = Field(min_length=1, max_length=8000, description="the better response")
+    worse: Text = Field(min_length=1, max_length=8000, description="the worse response")
+    teaches: Text = Field(min_length=1, max_length=2000, description="what behaviour this label teaches")
+    bias: Text = Field("", max_length=2000, description="which bias it might introduce")
 
 
 class AuthoredPublic(BaseModel):
