@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from preflab.stages import stage
-from preflab.config import OptimConfig, check, opt
+from preflab.config import ConfigError, OptimConfig, check, opt
 from preflab.models import SIZES, describe, train_tokenizer, tiny_config
-from preflab.runs import Run, progress, save_model, seed_everything
+from preflab.runs import Run, progress, seed_everything
 from preflab.training import Budget, check_finite, lr_factor, make_accelerator, set_lr, set_threads
 
 
@@ -124,6 +124,9 @@ def pretrain(config: PretrainConfig) -> dict:
         print(f"[pretrain] {run.dir} has already finished; nothing to resume", flush=True)
         return run.finished_summary()
     accelerator = make_accelerator()
+    if config.batch_size % accelerator.num_processes:
+        raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the {accelerator.num_processes} "
+                          "processes (each takes an equal share of every batch)")
 
     # 1-2. corpus and tokenizer
     docs = read_corpus(config.corpus, config.world_docs, config.seed)
@@ -163,9 +166,12 @@ def pretrain(config: PretrainConfig) -> dict:
             lr = config.lr * lr_factor(budget.progress(step), config.warmup, floor=0.1)
             set_lr(optimizer, lr)
             batch = windows(train_stream, config.seq_len, config.batch_size, generator).to(accelerator.device)
-            loss = model(input_ids=batch, labels=batch).loss
-            check_finite(step + 1, **{"pretrain/loss": loss})
+            # with several processes each takes every world-th window; DDP averages their equal-sized means
+            mine = batch[accelerator.process_index::accelerator.num_processes]
+            loss = model(input_ids=mine, labels=mine).loss
             accelerator.backward(loss)
+            loss = accelerator.reduce(loss.detach(), "mean")
+            check_finite(step + 1, **{"pretrain/loss": loss})
             if config.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
@@ -186,7 +192,7 @@ def pretrain(config: PretrainConfig) -> dict:
     ppl = perplexity(unwrapped, held_stream, config.seq_len, config.batch_size, config.eval_batches)
     run.log(step, {"pretrain/eval/perplexity": ppl})
     unwrapped.eval()
-    save_model(unwrapped, tokenizer, run.model_dir)
+    run.save_model(unwrapped, tokenizer)
     return run.finish({
         "steps": step, "tokens": tokens_seen, "train_loss": loss.item(), "heldout_perplexity": ppl,
         "vocab_size": len(tokenizer), "tokens_per_second": tokens_seen / max(budget.elapsed, 1e-6),

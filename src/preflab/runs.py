@@ -36,6 +36,11 @@ def default_out(stage: str) -> Path:
     return Path("runs") / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a `torchrun` / `accelerate launch` job, or the only process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -59,9 +64,15 @@ class Run:
         if self.resume and not out:
             raise ConfigError("--resume needs --out: the run folder to continue")
         self.dir = Path(out) if out else default_out(stage)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.started = time.time()
         self.keep = int(getattr(config, "keep_checkpoints", 2))
+        # Under `torchrun` / `accelerate launch` only the main process writes (config, metrics, checkpoints,
+        # models, summary); the others compute the same run and write nothing.
+        self.main = is_main_process()
+        self._metrics, self._tb = None, None
+        if not self.main:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
         if config is not None:
             fresh = {"stage": stage, **to_dict(config)}
             if self.resume and (self.dir / "config.yaml").exists():
@@ -69,7 +80,6 @@ class Run:
             (self.dir / "config.yaml").write_text(yaml.safe_dump(fresh, sort_keys=False))
         # a reused folder starts afresh; a resumed one keeps its rows (cut back to the checkpoint by `resume_state`)
         self._metrics = open(self.dir / "metrics.jsonl", "a" if self.resume else "w", buffering=1)
-        self._tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -89,8 +99,13 @@ class Run:
             row[key] = value
             if self._tb is not None and isinstance(value, (int, float)) and math.isfinite(value):
                 self._tb.add_scalar(key, value, step)
-        self._metrics.write(json.dumps(row) + "\n")
+        if self.main:
+            self._metrics.write(json.dumps(row) + "\n")
         return row
+
+    def save_model(self, model, tokenizer) -> Path:
+        """The final model in `model/` (main process only)."""
+        return save_model(model, tokenizer, self.model_dir) if self.main else self.model_dir
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -106,6 +121,8 @@ class Run:
         """A verified checkpoint of `model` and the loop's `state` (optimiser, generators, data position...)."""
         from preflab.checkpoints import write_checkpoint
 
+        if not self.main:
+            return self.checkpoint_dir
         return write_checkpoint(self.checkpoint_dir, step, model, tokenizer, state or {}, keep=self.keep)
 
     def step_end(self, step: int, every: int, stop, save) -> None:
@@ -126,7 +143,8 @@ class Run:
             with StopRequest() as stop:
                 yield stop
         except TrainingStopped as exc:
-            (self.dir / "summary.json").write_text(json.dumps({"status": "stopped", "reason": str(exc)}, indent=2) + "\n")
+            if self.main:
+                (self.dir / "summary.json").write_text(json.dumps({"status": "stopped", "reason": str(exc)}, indent=2) + "\n")
             self.close()
             raise
 
@@ -137,14 +155,15 @@ class Run:
 
         if not self.resume:
             return None
-        (self.dir / "summary.json").unlink(missing_ok=True)
         ckpt = latest_checkpoint(self.checkpoint_dir)
-        step = ckpt.step if ckpt else -1
-        self._metrics.close()
-        rows = [r for r in read_metrics(self.dir) if r.get("step", 0) <= step] if ckpt else []
-        with open(self.dir / "metrics.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        self._metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        if self.main:
+            (self.dir / "summary.json").unlink(missing_ok=True)
+            step = ckpt.step if ckpt else -1
+            self._metrics.close()
+            rows = [r for r in read_metrics(self.dir) if r.get("step", 0) <= step] if ckpt else []
+            with open(self.dir / "metrics.jsonl", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+            self._metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)
         if ckpt is None:
             print(f"[{self.stage}] --resume: no checkpoint in {self.checkpoint_dir}; starting from the beginning", flush=True)
             return None
@@ -156,6 +175,8 @@ class Run:
         summary = {k: _plain(v) for k, v in summary.items()}
         summary.setdefault("seconds", round(time.time() - self.started, 1))
         summary.setdefault("run_dir", str(self.dir))
+        if not self.main:
+            return summary
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self.close()
         if not quiet:
@@ -163,7 +184,7 @@ class Run:
         return summary
 
     def close(self) -> None:
-        if not self._metrics.closed:
+        if self._metrics is not None and not self._metrics.closed:
             self._metrics.close()
         if self._tb is not None:
             self._tb.close()

@@ -29,8 +29,9 @@ from preflab.data.preferences import DataError, Demonstration, load_demonstratio
 from preflab.data.tokenize import batches, collate_examples, tokenize_rows
 from preflab.models import describe, load_model
 from preflab.logps import sequence_logps
-from preflab.runs import Run, progress, save_model, seed_everything
-from preflab.training import Budget, check_finite, lr_factor, make_accelerator, set_lr, set_threads
+from preflab.runs import Run, progress, seed_everything
+from preflab.training import (Budget, check_finite, join_without_data, lr_factor, make_accelerator, set_lr,
+                              set_threads, shard, sync_on_last)
 
 
 @dataclass(kw_only=True)
@@ -187,19 +188,26 @@ def sft(config: SFTConfig) -> dict:
             # 4a. learning rate: warm-up then cosine
             lr = config.lr * lr_factor(budget.progress(step), config.warmup, floor=config.lr_floor)
             set_lr(optimizer, lr)
-            # 4b. one optimiser step's micro-batches; normalise by the step's total completion tokens
-            chunks = [collate_examples(chunk, pad_id) for chunk in next(stream)]
-            n_tokens = sum(int(b["completion_mask"].sum()) for b in chunks)
-            step_loss = 0.0
-            for batch in chunks:
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            # 4b. one optimiser step's examples, normalised by their total completion tokens; with several
+            #     processes (torchrun / accelerate launch) each takes every world-th example, and the loss is
+            #     scaled by the world size because DDP averages the processes' gradients
+            examples = [ex for chunk in next(stream) for ex in chunk]
+            n_tokens = sum(len(ex.completion_ids) for ex in examples)
+            chunks = list(batches(shard(examples, accelerator), config.batch_size))
+            step_loss = torch.zeros((), device=accelerator.device)
+            for i, chunk in enumerate(chunks):
+                batch = {k: v.to(accelerator.device) for k, v in collate_examples(chunk, pad_id).items()}
                 # 4c. log-probs of completion tokens only (prompt and padding are masked out)
-                per_token, _ = sequence_logps(model, batch)
-                loss = sft_loss(per_token, batch["completion_mask"], n_tokens)
-                accelerator.backward(loss)
-                step_loss += loss.item()
-                tokens_seen += int(batch["attention_mask"].sum())
-                seen_examples += batch["input_ids"].shape[0]
+                with sync_on_last(accelerator, model, i, len(chunks)):
+                    per_token, _ = sequence_logps(model, batch)
+                    loss = sft_loss(per_token, batch["completion_mask"], n_tokens)
+                    accelerator.backward(loss * accelerator.num_processes)
+                step_loss += loss.detach()
+            if not chunks:
+                join_without_data(accelerator, model)
+            step_loss = accelerator.reduce(step_loss, "sum").item()
+            tokens_seen += sum(len(ex.prompt_ids) + len(ex.completion_ids) for ex in examples)
+            seen_examples += len(examples)
             # 4d. clip and step
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm) if config.max_grad_norm else None
             check_finite(step + 1, **{"sft/loss": step_loss, "sft/grad_norm": grad_norm})   # before it reaches the weights
@@ -230,7 +238,7 @@ def sft(config: SFTConfig) -> dict:
     loss_after = heldout_loss(unwrapped, held, pad_id, config.eval_batch_size)
     run.log(step, {"sft/eval/loss": loss_after})
     unwrapped.eval()
-    save_model(unwrapped, tokenizer, run.model_dir)
+    run.save_model(unwrapped, tokenizer)
     return run.finish({
         "steps": step, "epochs": round(seen_examples / len(train), 3), "train_examples": len(train),
         "heldout_examples": len(held), "truncated": n_trunc + n_trunc_held,

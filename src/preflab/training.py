@@ -3,6 +3,7 @@ guards that stop a run cleanly (Ctrl-C, non-finite numbers, limits)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -63,6 +64,23 @@ class Budget:
 
     def done(self, step: int) -> bool:
         return self.progress(step) >= 1.0
+
+
+def shard(items: list, accelerator) -> list:
+    """This process's share of an optimiser step's items: every world-th one (all of them in one process)."""
+    return items[accelerator.process_index::accelerator.num_processes] if accelerator else items
+
+
+def sync_on_last(accelerator, model, i: int, n: int):
+    """Gradients all-reduced once per optimiser step, on the process's last micro-batch: processes with different
+    numbers of micro-batches then still meet at one all-reduce each (a mismatch would hang DDP)."""
+    return contextlib.nullcontext() if accelerator is None or i == n - 1 else accelerator.no_sync(model)
+
+
+def join_without_data(accelerator, model) -> None:
+    """A process whose share of the step is empty still joins the step's all-reduce, with a zero gradient."""
+    if accelerator is not None and accelerator.num_processes > 1:
+        accelerator.backward(sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0)
 
 
 class TrainingStopped(RuntimeError):

@@ -33,8 +33,9 @@ from preflab.adapters import add_lora, reference_of
 from preflab.config import LoraConfig, OptimConfig, check, opt
 from preflab.data import DataError, collate_pairs, split_rows, tokenize_rows
 from preflab.logps import sequence_logps
-from preflab.runs import Run, progress, save_model, seed_everything
-from preflab.training import Budget, check_finite, lr_factor, make_accelerator, set_lr, set_threads
+from preflab.runs import Run, progress, seed_everything
+from preflab.training import (Budget, check_finite, join_without_data, lr_factor, make_accelerator, set_lr,
+                              set_threads, shard, sync_on_last)
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
@@ -182,19 +183,33 @@ class Reference:
 
 
 def accumulate_gradients(model, pairs: list, indices: list[int], reference: Reference, pad_id: int,
-                         config: DPOConfig, backward=None) -> dict:
+                         config: DPOConfig, accelerator=None) -> dict:
     """Backward over `indices` in micro-batches, each loss divided by the number of micro-batches, so the
-    gradient is that of the mean loss over all the pairs (4 x 1 == 1 x 4). Returns the mean metrics."""
-    backward = backward or (lambda loss: loss.backward())
+    gradient is that of the mean loss over all the pairs (4 x 1 == 1 x 4). Returns the mean metrics. With
+    several processes each takes every world-th micro-batch and scales its loss by the world size (DDP
+    averages the processes' gradients): the same step as one process taking them all."""
+    world = accelerator.num_processes if accelerator else 1
     device = next(model.parameters()).device
     chunks = [indices[i:i + config.micro_batch_size] for i in range(0, len(indices), config.micro_batch_size)]
+    mine = shard(chunks, accelerator)
     totals: dict[str, float] = {}
-    for chunk in chunks:
+    for n, chunk in enumerate(mine):
         batch = {k: v.to(device) for k, v in collate_pairs([pairs[i] for i in chunk], pad_id).items()}
-        loss, metrics = batch_loss(model, batch, reference(chunk, batch), config)
-        backward(loss / len(chunks))
+        with sync_on_last(accelerator, model, n, len(mine)):
+            loss, metrics = batch_loss(model, batch, reference(chunk, batch), config)
+            scaled = loss / len(chunks) * world
+            if accelerator is not None:
+                accelerator.backward(scaled)
+            else:
+                scaled.backward()
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0.0) + value / len(chunks)
+    if not mine:
+        join_without_data(accelerator, model)
+    if world > 1:                                         # the step's metrics over every process's micro-batches
+        keys = sorted(totals)
+        summed = accelerator.reduce(torch.tensor([totals[k] for k in keys], device=device), "sum")
+        totals = dict(zip(keys, summed.tolist()))
     return totals
 
 
@@ -301,7 +316,7 @@ def train_dpo(model, tokenizer, rows: list, config: DPOConfig, ref_model=None, r
             indices, order = order[:config.batch_size], order[config.batch_size:]
             lr = config.lr * lr_factor(budget.progress(step), config.warmup)
             set_lr(optimizer, lr)
-            metrics = accumulate_gradients(model, train_pairs, indices, train_ref, pad_id, config, accelerator.backward)
+            metrics = accumulate_gradients(model, train_pairs, indices, train_ref, pad_id, config, accelerator)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
             check_finite(step + 1, **{"dpo/loss": metrics["loss"], "dpo/grad_norm": grad_norm})
             optimizer.step()
@@ -355,6 +370,6 @@ def dpo(config: DPOConfig) -> dict:
     print(f"[dpo] {len(rows)} comparisons, loss {config.loss_type}, beta {config.beta}", flush=True)
     summary = train_dpo(model, tokenizer, rows, config, ref_model=ref_model, run=run)
     # 6. save the policy (`preflab eval policy` measures what it does)
-    save_model(model, tokenizer, run.model_dir)
+    run.save_model(model, tokenizer)
     summary["model"] = str(run.model_dir)
     return run.finish(summary)

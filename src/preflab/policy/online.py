@@ -27,7 +27,7 @@ from preflab.data.tokenize import encode_prompt, take
 from preflab.logps import chunked_logps
 from preflab.policy.losses import KL_ESTIMATORS
 from preflab.rollout import Rollout, generate
-from preflab.runs import Run, save_model, seed_everything
+from preflab.runs import Run, seed_everything
 from preflab.policy.kl_control import make_kl_controller
 from preflab.training import Budget, TrainingStopped, check_finite, make_accelerator, set_threads
 
@@ -323,7 +323,7 @@ def finish_online(setup: OnlineSetup, name: str, config: OnlineConfig, loop: Loo
     after = evaluate_policy(setup, config, config.seed + 7)
     if after:
         setup.run.log(loop.step, {f"{name}/eval/{k}": v for k, v in after.items()})
-    save_model(setup.policy, setup.tokenizer, setup.run.model_dir)
+    setup.run.save_model(setup.policy, setup.tokenizer)
     summary = {"steps": loop.step, "beta": loop.kl_ctl.value, "model": str(setup.run.model_dir), **(extra or {})}
     summary.update({f"eval_{k}_before": v for k, v in loop.before.items() if k != "kl"})
     summary.update({f"eval_{k}_after": v for k, v in after.items()})

@@ -51,6 +51,9 @@ class RewardModel(nn.Module):
         with torch.no_grad():  # Stiennon et al. 2020: head std 1/sqrt(d_model + 1), bias 0
             self.head.weight.copy_(torch.randn(self.head.weight.shape, generator=generator) / math.sqrt(d_model + 1))
             self.head.bias.zero_()
+        # The Bradley-Terry loss reads only differences r_w - r_l, so the head's bias gets no gradient but rounding
+        # noise, which Adam would scale up to a step of ~lr: it stays 0 (normalisation sets the offset).
+        self.head.bias.requires_grad_(False)
         self.head.to(next(backbone.parameters()).dtype)
         self.register_buffer("gain", torch.tensor(1.0))
         self.register_buffer("bias", torch.tensor(0.0))

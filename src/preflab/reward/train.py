@@ -38,7 +38,8 @@ from preflab.reward.evaluate import calibration, report_from_scores, save_report
 from preflab.reward.loss import bradley_terry_loss, pair_statistics, summarise
 from preflab.reward.model import REDUCTIONS, RewardModel, write_ensemble_index
 from preflab.runs import Run, progress, seed_everything
-from preflab.training import Budget, check_finite, lr_factor, make_accelerator, set_lr, set_threads
+from preflab.training import (Budget, check_finite, join_without_data, lr_factor, make_accelerator, set_lr,
+                              set_threads, shard, sync_on_last)
 
 
 @dataclass(kw_only=True)
@@ -107,26 +108,42 @@ def freeze_lower_layers(model: RewardModel, n: int) -> None:
 
 
 def train_step(model: RewardModel, optimizer, pairs: list, micro_batch_size: int, config: RewardConfig,
-               backward=None, step: int = 0) -> tuple[float, dict]:
+               accelerator=None, step: int = 0) -> tuple[float, dict]:
     """One optimiser step over `pairs` in micro-batches; returns (sum of per-pair losses, pair statistics).
 
     Each micro-batch's mean loss is weighted by its share of the step's pairs, so the accumulated gradient is
-    that of the mean loss over all `pairs`: batch 4 x accumulation 1 equals batch 1 x accumulation 4.
+    that of the mean loss over all `pairs`: batch 4 x accumulation 1 equals batch 1 x accumulation 4. With
+    several processes (torchrun / accelerate launch) each takes every world-th pair and the loss is scaled by
+    the world size, since DDP averages the processes' gradients: the same step as one process taking them all.
     """
-    backward = backward or (lambda loss: loss.backward())
-    pad = model.tokenizer.pad_token_id
-    loss_sum, sums = 0.0, {}
-    for start in range(0, len(pairs), micro_batch_size):
-        micro = pairs[start:start + micro_batch_size]
-        batch = {k: v.to(model.device) for k, v in collate_pairs(micro, pad).items()}  # B chosen rows, then B rejected
-        rewards = model(batch["input_ids"], batch["attention_mask"], normalise=False)
-        chosen, rejected = rewards[:len(micro)], rewards[len(micro):]
-        margin = batch["margin"] * config.margin_scale if config.use_margin else None
-        loss = bradley_terry_loss(chosen, rejected, margin, config.label_smoothing, batch["tie"])
-        backward(loss * len(micro) / len(pairs))
-        loss_sum += loss.item() * len(micro)
+    world = accelerator.num_processes if accelerator else 1
+    inner = accelerator.unwrap_model(model) if accelerator else model
+    pad, device = inner.tokenizer.pad_token_id, inner.device
+    loss_sum, sums = torch.zeros((), device=device), {}
+    mine = shard(pairs, accelerator)
+    micros = [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+    for i, micro in enumerate(micros):
+        batch = {k: v.to(device) for k, v in collate_pairs(micro, pad).items()}  # B chosen rows, then B rejected
+        with sync_on_last(accelerator, model, i, len(micros)):
+            rewards = model(batch["input_ids"], batch["attention_mask"], normalise=False)
+            chosen, rejected = rewards[:len(micro)], rewards[len(micro):]
+            margin = batch["margin"] * config.margin_scale if config.use_margin else None
+            loss = bradley_terry_loss(chosen, rejected, margin, config.label_smoothing, batch["tie"])
+            weighted = loss * len(micro) / len(pairs) * world
+            if accelerator is not None:
+                accelerator.backward(weighted)
+            else:
+                weighted.backward()
+        loss_sum += loss.detach() * len(micro)
         for key, value in pair_statistics(chosen.detach(), rejected.detach(), batch["tie"]).items():
             sums[key] = sums.get(key, 0.0) + value
+    if not micros:
+        join_without_data(accelerator, model)
+    if accelerator is not None and world > 1:            # the step's statistics over every process's pairs
+        keys = sorted(sums)
+        totals = accelerator.reduce(torch.tensor([float(loss_sum)] + [sums[k] for k in keys], device=device), "sum")
+        loss_sum, sums = totals[0], dict(zip(keys, totals[1:].tolist()))
+    loss_sum = float(loss_sum)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
     check_finite(step, **{"reward/loss": loss_sum, "reward/grad_norm": grad_norm})   # before it reaches the weights
     optimizer.step()
@@ -216,7 +233,7 @@ def train_member(config: RewardConfig, k: int, train_pairs: list, eval_pairs: li
             set_lr(optimizer, lr)
             # c. one optimiser step over gradient_accumulation micro-batches
             step_loss, sums = train_step(model, optimizer, next(batches), config.batch_size, config,
-                                         backward=accelerator.backward, step=step0 + step + 1)
+                                         accelerator=accelerator, step=step0 + step + 1)
             step += 1
             bar.update(1)
             loss_sum += step_loss
@@ -300,18 +317,21 @@ def train_reward(config: RewardConfig) -> dict:
             raw_w.append(w[0]), raw_l.append(l[0]), gains.append(model.gain.item()), biases.append(model.bias.item())
         member_summaries.append(summary)
         names.append(f"member-{k}")
-        model.save(run.model_dir if config.ensemble == 1 else run.model_dir / names[-1])
+        if run.main:
+            model.save(run.model_dir if config.ensemble == 1 else run.model_dir / names[-1])
         del model
     # 3. the ensemble index, the held-out report (as `preflab eval reward` writes it) and the summary
-    if config.ensemble > 1:
+    if config.ensemble > 1 and run.main:
         write_ensemble_index(run.model_dir, names, config.reduce)
-    (run.dir / "members.json").write_text(json.dumps(member_summaries, indent=2) + "\n")
+    if run.main:
+        (run.dir / "members.json").write_text(json.dumps(member_summaries, indent=2) + "\n")
     out = {"train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "steps": step, "members": config.ensemble,
            "train_loss": member_summaries[-1]["train_loss"], "train_accuracy": member_summaries[-1]["train_accuracy"]}
     if eval_pairs:
         report, per_pair = report_from_scores(eval_rows, eval_pairs, truncated_eval, tokenizer, torch.stack(raw_w), torch.stack(raw_l),
                                               torch.tensor(gains), torch.tensor(biases), reduce=config.reduce)
-        save_report(run.dir, report, per_pair, f"Held-out pairs of {config.data}")
+        if run.main:
+            save_report(run.dir, report, per_pair, f"Held-out pairs of {config.data}")
         if config.ensemble > 1:
             run.log(step, {"reward/eval/ensemble_accuracy": report["accuracy"]})
         out.update(eval_accuracy=report["accuracy"], eval_ece=report["ece"], longer_wins=report["longer_wins"],
