@@ -35,7 +35,7 @@ def matmul_gflops(n: int = 512, seconds: float = 2.0) -> float:
     while time.perf_counter() - start < seconds:
         a @ b
         count += 1
-    return 2 * n ** 3 * count / (time.perf_counter() - start) / 1e9
+    return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
 
 
 def main() -> None:
@@ -93,10 +93,16 @@ def main() -> None:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     latencies.sort()
     pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
-    result = {"backend": "postgresql" if args.db else "sqlite", "annotators": args.annotators,
-              "votes": len(latencies), "seconds": round(wall, 2), "votes_per_second": round(len(latencies) / wall, 1),
-              "post_p50_ms": round(1000 * statistics.median(latencies), 1), "post_p99_ms": round(1000 * pick(0.99), 1),
-              "matmul_fp32_gflops": round(matmul_gflops(), 1)}
+    result = {
+        "backend": "postgresql" if args.db else "sqlite",
+        "annotators": args.annotators,
+        "votes": len(latencies),
+        "seconds": round(wall, 2),
+        "votes_per_second": round(len(latencies) / wall, 1),
+        "post_p50_ms": round(1000 * statistics.median(latencies), 1),
+        "post_p99_ms": round(1000 * pick(0.99), 1),
+        "matmul_fp32_gflops": round(matmul_gflops(), 1),
+    }
     print(json.dumps(result))
 
 

@@ -45,9 +45,12 @@ def vote_until(url: str, token: str, deadline: float, out: dict, lock: threading
             if pair.status_code != 200 or pair.json().get("done"):
                 errors.append(f"next: {pair.status_code} {pair.text[:200]}")
                 break
-            body = {"pair_id": pair.json()["pair_id"], "choice": ("left", "right", "tie")[n % 3],
-                    "client_id": f"{token[:8]}-{n}"}
-            while time.monotonic() < deadline + 30:            # a started vote is finished after the deadline
+            body = {
+                "pair_id": pair.json()["pair_id"],
+                "choice": ("left", "right", "tie")[n % 3],
+                "client_id": f"{token[:8]}-{n}",
+            }
+            while time.monotonic() < deadline + 30:  # a started vote is finished after the deadline
                 start = time.perf_counter()
                 try:
                     r = http.post("/api/votes", json=body)
@@ -105,7 +108,7 @@ def main() -> None:
         for t in threads:
             t.start()
         time.sleep(args.seconds / 2)
-        server.kill9()                                  # SIGKILL: no shutdown, no flush, mid-request
+        server.kill9()  # SIGKILL: no shutdown, no flush, mid-request
         killed = time.monotonic()
         server.start()
         restart = time.monotonic() - killed
@@ -122,10 +125,16 @@ def main() -> None:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     lat = sorted(out["latencies"])
     result = {
-        "backend": "postgresql" if args.db else "sqlite", "annotators": args.annotators, "seconds": round(wall, 1),
-        "acknowledged": len(out["acked"]), "stored": stored, "lost": len(set(out["acked"]) - stored_ids),
-        "stored_not_acknowledged": len(stored_ids - set(out["acked"])), "errors": len(out["errors"]),
-        "connection_failures_while_down": out["down"], "restart_seconds": round(restart, 2),
+        "backend": "postgresql" if args.db else "sqlite",
+        "annotators": args.annotators,
+        "seconds": round(wall, 1),
+        "acknowledged": len(out["acked"]),
+        "stored": stored,
+        "lost": len(set(out["acked"]) - stored_ids),
+        "stored_not_acknowledged": len(stored_ids - set(out["acked"])),
+        "errors": len(out["errors"]),
+        "connection_failures_while_down": out["down"],
+        "restart_seconds": round(restart, 2),
         "votes_per_second": round(len(out["acked"]) / wall, 1),
         "post_p50_ms": round(1000 * statistics.median(lat), 1) if lat else None,
         "post_p99_ms": round(1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], 1) if lat else None,

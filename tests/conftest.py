@@ -17,8 +17,14 @@ from preflab.models import ModelSize, tiny_config, train_tokenizer
 
 HH_RLHF = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl"
 # A model small enough that a training step takes milliseconds.
-MICRO = ModelSize(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                  vocab_size=300, max_position_embeddings=256)
+MICRO = ModelSize(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    vocab_size=300,
+    max_position_embeddings=256,
+)
 
 torch.set_num_threads(1)
 

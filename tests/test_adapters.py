@@ -37,7 +37,7 @@ def test_the_reference_is_the_base_with_the_adapter_off_and_shares_its_weights(t
     expected, _ = sequence_logps(make_model(tokenizer), collate_examples(BATCH, tokenizer.pad_token_id))
     adapted = live_adapter(base)
     ref = reference_of(adapted)
-    assert isinstance(ref, AdapterDisabled) and list(ref.parameters()) == []       # no second copy in memory
+    assert isinstance(ref, AdapterDisabled) and list(ref.parameters()) == []  # no second copy in memory
     batch = collate_examples(BATCH, tokenizer.pad_token_id)
     with torch.no_grad():
         ref_logps, _ = sequence_logps(ref, batch)
@@ -45,7 +45,7 @@ def test_the_reference_is_the_base_with_the_adapter_off_and_shares_its_weights(t
     assert torch.equal(ref_logps, expected)
     assert not torch.allclose(policy_logps, expected, atol=1e-3)
     trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
-    assert trainable and all("lora_" in n for n in trainable)                     # the base is frozen
+    assert trainable and all("lora_" in n for n in trainable)  # the base is frozen
 
 
 def test_bad_targets_name_the_option(tokenizer):
@@ -63,15 +63,40 @@ def test_sft_with_lora_trains_only_adapters_and_the_merged_export_generates_the_
     demos = tmp_path / "demos.jsonl"
     demos.write_text("".join(json.dumps(d) + "\n" for d in demonstrations(40, seed=0)))
     out = tmp_path / "sft"
-    assert main(["sft", "--model", str(model_dir), "--data", str(demos), "--max-steps", "4", "--batch-size", "4",
-                 "--held-out", "0.25", "--lr", "0.02", "--lora-r", "4", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sft",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(demos),
+                "--max-steps",
+                "4",
+                "--batch-size",
+                "4",
+                "--held-out",
+                "0.25",
+                "--lr",
+                "0.02",
+                "--lora-r",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert (out / "model" / "adapter_model.safetensors").exists() and not (out / "model" / "model.safetensors").exists()
-    adapted, tokenizer = load_model(out)                                  # a later stage takes the run folder
+    adapted, tokenizer = load_model(out)  # a later stage takes the run folder
     assert is_adapted(adapted)
     original = load_file(model_dir / "model.safetensors")
-    base = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
-            for k, v in adapted.state_dict().items() if "lora_" not in k}
-    assert all(torch.equal(base[k], original[k]) for k in original)      # the base weights never moved
+    base = {
+        k.replace("base_model.model.", "").replace(".base_layer", ""): v
+        for k, v in adapted.state_dict().items()
+        if "lora_" not in k
+    }
+    assert all(torch.equal(base[k], original[k]) for k in original)  # the base weights never moved
     assert main(["export", str(out), "--merge", "true", "--out", str(tmp_path / "merged")]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert type(merged).__name__ == "LlamaForCausalLM"
@@ -80,16 +105,40 @@ def test_sft_with_lora_trains_only_adapters_and_the_merged_export_generates_the_
     kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     with torch.no_grad():
         assert torch.equal(adapted.generate(input_ids=prompt, **kwargs), merged.generate(input_ids=prompt, **kwargs))
-    assert main(["export", str(out), "--out", str(tmp_path / "x")]) == 2             # an adapter needs --merge
+    assert main(["export", str(out), "--out", str(tmp_path / "x")]) == 2  # an adapter needs --merge
 
 
 @pytest.mark.parametrize("stage", ["ppo", "grpo"])
 def test_online_rl_with_lora_starts_at_ratio_one_and_kl_zero(stage, model_dir, tmp_path):
     from preflab.runs import read_metrics
 
-    argv = [stage, "--model", str(model_dir), "--reward", "preflab.world.rewards:length_closeness", "--max-steps", "2",
-            "--max-new-tokens", "5", "--eval-prompts", "2", "--n-prompts", "8", "--batch-size", "4",
-            "--mini-batch-size", "2", "--micro-batch-size", "2", "--lora-r", "4", "--lr", "0.01", "--out", str(tmp_path / "r")]
+    argv = [
+        stage,
+        "--model",
+        str(model_dir),
+        "--reward",
+        "preflab.world.rewards:length_closeness",
+        "--max-steps",
+        "2",
+        "--max-new-tokens",
+        "5",
+        "--eval-prompts",
+        "2",
+        "--n-prompts",
+        "8",
+        "--batch-size",
+        "4",
+        "--mini-batch-size",
+        "2",
+        "--micro-batch-size",
+        "2",
+        "--lora-r",
+        "4",
+        "--lr",
+        "0.01",
+        "--out",
+        str(tmp_path / "r"),
+    ]
     if stage == "grpo":
         argv += ["--k", "2"]
     assert main(argv) == 0
@@ -105,12 +154,16 @@ def test_dpo_and_reward_with_lora(model_dir, tmp_path):
     from preflab.world import demonstrations
 
     prefs = tmp_path / "prefs.jsonl"
-    prefs.write_text("".join(json.dumps({"prompt": d["prompt"], "chosen": d["completion"], "rejected": "No."}) + "\n"
-                             for d in demonstrations(40, seed=1)))
+    prefs.write_text(
+        "".join(
+            json.dumps({"prompt": d["prompt"], "chosen": d["completion"], "rejected": "No."}) + "\n"
+            for d in demonstrations(40, seed=1)
+        )
+    )
     common = ["--model", str(model_dir), "--data", str(prefs), "--max-steps", "3", "--batch-size", "4", "--lora-r", "4"]
     assert main(["dpo", *common, "--lr", "0.01", "--out", str(tmp_path / "dpo")]) == 0
     assert is_adapted(load(tmp_path / "dpo")[0])
     assert main(["reward", *common, "--out", str(tmp_path / "rm")]) == 0
-    rm = RewardModel.load(tmp_path / "rm" / "model")                    # a reward model is saved merged: plain
+    rm = RewardModel.load(tmp_path / "rm" / "model")  # a reward model is saved merged: plain
     assert not is_adapted(rm.backbone)
     assert main(["reward", *common, "--train-layers", "1", "--out", str(tmp_path / "rm2")]) == 2

@@ -1,11 +1,10 @@
 import base64
+import dataclasses
 import json
 import math
 import re
 
 import pytest
-
-import dataclasses
 
 from preflab.config import ConfigError, build_config, load_preset
 from preflab.demo import DEFAULTS, STAGE_FUNCTIONS, DemoConfig, demo
@@ -19,7 +18,7 @@ def test_demo_config_validation_and_presets_parse():
     for name in ("demo", "fast"):
         config = build_config(DemoConfig, load_preset(name)["demo"], source=name)
         assert isinstance(config.sweep, dict)
-        for section in DemoConfig.__dataclass_fields__:       # every stage option a preset sets exists
+        for section in DemoConfig.__dataclass_fields__:  # every stage option a preset sets exists
             options = {**DEFAULTS.get(section, {}), **(getattr(config, section) if section in STAGE_FUNCTIONS else {})}
             fields = {f.name for f in dataclasses.fields(STAGE_FUNCTIONS[section].config_class)} if options else set()
             assert set(options) <= fields, (name, section, set(options) - fields)
@@ -33,10 +32,23 @@ def test_fast_demo_end_to_end_twice_gives_the_same_headline(tmp_path, monkeypatc
     values = load_preset("fast")["demo"]
     summary = demo(build_config(DemoConfig, {**values, "out": str(tmp_path / "demo")}, source="fast"))
     root = tmp_path / "demo"
-    for rel in ["pretrain/model/config.json", "sft/model/config.json", "generate/pairs.jsonl", "votes/train.jsonl",
-                "votes/heldout.jsonl", "reward/summary.json", "bias/bias.json", "ppo/model/config.json",
-                "dpo/model/config.json", "eval/eval.json", "eval/eval.md", "sweep/sweep.json", "headline.json",
-                "timings.json", "report.html"]:
+    for rel in [
+        "pretrain/model/config.json",
+        "sft/model/config.json",
+        "generate/pairs.jsonl",
+        "votes/train.jsonl",
+        "votes/heldout.jsonl",
+        "reward/summary.json",
+        "bias/bias.json",
+        "ppo/model/config.json",
+        "dpo/model/config.json",
+        "eval/eval.json",
+        "eval/eval.md",
+        "sweep/sweep.json",
+        "headline.json",
+        "timings.json",
+        "report.html",
+    ]:
         assert (root / rel).exists(), rel
     ev = json.loads((root / "eval" / "eval.json").read_text())
     assert set(ev["policies"]) == {"sft", "base", "ppo", "dpo", "bon2"}

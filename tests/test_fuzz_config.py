@@ -32,17 +32,46 @@ CLASSES = {"sft": SFTConfig, "dpo": DPOConfig, "generate": GenerateConfig, "chec
 
 
 def fuzz(examples: int):
-    return settings(max_examples=LONG or examples, deadline=None, derandomize=not LONG, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    return settings(
+        max_examples=LONG or examples,
+        deadline=None,
+        derandomize=not LONG,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.integers(-(10**400), 10**400), st.floats(),
-    st.text(max_size=20), st.sampled_from(["1e-4", "3", "yes", "off", "nan", "-inf", "0x10", "1_000", "",
-                                           "\u202eevil", "e\u0301", "\x00", "9" * 5000, "x" * 10_000]),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(-(10**400), 10**400),
+    st.floats(),
+    st.text(max_size=20),
+    st.sampled_from(
+        [
+            "1e-4",
+            "3",
+            "yes",
+            "off",
+            "nan",
+            "-inf",
+            "0x10",
+            "1_000",
+            "",
+            "\u202eevil",
+            "e\u0301",
+            "\x00",
+            "9" * 5000,
+            "x" * 10_000,
+        ]
+    ),
 )
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
-                      | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=10)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=10,
+)
 
 
 @st.composite
@@ -57,12 +86,34 @@ def dump(data) -> bytes:
 
 
 RAW = [
-    b"", b"\xef\xbb\xbflr: 0.5\n", b"\xef\xbb\xbf", bytes(range(256)), b"lr: 1e-4\r\nmax_steps: 3\r\n",
-    b"[" * 1000, b"a:\n" + b"".join(b" " * i + b"- \n" for i in range(1, 300)), b"lr: &x [*x]\n",
-    b"lr: !!python/object:os.system x\n", b"lr: 1\nlr: 2\n", b"\x00", b"lr: \"\\ud800\"\n", b"out: \"\\ud800\"\n",
-    b"lr: \xed\xa0\x80\n", b"- a\n- b\n", b"just a string", b"? [a, b]\n: 1\n", b"{1: 2, 3: 4}", b"lr:\n  nested: 1\n",
-    b"\tlr: 1\n", b"lr: 2001-01-01\n", b"lr: .nan\n", b"max_steps: 1e3\n", b"max_steps: 1.5\n", b"lr: 0x10\n",
-    b"out: [a, b]\n", b"seed: 99999999999999999999999999999999999999\n", b"skip_bad_rows: maybe\n",
+    b"",
+    b"\xef\xbb\xbflr: 0.5\n",
+    b"\xef\xbb\xbf",
+    bytes(range(256)),
+    b"lr: 1e-4\r\nmax_steps: 3\r\n",
+    b"[" * 1000,
+    b"a:\n" + b"".join(b" " * i + b"- \n" for i in range(1, 300)),
+    b"lr: &x [*x]\n",
+    b"lr: !!python/object:os.system x\n",
+    b"lr: 1\nlr: 2\n",
+    b"\x00",
+    b'lr: "\\ud800"\n',
+    b'out: "\\ud800"\n',
+    b"lr: \xed\xa0\x80\n",
+    b"- a\n- b\n",
+    b"just a string",
+    b"? [a, b]\n: 1\n",
+    b"{1: 2, 3: 4}",
+    b"lr:\n  nested: 1\n",
+    b"\tlr: 1\n",
+    b"lr: 2001-01-01\n",
+    b"lr: .nan\n",
+    b"max_steps: 1e3\n",
+    b"max_steps: 1.5\n",
+    b"lr: 0x10\n",
+    b"out: [a, b]\n",
+    b"seed: 99999999999999999999999999999999999999\n",
+    b"skip_bad_rows: maybe\n",
 ]
 
 
@@ -85,8 +136,12 @@ def check_resolves(cls, path: Path, stage: str):
         resolve_config(cls, args, stage=stage)
     except ConfigError as err:
         message = str(err)
-        named = ([str(path)] + [str(k) for k in data] + [str(v)[:20] for v in data.values() if not isinstance(v, dict)]
-                 + [f.name for f in dataclasses.fields(cls)])  # e.g. a required option the file did not give
+        named = (
+            [str(path)]
+            + [str(k) for k in data]
+            + [str(v)[:20] for v in data.values() if not isinstance(v, dict)]
+            + [f.name for f in dataclasses.fields(cls)]
+        )  # e.g. a required option the file did not give
         assert any(n in message for n in named), message[:300]
 
 
@@ -124,12 +179,16 @@ def test_cli_config_exit_status_and_no_traceback(data, tmp_path_factory):
 
 # -------------------------------------------------------------------------------- named regressions
 
-@pytest.mark.parametrize("text, expected", [
-    ("lr: 1e-4\n", 1e-4),          # YAML 1.1 reads 1e-4 as a string: it used to reach `lr > 0` and raise TypeError
-    ("lr: '0.5'\n", 0.5),
-    ("max_steps: 1e3\n", 1000),
-    ("max_steps: '7'\n", 7),
-])
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("lr: 1e-4\n", 1e-4),  # YAML 1.1 reads 1e-4 as a string: it used to reach `lr > 0` and raise TypeError
+        ("lr: '0.5'\n", 0.5),
+        ("max_steps: 1e3\n", 1000),
+        ("max_steps: '7'\n", 7),
+    ],
+)
 def test_numbers_given_as_strings_are_read(tmp_path, text, expected):
     path = tmp_path / "c.yaml"
     path.write_text(text)
@@ -137,29 +196,35 @@ def test_numbers_given_as_strings_are_read(tmp_path, text, expected):
     assert getattr(config, text.split(":")[0]) == expected
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"lr": "fast"}, "option 'lr' expects a number, got 'fast'"),
-    ({"lr": [1]}, "option 'lr' expects a number, got [1]"),
-    ({"max_steps": 1.5}, "option 'max_steps' expects an integer, got 1.5"),
-    ({"max_steps": None}, "option 'max_steps' expects an integer, got None"),
-    ({"max_steps": True}, "option 'max_steps' expects an integer, got True"),
-    ({"skip_bad_rows": "maybe"}, "option 'skip_bad_rows' expects true or false, got 'maybe'"),
-    ({"out": {"a": 1}}, "option 'out' expects a string, got {'a': 1}"),
-    ({"out": "\ud800"}, "option 'out' expects valid Unicode text"),
-    ({1: 2, "lr": 0.1}, r"unknown option(s) ['1']"),
-    ({None: 2}, r"unknown option(s) ['None']"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"lr": "fast"}, "option 'lr' expects a number, got 'fast'"),
+        ({"lr": [1]}, "option 'lr' expects a number, got [1]"),
+        ({"max_steps": 1.5}, "option 'max_steps' expects an integer, got 1.5"),
+        ({"max_steps": None}, "option 'max_steps' expects an integer, got None"),
+        ({"max_steps": True}, "option 'max_steps' expects an integer, got True"),
+        ({"skip_bad_rows": "maybe"}, "option 'skip_bad_rows' expects true or false, got 'maybe'"),
+        ({"out": {"a": 1}}, "option 'out' expects a string, got {'a': 1}"),
+        ({"out": "\ud800"}, "option 'out' expects valid Unicode text"),
+        ({1: 2, "lr": 0.1}, r"unknown option(s) ['1']"),
+        ({None: 2}, r"unknown option(s) ['None']"),
+    ],
+)
 def test_wrong_types_name_the_option_and_value(values, message):
     with pytest.raises(ConfigError) as err:
         build_config(SFTConfig, values, source="c.yaml")
     assert str(err.value).startswith("c.yaml: ") and message in str(err.value), str(err.value)
 
 
-@pytest.mark.parametrize("body, message", [
-    (bytes(range(256)), ":2: not UTF-8 text"),  # the first bad byte, 0x80, follows the newline 0x0a
-    (b"lr: 0.5\nout: \xed\xa0\x80\n", ":2: not UTF-8 text"),
-    (b"[" * 1000, "nested too deeply"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (bytes(range(256)), ":2: not UTF-8 text"),  # the first bad byte, 0x80, follows the newline 0x0a
+        (b"lr: 0.5\nout: \xed\xa0\x80\n", ":2: not UTF-8 text"),
+        (b"[" * 1000, "nested too deeply"),
+    ],
+)
 def test_unreadable_yaml_names_the_file(tmp_path, body, message):
     path = tmp_path / "c.yaml"
     path.write_bytes(body)

@@ -42,9 +42,19 @@ def test_disable_dropout_zeroes_every_dropout_float_and_module():
     """Config floats named *dropout* or *_pdrop (GPT-2's resid_pdrop, embd_pdrop, attn_pdrop) and nn.Dropout modules."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.3,
-                        embd_pdrop=0.2, attn_pdrop=0.4, summary_first_dropout=0.1,
-                        bos_token_id=0, eos_token_id=1)
+    config = GPT2Config(
+        vocab_size=50,
+        n_positions=32,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.3,
+        embd_pdrop=0.2,
+        attn_pdrop=0.4,
+        summary_first_dropout=0.1,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     model = GPT2LMHeadModel(config)
     disable_dropout(model)
     assert (config.resid_pdrop, config.embd_pdrop, config.attn_pdrop, config.summary_first_dropout) == (0, 0, 0, 0)
@@ -58,8 +68,8 @@ def test_is_causal_lm_for_configs_and_models(model):
     from transformers import DistilBertConfig, LlamaModel
 
     assert is_causal_lm(model) and is_causal_lm(model.config)
-    assert not is_causal_lm(LlamaModel(model.config))          # a backbone without its LM head
-    assert not is_causal_lm(DistilBertConfig())                 # an encoder without a causal-LM class
+    assert not is_causal_lm(LlamaModel(model.config))  # a backbone without its LM head
+    assert not is_causal_lm(DistilBertConfig())  # an encoder without a causal-LM class
 
 
 def test_load_model_refuses_a_directory_that_is_not_a_causal_lm(tmp_path):

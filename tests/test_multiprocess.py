@@ -11,15 +11,19 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-TOLERANCE = 1e-5          # float sums in another order (per-process partial sums, then the all-reduce)
+TOLERANCE = 1e-5  # float sums in another order (per-process partial sums, then the all-reduce)
 
 
 def prefs(tmp_path):
     from preflab.world import demonstrations
 
     path = tmp_path / "prefs.jsonl"
-    path.write_text("".join(json.dumps({"prompt": d["prompt"], "chosen": d["completion"], "rejected": "I do not know."})
-                            + "\n" for d in demonstrations(40, seed=1)))
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": d["prompt"], "chosen": d["completion"], "rejected": "I do not know."}) + "\n"
+            for d in demonstrations(40, seed=1)
+        )
+    )
     return path
 
 
@@ -34,24 +38,80 @@ def demos(tmp_path):
 def argv_for(stage, model_dir, tmp_path):
     common = ["--max-steps", "3", "--seed", "1", "--log-every", "1", "--lr", "0.01"]
     if stage == "pretrain":
-        return ["pretrain", "--world-docs", "200", "--vocab-size", "300", "--seq-len", "32", "--batch-size", "4",
-                "--max-seconds", "0", *common]
+        return [
+            "pretrain",
+            "--world-docs",
+            "200",
+            "--vocab-size",
+            "300",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "4",
+            "--max-seconds",
+            "0",
+            *common,
+        ]
     if stage == "sft":
-        return ["sft", "--model", str(model_dir), "--data", str(demos(tmp_path)), "--batch-size", "2",
-                "--grad-accum", "2", "--held-out", "0.25", *common]
+        return [
+            "sft",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(demos(tmp_path)),
+            "--batch-size",
+            "2",
+            "--grad-accum",
+            "2",
+            "--held-out",
+            "0.25",
+            *common,
+        ]
     if stage == "reward":
-        return ["reward", "--model", str(model_dir), "--data", str(prefs(tmp_path)), "--batch-size", "2",
-                "--gradient-accumulation", "2", "--reference-rows", "8", *common]
-    return ["dpo", "--model", str(model_dir), "--data", str(prefs(tmp_path)), "--batch-size", "4",
-            "--micro-batch-size", "1", "--eval-every", "1", *common]
+        return [
+            "reward",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(prefs(tmp_path)),
+            "--batch-size",
+            "2",
+            "--gradient-accumulation",
+            "2",
+            "--reference-rows",
+            "8",
+            *common,
+        ]
+    return [
+        "dpo",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(prefs(tmp_path)),
+        "--batch-size",
+        "4",
+        "--micro-batch-size",
+        "1",
+        "--eval-every",
+        "1",
+        *common,
+    ]
 
 
 def run(argv, out, processes):
     env = {**os.environ, "PREFLAB_QUIET": "1", "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)] if processes > 1 \
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+        if processes > 1
         else [sys.executable]
-    done = subprocess.run([*launcher, "-m", "preflab.cli", *argv, "--out", str(out), "--threads", "1"], env=env,
-                          capture_output=True, text=True, timeout=600)
+    )
+    done = subprocess.run(
+        [*launcher, "-m", "preflab.cli", *argv, "--out", str(out), "--threads", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -72,4 +132,4 @@ def test_two_processes_equal_one_with_the_same_global_batch(stage, model_dir, tm
         for key, value in x.items():
             if isinstance(value, float) and "per_second" not in key and "seconds" not in key:
                 assert y[key] == pytest.approx(value, abs=TOLERANCE), key
-    assert not list((tmp_path / "two").glob("rank*"))            # one run folder, written by rank 0 only
+    assert not list((tmp_path / "two").glob("rank*"))  # one run folder, written by rank 0 only

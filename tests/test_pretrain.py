@@ -19,16 +19,42 @@ def test_cli_smoke_saves_a_plain_hugging_face_directory(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "run"
-    assert main(["pretrain", "--world-docs", "400", "--vocab-size", "300", "--max-steps", "4", "--max-seconds", "0",
-                 "--seq-len", "32", "--batch-size", "4", "--checkpoint-every", "2", "--log-every", "1",
-                 "--eval-batches", "2", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--world-docs",
+                "400",
+                "--vocab-size",
+                "300",
+                "--max-steps",
+                "4",
+                "--max-seconds",
+                "0",
+                "--seq-len",
+                "32",
+                "--batch-size",
+                "4",
+                "--checkpoint-every",
+                "2",
+                "--log-every",
+                "1",
+                "--eval-batches",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     tokenizer = AutoTokenizer.from_pretrained(out / "model")
     assert model.config.model_type == "llama" and model.config.vocab_size == len(tokenizer)
     assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
     assert model.config.pad_token_id == tokenizer.pad_token_id
     assert tokenizer.chat_template and "<|assistant|>" in tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and math.isfinite(summary["heldout_perplexity"])
     assert 1 < summary["heldout_perplexity"] < 10 * len(tokenizer)
@@ -44,7 +70,7 @@ def test_perplexity_is_exp_of_mean_heldout_loss(tokenizer):
     model = make_model(tokenizer)
     stream = token_stream(tokenizer, ["The capital of France is Paris.", "2 + 3 = 5.", "Sure! 1 + 1 = 2."] * 4)
     seq = 8
-    windows = torch.stack([stream[j * seq:(j + 1) * seq] for j in range(4)])
+    windows = torch.stack([stream[j * seq : (j + 1) * seq] for j in range(4)])
     with torch.no_grad():
         logp = model(input_ids=windows).logits.log_softmax(-1)
     nll = -logp[:, :-1].gather(-1, windows[:, 1:, None]).mean()

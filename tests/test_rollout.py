@@ -12,8 +12,10 @@ from preflab.rollout import generate
 
 @pytest.fixture
 def prompts(tokenizer):
-    return [encode_prompt(tokenizer, [{"role": "user", "content": q}])
-            for q in ("What is 2 + 3?", "What is the capital of France? Tell me, please, what it is.")]
+    return [
+        encode_prompt(tokenizer, [{"role": "user", "content": q}])
+        for q in ("What is 2 + 3?", "What is the capital of France? Tell me, please, what it is.")
+    ]
 
 
 def eos_boost(model, tokenizer, bias: float):
@@ -43,8 +45,14 @@ def test_left_padding_does_not_change_a_real_tokens_logp(model, tokenizer, promp
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_rollout_logps_equal_sequence_logps_of_its_batch(model, tokenizer, prompts, temperature):
     hook = eos_boost(model, tokenizer, 4.0)
-    rollout = generate(model, tokenizer, prompts * 4, max_new_tokens=12, temperature=temperature,
-                       generator=torch.Generator().manual_seed(0))
+    rollout = generate(
+        model,
+        tokenizer,
+        prompts * 4,
+        max_new_tokens=12,
+        temperature=temperature,
+        generator=torch.Generator().manual_seed(0),
+    )
     recomputed, summed = sequence_logps(model, rollout.batch, temperature=temperature)
     hook.remove()
     torch.testing.assert_close(rollout.logps, recomputed, atol=1e-5, rtol=0)
@@ -65,14 +73,18 @@ def test_stops_at_eos_and_pads_after(model, tokenizer, prompts):
         row = rollout.batch["input_ids"][i, P:]
         mask = rollout.batch["completion_mask"][i]
         assert row[: len(ids)].tolist() == ids and mask[: len(ids)].sum() == len(ids)
-        assert (row[len(ids):] == pad).all() and mask[len(ids):].sum() == 0 and (rollout.logps[i, len(ids):] == 0).all()
+        assert (
+            (row[len(ids) :] == pad).all() and mask[len(ids) :].sum() == 0 and (rollout.logps[i, len(ids) :] == 0).all()
+        )
         assert eos not in tokenizer.encode(rollout.texts[i], add_special_tokens=False)
 
 
 def test_temperature_divides_logits(model, tokenizer, prompts):
     prompt = prompts[0]
     T = 0.5
-    rollout = generate(model, tokenizer, [prompt], max_new_tokens=1, temperature=T, generator=torch.Generator().manual_seed(2))
+    rollout = generate(
+        model, tokenizer, [prompt], max_new_tokens=1, temperature=T, generator=torch.Generator().manual_seed(2)
+    )
     token = rollout.completion_ids[0][0]
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([prompt])).logits[0, -1]

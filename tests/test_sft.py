@@ -15,8 +15,12 @@ from preflab.policy import sequence_logps
 from preflab.runs import read_metrics
 from preflab.sft import SFTConfig, heldout_loss, sft, sft_loss
 
-EXAMPLES = [TokenizedExample([1, 40, 41, 42], [50, 51, 2]), TokenizedExample([1, 43], [52, 2]),
-            TokenizedExample([1, 44, 45], [53, 54, 55, 56, 2]), TokenizedExample([1, 46, 47, 48, 49], [57, 2])]
+EXAMPLES = [
+    TokenizedExample([1, 40, 41, 42], [50, 51, 2]),
+    TokenizedExample([1, 43], [52, 2]),
+    TokenizedExample([1, 44, 45], [53, 54, 55, 56, 2]),
+    TokenizedExample([1, 46, 47, 48, 49], [57, 2]),
+]
 
 
 def hand_loss(model, examples):
@@ -62,9 +66,9 @@ def test_prompt_tokens_carry_no_loss(model, tokenizer):
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
     logits = out.logits.detach().requires_grad_(True)
     P = int(batch["prompt_length"])
-    logp = logits[:, P - 1:-1].log_softmax(-1).gather(-1, ids[:, P:, None]).squeeze(-1)
+    logp = logits[:, P - 1 : -1].log_softmax(-1).gather(-1, ids[:, P:, None]).squeeze(-1)
     sft_loss(logp, batch["completion_mask"]).backward()
-    assert logits.grad[:, :P - 1].abs().sum() == 0 and logits.grad[:, P - 1:].abs().sum() > 0
+    assert logits.grad[:, : P - 1].abs().sum() == 0 and logits.grad[:, P - 1 :].abs().sum() > 0
 
 
 def _logps_mask(model, batch):
@@ -99,11 +103,23 @@ def test_config_validation_quotes_the_value():
 
 @pytest.mark.slow
 def test_heldout_loss_falls_on_world_demonstrations(model_dir, tmp_path):
-    summary = sft(SFTConfig(model=str(model_dir), data="world", world_demos=300, batch_size=16, epochs=3,
-                            lr=3e-3, out=str(tmp_path / "run"), seed=0))
+    summary = sft(
+        SFTConfig(
+            model=str(model_dir),
+            data="world",
+            world_demos=300,
+            batch_size=16,
+            epochs=3,
+            lr=3e-3,
+            out=str(tmp_path / "run"),
+            seed=0,
+        )
+    )
     assert summary["heldout_loss_after"] < summary["heldout_loss_before"] - 0.5, summary
     evals = [row["sft/eval/loss"] for row in read_metrics(tmp_path / "run") if "sft/eval/loss" in row]
-    assert evals[0] == pytest.approx(summary["heldout_loss_before"]) and evals[-1] == pytest.approx(summary["heldout_loss_after"])
+    assert evals[0] == pytest.approx(summary["heldout_loss_before"]) and evals[-1] == pytest.approx(
+        summary["heldout_loss_after"]
+    )
 
 
 @pytest.mark.slow
@@ -115,8 +131,30 @@ def test_cli_smoke_writes_a_loadable_model(model_dir, tmp_path, capsys):
     demos = tmp_path / "demos.jsonl"
     demos.write_text("".join(json.dumps(d) + "\n" for d in demonstrations(40, seed=0)))
     out = tmp_path / "run"
-    assert main(["sft", "--model", str(model_dir), "--data", str(demos), "--max-steps", "3", "--batch-size", "4",
-                 "--grad-accum", "2", "--held-out", "0.25", "--out", str(out), "--log-every", "1"]) == 0
+    assert (
+        main(
+            [
+                "sft",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(demos),
+                "--max-steps",
+                "3",
+                "--batch-size",
+                "4",
+                "--grad-accum",
+                "2",
+                "--held-out",
+                "0.25",
+                "--out",
+                str(out),
+                "--log-every",
+                "1",
+            ]
+        )
+        == 0
+    )
     before = AutoModelForCausalLM.from_pretrained(model_dir)
     after = AutoModelForCausalLM.from_pretrained(out / "model")
     changed = [torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters())]
@@ -128,7 +166,9 @@ def test_cli_smoke_writes_a_loadable_model(model_dir, tmp_path, capsys):
     assert summary["steps"] == 3 and summary["train_examples"] == 30 and summary["heldout_examples"] == 10
     assert "heldout_loss_before" in capsys.readouterr().out
     # a later stage takes the run folder as --model
-    assert main(["sft", "--model", str(out), "--data", str(demos), "--max-steps", "1", "--out", str(tmp_path / "r2")]) == 0
+    assert (
+        main(["sft", "--model", str(out), "--data", str(demos), "--max-steps", "1", "--out", str(tmp_path / "r2")]) == 0
+    )
 
 
 def test_bad_demonstration_row_stops_or_is_skipped_and_counted(model_dir, tmp_path, capsys):
@@ -140,14 +180,35 @@ def test_bad_demonstration_row_stops_or_is_skipped_and_counted(model_dir, tmp_pa
     path.write_text("\n".join(rows) + "\n")
     assert main(["sft", "--model", str(model_dir), "--data", str(path), "--out", str(tmp_path / "r1")]) == 2
     assert "demos.jsonl:5: field 'completion' is empty" in capsys.readouterr().err
-    assert main(["sft", "--model", str(model_dir), "--data", str(path), "--skip-bad-rows", "true", "--max-steps", "1",
-                 "--held-out", "0.2", "--out", str(tmp_path / "r2")]) == 0
+    assert (
+        main(
+            [
+                "sft",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(path),
+                "--skip-bad-rows",
+                "true",
+                "--max-steps",
+                "1",
+                "--held-out",
+                "0.2",
+                "--out",
+                str(tmp_path / "r2"),
+            ]
+        )
+        == 0
+    )
     assert "skipped 1 of 20 rows (first: " in capsys.readouterr().out
     assert json.loads((tmp_path / "r2" / "summary.json").read_text())["train_examples"] == 15  # 19 rows, 4 held out
 
 
 def test_cli_missing_data_and_model_exit_2(model_dir, tmp_path, capsys):
-    assert main(["sft", "--model", str(model_dir), "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "r")]) == 2
+    assert (
+        main(["sft", "--model", str(model_dir), "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "r")])
+        == 2
+    )
     assert "file not found" in capsys.readouterr().err
     assert main(["sft", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "r")]) == 2
     assert "not found" in capsys.readouterr().err
@@ -159,8 +220,19 @@ def test_stage_batch_4_accum_1_equals_batch_1_accum_4(model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     def run(batch_size, grad_accum, name):
-        sft(SFTConfig(model=str(model_dir), data="world", world_demos=40, batch_size=batch_size, grad_accum=grad_accum,
-                      max_steps=3, lr=1e-3, max_grad_norm=0.0, out=str(tmp_path / name)))
+        sft(
+            SFTConfig(
+                model=str(model_dir),
+                data="world",
+                world_demos=40,
+                batch_size=batch_size,
+                grad_accum=grad_accum,
+                max_steps=3,
+                lr=1e-3,
+                max_grad_norm=0.0,
+                out=str(tmp_path / name),
+            )
+        )
         return AutoModelForCausalLM.from_pretrained(tmp_path / name / "model")
 
     a, b = run(4, 1, "a"), run(1, 4, "b")

@@ -20,8 +20,11 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def test_no_module_but_the_entry_point_imports_the_cli():
-    offenders = [str(p.relative_to(SRC)) for p in sorted(SRC.rglob("*.py"))
-                 if p.name != "cli.py" and {"preflab.cli"} & imported_modules(p)]
+    offenders = [
+        str(p.relative_to(SRC))
+        for p in sorted(SRC.rglob("*.py"))
+        if p.name != "cli.py" and {"preflab.cli"} & imported_modules(p)
+    ]
     assert offenders == []
 
 

@@ -1,14 +1,14 @@
 """LoRA adapters (peft): add them, save and load them as run folders, merge them, and use the base as reference.
 
-    --lora-r R  on sft, reward, dpo, ppo, rloo, grpo: `add_lora` wraps the model in a `peft.PeftModel`; only the
-                adapters train (and the reward model's head, PPO's value head), the base weights stay frozen
-    reference   `reference_of(policy)`: with an adapter, the same model with the adapter switched off (no second
-                copy of the weights in memory); without one, a frozen copy of the starting policy
-    run folder  `model/` holds the adapter (`adapter_model.safetensors`, `adapter_config.json`), the tokenizer and
-                `preflab_adapter.json` naming the base as preflab loads it (a folder, a .gguf or 'smollm2');
-                `preflab.models.load_model` loads base + adapter from it, so a later stage takes it as `--model`
-    export      `preflab export RUN --merge --out DIR` folds the adapter into the base: a plain Hugging Face
-                directory that `AutoModelForCausalLM` loads alone
+--lora-r R  on sft, reward, dpo, ppo, rloo, grpo: `add_lora` wraps the model in a `peft.PeftModel`; only the
+            adapters train (and the reward model's head, PPO's value head), the base weights stay frozen
+reference   `reference_of(policy)`: with an adapter, the same model with the adapter switched off (no second
+            copy of the weights in memory); without one, a frozen copy of the starting policy
+run folder  `model/` holds the adapter (`adapter_model.safetensors`, `adapter_config.json`), the tokenizer and
+            `preflab_adapter.json` naming the base as preflab loads it (a folder, a .gguf or 'smollm2');
+            `preflab.models.load_model` loads base + adapter from it, so a later stage takes it as `--model`
+export      `preflab export RUN --merge --out DIR` folds the adapter into the base: a plain Hugging Face
+            directory that `AutoModelForCausalLM` loads alone
 """
 
 from __future__ import annotations
@@ -45,12 +45,16 @@ def add_lora(model, config, base: str):
     from peft import LoraConfig, get_peft_model
 
     targets = config.lora_targets.strip()
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
-                      task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+        task_type="CAUSAL_LM",
+    )
     try:
         adapted = get_peft_model(model, lora)
-    except ValueError as exc:             # e.g. a target module the model does not have
+    except ValueError as exc:  # e.g. a target module the model does not have
         raise ConfigError(f"lora_targets {targets!r}: {exc}") from None
     adapted.preflab_base = str(Path(base).resolve()) if Path(base).exists() else str(base)
     return adapted
@@ -94,7 +98,7 @@ class AdapterDisabled(nn.Module):
 
     def __init__(self, adapted):
         super().__init__()
-        self.adapted = [adapted]          # a list: not registered as a sub-module (its parameters are the policy's)
+        self.adapted = [adapted]  # a list: not registered as a sub-module (its parameters are the policy's)
 
     @property
     def device(self) -> torch.device:
@@ -124,6 +128,7 @@ def trainable_parameters(model) -> list:
 
 # ---- `preflab export` --------------------------------------------------------------------------------------
 
+
 @dataclass(kw_only=True)
 class ExportConfig(RunConfig):
     run: str = opt("", "the run folder (or model directory) to export", positional=True)
@@ -150,8 +155,9 @@ def export(config: ExportConfig) -> dict:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     n = sum(p.numel() for p in model.parameters())
-    print(f"[export] {out}: {type(model).__name__}, {n / 1e6:.2f}M parameters"
-          + (" (adapter merged)" if config.merge else ""), flush=True)
+    print(
+        f"[export] {out}: {type(model).__name__}, {n / 1e6:.2f}M parameters"
+        + (" (adapter merged)" if config.merge else ""),
+        flush=True,
+    )
     return {"out": str(out), "parameters": n, "merged": bool(config.merge)}
-
-

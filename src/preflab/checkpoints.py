@@ -46,8 +46,12 @@ def _fsync_dir(path: Path) -> None:
 
 def rng_state() -> dict:
     """Every global random stream a training loop may draw from."""
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -89,7 +93,9 @@ def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoint folders, oldest first (a `.tmp` folder is an interrupted write and never counts)."""
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".tmp"))
+    return sorted(
+        p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".tmp")
+    )
 
 
 def verify(path: Path) -> str | None:

@@ -2,7 +2,8 @@
 
 Each stage is a function taking its config dataclass (the table is in `preflab.stages`; only the stage asked
 for is imported); options come from the dataclass fields, and `--config FILE.yaml` and `--preset NAME` (a YAML
-file shipped in `preflab/presets/`) supply values beneath explicit flags. Known user errors (bad data, bad config, a missing model) print one clear message and exit 2.
+file shipped in `preflab/presets/`) supply values beneath explicit flags. Known user errors (bad data, bad
+config, a missing model) print one clear message and exit 2.
 """
 
 from __future__ import annotations
@@ -29,8 +30,13 @@ def _add_stage(subparsers, name: str, spec: tuple[str, str, str], argv_name: str
 
         p.add_argument("--config", help="a YAML file of option: value (command-line flags override it)")
         p.add_argument("--preset", help="a preset shipped with preflab (tiny, small, demo, fast)")
-        p.add_argument("--fast", dest="preset", action="store_const", const="fast",
-                       help="shorthand for --preset fast (the demo loop in about 2 minutes, as the tests run it)")
+        p.add_argument(
+            "--fast",
+            dest="preset",
+            action="store_const",
+            const="fast",
+            help="shorthand for --preset fast (the demo loop in about 2 minutes, as the tests run it)",
+        )
         add_config_arguments(p, loaded[1])
 
 
@@ -38,13 +44,13 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="preflab",
         description="The RLHF loop in one tool: pretrain -> sft -> generate/collect -> reward -> "
-                    "ppo/rloo/grpo/dpo/bon -> eval -> report. `preflab demo` runs it all on a built-in world.",
+        "ppo/rloo/grpo/dpo/bon -> eval -> report. `preflab demo` runs it all on a built-in world.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="STAGE")
     first = next((a for a in argv if not a.startswith("-")), None)
     second = None
     if first in GROUPS:
-        rest = argv[argv.index(first) + 1:]
+        rest = argv[argv.index(first) + 1 :]
         second = next((a for a in rest if not a.startswith("-")), None)
     for name, spec in STAGES.items():
         _add_stage(subparsers, name, spec, first)
@@ -66,8 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     module, function, _ = args._spec
     loaded = load_stage(module, function)
     if loaded is None:
-        print(f"preflab {' '.join(a for a in argv if not a.startswith('-'))[:40]}: this stage is not built yet "
-              f"(see the open issues)", file=sys.stderr)
+        print(
+            f"preflab {' '.join(a for a in argv if not a.startswith('-'))[:40]}: this stage is not built yet "
+            f"(see the open issues)",
+            file=sys.stderr,
+        )
         return 2
     fn, config_class = loaded
     from preflab.config import ConfigError, resolve_config
@@ -81,14 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ConfigError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except SystemExit as exc:           # a stage's own verdict, e.g. `data check` exits 1 when rows were skipped
+    except SystemExit as exc:  # a stage's own verdict, e.g. `data check` exits 1 when rows were skipped
         return exc.code if isinstance(exc.code, int) else 1
     except TrainingStopped as exc:
         print(f"stopped: {exc}; the last good checkpoint is kept in the run folder's checkpoints/", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\ninterrupted: the last good checkpoint (if any) is in the run folder's checkpoints/; continue with "
-              "--resume true", file=sys.stderr)
+        print(
+            "\ninterrupted: the last good checkpoint (if any) is in the run folder's checkpoints/; continue with "
+            "--resume true",
+            file=sys.stderr,
+        )
         return 130
     return 0
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+
 class ConfigError(ValueError):
     """A config value is wrong; the message names the field and the value."""
 
@@ -26,7 +27,10 @@ class ConfigError(ValueError):
 def opt(default: Any, help: str, **kwargs: Any) -> Any:
     """A config field with its help text (shown by `--help` and in docs)."""
     if isinstance(default, (list, dict)):
-        factory = (lambda d=default: type(d)(d))
+
+        def factory(d=default):
+            return type(d)(d)
+
         return dataclasses.field(default_factory=factory, metadata={"help": help, **kwargs})
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})
 
@@ -83,8 +87,11 @@ class LoraConfig(RunConfig):
     lora_r: int = opt(0, "LoRA rank (0: train every weight, no adapter)")
     lora_alpha: float = opt(16.0, "LoRA scale alpha (the update is scaled by alpha / r)")
     lora_dropout: float = opt(0.0, "dropout on the LoRA input (keep 0 for online RL: the first PPO ratio must be 1)")
-    lora_targets: str = opt("all-linear", "layers that get adapters: 'all-linear' (every linear layer but the LM "
-                                          "head) or comma-separated module names, e.g. q_proj,v_proj")
+    lora_targets: str = opt(
+        "all-linear",
+        "layers that get adapters: 'all-linear' (every linear layer but the LM "
+        "head) or comma-separated module names, e.g. q_proj,v_proj",
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -133,17 +140,23 @@ def _converter(tp: Any):
 def own_fields(cls: type) -> set[str]:
     """Names the stage's own classes declare (re-declared shared fields included), as against those it only
     inherits from the shared bases (`RunConfig`, `OptimConfig`, `LoraConfig`)."""
-    return {name for klass in cls.__mro__ if klass not in SHARED_BASES and klass is not object
-            for name in vars(klass).get("__annotations__", {})}
+    return {
+        name
+        for klass in cls.__mro__
+        if klass not in SHARED_BASES and klass is not object
+        for name in vars(klass).get("__annotations__", {})
+    }
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One `--field-name` option per dataclass field, defaulting to None (meaning: not given): the stage's own
     options first, then those every stage of its kind shares."""
     own = own_fields(cls)
-    groups = {True: parser.add_argument_group(f"{cls.__name__} options"),
-              False: parser.add_argument_group("options shared with the other stages")}
-    fields = sorted(dataclasses.fields(cls), key=lambda f: f.name not in own)      # stable: declaration order kept
+    groups = {
+        True: parser.add_argument_group(f"{cls.__name__} options"),
+        False: parser.add_argument_group("options shared with the other stages"),
+    }
+    fields = sorted(dataclasses.fields(cls), key=lambda f: f.name not in own)  # stable: declaration order kept
     for field in fields:
         if field.metadata.get("cli") is False:
             continue
@@ -157,11 +170,24 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if "(default" not in help_text.lower() and default not in ("", [], {}, None):
             help_text = f"{help_text} (default: {default!r})"
         if field.metadata.get("positional"):  # `opt(..., positional=True)`: also accepted as a bare argument
-            group.add_argument(f"_{field.name}_positional", nargs="?", type=_converter(tp), default=None,
-                               help=help_text, metavar=field.name.upper())
+            group.add_argument(
+                f"_{field.name}_positional",
+                nargs="?",
+                type=_converter(tp),
+                default=None,
+                help=help_text,
+                metavar=field.name.upper(),
+            )
         extra = {"nargs": "?", "const": True} if tp is bool else {}  # `--flag` alone means `--flag true`
-        group.add_argument(flag, dest=field.name, type=_converter(tp), default=None, help=help_text,
-                           metavar=field.name.upper(), **extra)
+        group.add_argument(
+            flag,
+            dest=field.name,
+            type=_converter(tp),
+            default=None,
+            help=help_text,
+            metavar=field.name.upper(),
+            **extra,
+        )
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -211,6 +237,7 @@ def _show(value: Any, n: int = 80) -> str:
 def _coerce(name: str, tp: Any, value: Any, source: str) -> Any:
     """A YAML (or dict) value as the field's type, or ConfigError naming the option and the value. Strings are
     read as numbers where a number is wanted (YAML reads `1e-4` as a string), numbers kept as they are."""
+
     def bad(expected: str) -> ConfigError:
         return ConfigError(f"{source}: option '{name}' expects {expected}, got {_show(value)}")
 
@@ -275,7 +302,7 @@ def _coerce(name: str, tp: Any, value: Any, source: str) -> Any:
 def build_config(cls: type, values: dict, source: str = "config") -> Any:
     """Instantiate `cls` from a dict, rejecting unknown keys by name and values of the wrong type."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted((str(k) for k in set(values) - set(fields)))
+    unknown = sorted(str(k) for k in set(values) - set(fields))
     if unknown:
         raise ConfigError(f"{source}: unknown option(s) {unknown} for {cls.__name__}; known: {sorted(fields)}")
     hints = typing.get_type_hints(cls)

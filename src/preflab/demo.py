@@ -13,7 +13,8 @@
     10. report     report.html, headline.json, and the headline printed
 
 Every stage is the same function its CLI command calls (`fn(Config) -> summary`), writing its run folder
-under the demo folder. Stage options are the stage's own config fields: `DEFAULTS` (the packaged preset `presets/demo.yaml`),
+under the demo folder. Stage options are the stage's own config fields: `DEFAULTS` (the packaged preset
+`presets/demo.yaml`),
 overridden by another preset (`--fast` = `presets/fast.yaml`) and by YAML given with `--config`.
 """
 
@@ -48,8 +49,18 @@ from preflab.training import set_threads
 # Per-stage options of the demo (each stage's own config fields): the `demo` preset, the one source of them.
 DEFAULTS: dict[str, dict] = load_preset("demo")["demo"]
 # The stage function behind each section of options (`bias`, `eval`, `sweep` are `preflab eval ...` commands).
-STAGE_FUNCTIONS = {"pretrain": pretrain, "sft": sft, "generate": generate_stage, "reward": train_reward, "bias": audit,
-                   "ppo": ppo, "dpo": dpo, "rloo": rloo, "eval": evaluate_policies, "sweep": sweep}
+STAGE_FUNCTIONS = {
+    "pretrain": pretrain,
+    "sft": sft,
+    "generate": generate_stage,
+    "reward": train_reward,
+    "bias": audit,
+    "ppo": ppo,
+    "dpo": dpo,
+    "rloo": rloo,
+    "eval": evaluate_policies,
+    "sweep": sweep,
+}
 SECTIONS = tuple(DEFAULTS)
 
 
@@ -67,8 +78,11 @@ class DemoConfig(RunConfig):
     run_rloo: bool = opt(False, "also train RLOO")
     run_sweep: bool = opt(True, "run the over-optimisation sweep")
     ensemble: int = opt(0, "K > 1: also train a K-member reward ensemble (min) as a sweep arm")
-    seeds: list[int] = opt([], "run the whole demo once per seed (e.g. 0,1,2) into seed-N/ and report each claim "
-                               "on every seed with the spread of the numbers (seeds.md)")
+    seeds: list[int] = opt(
+        [],
+        "run the whole demo once per seed (e.g. 0,1,2) into seed-N/ and report each claim "
+        "on every seed with the spread of the numbers (seeds.md)",
+    )
     pretrain: dict = opt({}, "pretrain options over the demo's defaults (YAML)", cli=False)
     sft: dict = opt({}, "sft options (YAML)", cli=False)
     generate: dict = opt({}, "generate options (YAML)", cli=False)
@@ -82,14 +96,24 @@ class DemoConfig(RunConfig):
     def __post_init__(self):
         super().__post_init__()
         check(self.annotators >= 1, f"annotators must be >= 1, got {self.annotators}")
-        check(0 < self.temperature_low <= self.temperature_high,
-              f"need 0 < temperature_low <= temperature_high, got {self.temperature_low}, {self.temperature_high}")
+        check(
+            0 < self.temperature_low <= self.temperature_high,
+            f"need 0 < temperature_low <= temperature_high, got {self.temperature_low}, {self.temperature_high}",
+        )
         check(0 < self.held_out < 0.5, f"held_out must be in (0, 0.5), got {self.held_out}")
-        check(len(set(self.seeds)) == len(self.seeds) and all(x >= 0 for x in self.seeds),
-              f"seeds must be distinct and >= 0, got {self.seeds}")
-        check(self.bon_n >= 0 and self.ensemble >= 0, f"bon_n and ensemble must be >= 0, got {self.bon_n}, {self.ensemble}")
+        check(
+            len(set(self.seeds)) == len(self.seeds) and all(x >= 0 for x in self.seeds),
+            f"seeds must be distinct and >= 0, got {self.seeds}",
+        )
+        check(
+            self.bon_n >= 0 and self.ensemble >= 0,
+            f"bon_n and ensemble must be >= 0, got {self.bon_n}, {self.ensemble}",
+        )
         for name in SECTIONS:
-            check(isinstance(getattr(self, name), dict), f"{name} must be a mapping of options, got {getattr(self, name)!r}")
+            check(
+                isinstance(getattr(self, name), dict),
+                f"{name} must be a mapping of options, got {getattr(self, name)!r}",
+            )
 
 
 class Pipeline:
@@ -126,18 +150,33 @@ def annotate(root: Path, pairs_file: Path, config: DemoConfig) -> dict:
     random.Random(config.seed).shuffle(pairs)
     n_held = max(1, int(len(pairs) * config.held_out))
     held, train = pairs[:n_held], pairs[n_held:]
-    pool = annotator_pool(config.annotators, seed=config.seed, temperature=(config.temperature_low, config.temperature_high),
-                          length_bias=config.length_bias, position_bias=config.position_bias)
+    pool = annotator_pool(
+        config.annotators,
+        seed=config.seed,
+        temperature=(config.temperature_low, config.temperature_high),
+        length_bias=config.length_bias,
+        position_bias=config.position_bias,
+    )
     out = root / "votes"
     out.mkdir(parents=True, exist_ok=True)
     write_votes(out / "train.jsonl", simulate_votes(train, pool, seed=config.seed))
     write_votes(out / "heldout.jsonl", simulate_votes(held, pool, seed=config.seed + 1))
-    write_votes(out / "all.jsonl", [json.loads(x) for f in ("train", "heldout") for x in (out / f"{f}.jsonl").read_text().splitlines()])
-    info = {"train_pairs": len(train), "heldout_pairs": len(held), "ceiling_accuracy": ceiling_accuracy(held, pool),
-            "annotators": describe_pool(pool)}
+    write_votes(
+        out / "all.jsonl",
+        [json.loads(x) for f in ("train", "heldout") for x in (out / f"{f}.jsonl").read_text().splitlines()],
+    )
+    info = {
+        "train_pairs": len(train),
+        "heldout_pairs": len(held),
+        "ceiling_accuracy": ceiling_accuracy(held, pool),
+        "annotators": describe_pool(pool),
+    }
     (out / "annotators.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(f"[annotate] {len(train)} train + {len(held)} held-out votes; noise ceiling on held-out pairs "
-          f"{info['ceiling_accuracy']:.3f}", flush=True)
+    print(
+        f"[annotate] {len(train)} train + {len(held)} held-out votes; noise ceiling on held-out pairs "
+        f"{info['ceiling_accuracy']:.3f}",
+        flush=True,
+    )
     return info
 
 
@@ -150,20 +189,25 @@ def headline(ev: dict, rm: dict, votes: dict, bias: dict, sweep: dict | None) ->
         h[f"{name}: true utility"] = round(r["true_utility"]["mean"], 3)
         if name != ev["reference"]:
             h[f"{name}: gain vs sft [95% CI]"] = f"{g['mean']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}]"
-            h[f"{name}: gain by component"] = ", ".join(f"{c} {v['mean']:+.2f}" for c, v in r["gain_by_component"].items())
+            h[f"{name}: gain by component"] = ", ".join(
+                f"{c} {v['mean']:+.2f}" for c, v in r["gain_by_component"].items()
+            )
             h[f"{name}: KL"] = round(r["kl"], 3)
         h[f"{name}: right / hedged answers by kind"] = ", ".join(
-            f"{k} {o['right']:.0%}/{o['hedge']:.0%}" for k, o in r["outcomes_by_kind"].items())
+            f"{k} {o['right']:.0%}/{o['hedge']:.0%}" for k, o in r["outcomes_by_kind"].items()
+        )
     h["reward model held-out accuracy"] = round(rm.get("eval_accuracy", float("nan")), 3)
     h["annotators' noise ceiling (held-out)"] = round(votes["ceiling_accuracy"], 3)
-    h["bias audit: length bias (logit/word) [95% CI]"] = (f"{bias['length_bias']:.3f} [{bias['length_bias_low']:.3f}, "
-                                                         f"{bias['length_bias_high']:.3f}]")
+    h["bias audit: length bias (logit/word) [95% CI]"] = (
+        f"{bias['length_bias']:.3f} [{bias['length_bias_low']:.3f}, {bias['length_bias_high']:.3f}]"
+    )
     if sweep:
         base = sweep["reference"]
         for arm in sweep["fits"]:
             last = max((p for p in sweep["points"] if p["arm"] == arm), key=lambda p: p["steps"])
-            h[f"sweep {arm}: longest run proxy / true gain"] = (f"{last['proxy'] - base['proxy']:+.2f} / "
-                                                               f"{last['true_utility'] - base['true_utility']:+.2f}")
+            h[f"sweep {arm}: longest run proxy / true gain"] = (
+                f"{last['proxy'] - base['proxy']:+.2f} / {last['true_utility'] - base['true_utility']:+.2f}"
+            )
     return h
 
 
@@ -186,6 +230,7 @@ def numbers(ev: dict, rm: dict, bias: dict, sweep: dict | None) -> dict:
 
 
 # ---- stage 1, cached -----------------------------------------------------------------------------------------
+
 
 def cache_root() -> Path:
     """Where base models are cached: $PREFLAB_CACHE_DIR, else $XDG_CACHE_HOME/preflab, else ~/.cache/preflab."""
@@ -215,15 +260,23 @@ def pretrain_key(options: dict) -> str:
 def pretrain_cached(p: Pipeline, title: str) -> dict:
     """Stage 1 through the cache: a step-budgeted base model is trained once per config hash and reused after
     (a time budget gives a machine-dependent model, so it is never cached)."""
-    options = {**DEFAULTS.get("pretrain", {}), **p.config.pretrain, "seed": p.config.seed, "out": str(p.root / "pretrain")}
+    options = {
+        **DEFAULTS.get("pretrain", {}),
+        **p.config.pretrain,
+        "seed": p.config.seed,
+        "out": str(p.root / "pretrain"),
+    }
     if options.get("max_seconds"):
         return p.run("pretrain", title)
     cached = cache_root() / "pretrain" / pretrain_key(options)
     if (cached / "summary.json").exists():
         p.banner(title)
         shutil.copytree(cached, p.root / "pretrain", dirs_exist_ok=True)
-        print(f"[demo] pretrain: reusing the base model cached at {cached} (same options, code and versions; "
-              "delete that folder to pretrain again)", flush=True)
+        print(
+            f"[demo] pretrain: reusing the base model cached at {cached} (same options, code and versions; "
+            "delete that folder to pretrain again)",
+            flush=True,
+        )
         return json.loads((cached / "summary.json").read_text())
     summary = p.run("pretrain", title)
     tmp = cached.parent / (cached.name + ".tmp")
@@ -237,6 +290,7 @@ def pretrain_cached(p: Pipeline, title: str) -> dict:
 
 # ---- the demo ------------------------------------------------------------------------------------------------
 
+
 def demo_once(config: DemoConfig, root: Path) -> dict:
     """The whole loop once, with `config.seed`, into `root`. Returns headline, claims and numbers."""
     root.mkdir(parents=True, exist_ok=True)
@@ -246,22 +300,40 @@ def demo_once(config: DemoConfig, root: Path) -> dict:
     # 1-3. pretrain (cached), SFT, candidates from the SFT policy
     pretrain_cached(p, "pretrain: a tiny Llama from scratch on the world corpus")
     p.run("sft", "sft: imperfect demonstrations", model=str(root / "pretrain"))
-    gen = p.run("generate", "generate: candidate pairs from the SFT policy", model=str(root / "sft"), pairs=True,
-                split="train")
+    gen = p.run(
+        "generate", "generate: candidate pairs from the SFT policy", model=str(root / "sft"), pairs=True, split="train"
+    )
     # 4. annotators
     p.banner("annotate: simulated annotators with a planted length bias")
     votes = annotate(root, Path(gen["run_dir"]) / "pairs.jsonl", config)
     # 5-6. reward model, bias audit
-    rm = p.run("reward", "reward: Bradley-Terry reward model", model=str(root / "sft"),
-               data=str(root / "votes" / "train.jsonl"), eval_data=str(root / "votes" / "heldout.jsonl"), held_out=0.0)
-    print(f"[demo] reward model held-out accuracy {rm.get('eval_accuracy', float('nan')):.3f} vs the annotators' "
-          f"noise ceiling {votes['ceiling_accuracy']:.3f}", flush=True)
+    rm = p.run(
+        "reward",
+        "reward: Bradley-Terry reward model",
+        model=str(root / "sft"),
+        data=str(root / "votes" / "train.jsonl"),
+        eval_data=str(root / "votes" / "heldout.jsonl"),
+        held_out=0.0,
+    )
+    print(
+        f"[demo] reward model held-out accuracy {rm.get('eval_accuracy', float('nan')):.3f} vs the annotators' "
+        f"noise ceiling {votes['ceiling_accuracy']:.3f}",
+        flush=True,
+    )
     bias = p.run("bias", "bias audit of the votes", file=str(root / "votes" / "all.jsonl"))
     ens = None
     if config.ensemble > 1:
-        ens = p.run("reward", f"reward: {config.ensemble}-member ensemble (min)", model=str(root / "sft"),
-                    data=str(root / "votes" / "train.jsonl"), eval_data=str(root / "votes" / "heldout.jsonl"),
-                    held_out=0.0, ensemble=config.ensemble, reduce="min", out=str(root / "reward-ensemble"))
+        ens = p.run(
+            "reward",
+            f"reward: {config.ensemble}-member ensemble (min)",
+            model=str(root / "sft"),
+            data=str(root / "votes" / "train.jsonl"),
+            eval_data=str(root / "votes" / "heldout.jsonl"),
+            held_out=0.0,
+            ensemble=config.ensemble,
+            reduce="min",
+            out=str(root / "reward-ensemble"),
+        )
     # 7. policies
     p.run("ppo", "ppo: against the reward model", model=str(root / "sft"), reward=str(root / "reward"))
     p.run("dpo", "dpo: on the votes", model=str(root / "sft"), data=str(root / "votes" / "train.jsonl"))
@@ -272,29 +344,44 @@ def demo_once(config: DemoConfig, root: Path) -> dict:
     if config.bon_n:
         policies.append(f"bon{config.bon_n}=bon:{config.bon_n}")
     # 8. evaluation against the truth
-    p.run("eval", "eval: policies on held-out prompts", reference=str(root / "sft"),
-          policies=policies, reward_model=str(root / "reward"))
+    p.run(
+        "eval",
+        "eval: policies on held-out prompts",
+        reference=str(root / "sft"),
+        policies=policies,
+        reward_model=str(root / "reward"),
+    )
     ev = json.loads((root / "eval" / "eval.json").read_text())
     # 9. over-optimisation sweep
     swept = None
     if config.run_sweep:
         extra = [f"ensemble={ens['model']}"] if ens else []
-        p.run("sweep", "sweep: KL coefficient x training length", model=str(root / "sft"),
-              reward=str(root / "reward"), extra_rewards=extra)
+        p.run(
+            "sweep",
+            "sweep: KL coefficient x training length",
+            model=str(root / "sft"),
+            reward=str(root / "reward"),
+            extra_rewards=extra,
+        )
         swept = json.loads((root / "sweep" / "sweep.json").read_text())
     # 10. headline, claims, report
     h = headline(ev, rm, votes, bias, swept)
     claims = all_claims(ev, bias, swept, seed=config.seed)
     (root / "headline.json").write_text(json.dumps({**h, "claims": claims}, indent=2) + "\n")
     seconds = round(time.time() - p.started, 1)
-    (root / "timings.json").write_text(json.dumps({"demo seconds": seconds, "stage seconds": {
-        k: round(v, 1) for k, v in p.times.items()}}, indent=2) + "\n")
+    (root / "timings.json").write_text(
+        json.dumps({"demo seconds": seconds, "stage seconds": {k: round(v, 1) for k, v in p.times.items()}}, indent=2)
+        + "\n"
+    )
     p.banner("report")
     from preflab.report.html import ReportConfig, report
 
     report(ReportConfig(run_dir=str(root)))
     print("\n" + "\n".join(f"  {k}: {v}" for k, v in h.items()), flush=True)
-    print("\nThe lesson's claims (each holds only when its 95% interval supports it):\n" + format_claims(claims), flush=True)
+    print(
+        "\nThe lesson's claims (each holds only when its 95% interval supports it):\n" + format_claims(claims),
+        flush=True,
+    )
     print(f"\n[demo] done in {seconds:.0f}s; open {root / 'report.html'}", flush=True)
     return {"headline": h, "claims": claims, "numbers": numbers(ev, rm, bias, swept), "seconds": seconds}
 
@@ -315,13 +402,20 @@ def demo_seeds(config: DemoConfig, root: Path) -> dict:
     out = {"seeds": config.seeds, "claims": verdicts, "numbers": spread}
     (root / "seeds.json").write_text(json.dumps(out, indent=2) + "\n")
     mark = {True: "holds", False: "FAILED", None: "n/a"}
-    lines = ["# The demo on seeds " + ", ".join(map(str, config.seeds)), "",
-             "| claim | " + " | ".join(f"seed {s}" for s in config.seeds) + " |",
-             "|---|" + "---|" * len(config.seeds)]
+    lines = [
+        "# The demo on seeds " + ", ".join(map(str, config.seeds)),
+        "",
+        "| claim | " + " | ".join(f"seed {s}" for s in config.seeds) + " |",
+        "|---|" + "---|" * len(config.seeds),
+    ]
     lines += [f"| {c} | " + " | ".join(mark[v] for v in vs) + " |" for c, vs in verdicts.items()]
     lines += ["", "| number | mean | min | max | per seed |", "|---|---|---|---|---|"]
-    lines += [f"| {k} | {v['mean']:+.3f} | {v['min']:+.3f} | {v['max']:+.3f} | "
-              + ", ".join(f"{x:+.3f}" for x in v["values"]) + " |" for k, v in spread.items()]
+    lines += [
+        f"| {k} | {v['mean']:+.3f} | {v['min']:+.3f} | {v['max']:+.3f} | "
+        + ", ".join(f"{x:+.3f}" for x in v["values"])
+        + " |"
+        for k, v in spread.items()
+    ]
     (root / "seeds.md").write_text("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines), flush=True)
     return out

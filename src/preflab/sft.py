@@ -22,16 +22,25 @@ from dataclasses import dataclass
 
 import torch
 
-from preflab.stages import stage
 from preflab.adapters import add_lora, trainable_parameters
 from preflab.config import LoraConfig, OptimConfig, check, opt
 from preflab.data.preferences import DataError, Demonstration, load_demonstrations, parse_demonstration, split_rows
 from preflab.data.tokenize import batches, collate_examples, tokenize_rows
-from preflab.models import describe, load_model
 from preflab.logps import sequence_logps
+from preflab.models import describe, load_model
 from preflab.runs import Run, progress, seed_everything
-from preflab.training import (Budget, check_finite, join_without_data, lr_factor, make_accelerator, set_lr,
-                              set_threads, shard, sync_on_last)
+from preflab.stages import stage
+from preflab.training import (
+    Budget,
+    check_finite,
+    join_without_data,
+    lr_factor,
+    make_accelerator,
+    set_lr,
+    set_threads,
+    shard,
+    sync_on_last,
+)
 
 
 @dataclass(kw_only=True)
@@ -39,7 +48,9 @@ class SFTConfig(OptimConfig, LoraConfig):
     model: str = opt("", "the model to fine-tune: a Hugging Face directory, a run folder, a .gguf file or 'smollm2'")
     data: str = opt("world", "demonstrations: a JSONL file (prompt/completion or chat messages) or 'world'")
     world_demos: int = opt(2000, "demonstrations to generate when data is 'world'")
-    skip_bad_rows: bool = opt(False, "skip (and count) bad rows instead of stopping at the first one with its file:line")
+    skip_bad_rows: bool = opt(
+        False, "skip (and count) bad rows instead of stopping at the first one with its file:line"
+    )
     lr: float = opt(3e-4, "peak learning rate (AdamW); 1e-3 damaged the tiny model")
     warmup: float = opt(0.1, "share of training spent warming the learning rate up (then cosine decay)")
     lr_floor: float = opt(0.1, "the cosine decays to lr x lr_floor")
@@ -65,11 +76,15 @@ class SFTConfig(OptimConfig, LoraConfig):
         check(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
         check(0 < self.held_out < 1, f"held_out must be in (0, 1), got {self.held_out}")
         check(self.world_demos >= 10, f"world_demos must be >= 10, got {self.world_demos}")
-        check(self.max_prompt_length >= 0 and self.max_completion_length >= 0,
-              f"max lengths must be >= 0, got {self.max_prompt_length} and {self.max_completion_length}")
+        check(
+            self.max_prompt_length >= 0 and self.max_completion_length >= 0,
+            f"max lengths must be >= 0, got {self.max_prompt_length} and {self.max_completion_length}",
+        )
 
 
-def sft_loss(per_token_logps: torch.Tensor, completion_mask: torch.Tensor, n_tokens: int | float | None = None) -> torch.Tensor:
+def sft_loss(
+    per_token_logps: torch.Tensor, completion_mask: torch.Tensor, n_tokens: int | float | None = None
+) -> torch.Tensor:
     """-sum(log p of completion tokens) / n_tokens: the token-mean negative log-likelihood.
 
     `n_tokens` defaults to the batch's completion tokens; under gradient accumulation pass the optimiser
@@ -88,8 +103,11 @@ def read_demonstrations(spec: str, n_world: int, seed: int, strict: bool = True)
     data = load_demonstrations(spec, strict=strict)
     if data.skipped:
         where, why = data.skipped[0]
-        print(f"[sft] skipped {len(data.skipped)} of {data.lines_read} rows (first: {where}: {why}); "
-              f"`preflab data check {spec}` lists them", flush=True)
+        print(
+            f"[sft] skipped {len(data.skipped)} of {data.lines_read} rows (first: {where}: {why}); "
+            f"`preflab data check {spec}` lists them",
+            flush=True,
+        )
     if not data.rows:
         raise DataError(spec, "no usable demonstration rows", "run `preflab data check` on the file")
     return data.rows
@@ -133,7 +151,7 @@ def sft(config: SFTConfig) -> dict:
 
     # 1. model and demonstrations
     model, tokenizer = load_model(config.model)
-    model = add_lora(model, config, base=config.model)          # --lora-r: only the adapters train
+    model = add_lora(model, config, base=config.model)  # --lora-r: only the adapters train
     demos = read_demonstrations(config.data, config.world_demos, config.seed, strict=not config.skip_bad_rows)
     run = Run(config.out or None, "sft", config)
     if config.resume and run.finished_summary():
@@ -145,8 +163,11 @@ def sft(config: SFTConfig) -> dict:
     # 2. token space, held-out split
     train_rows, held_rows = split_rows(demos, config.held_out, config.seed)
     if not train_rows or not held_rows:
-        raise DataError(config.data, f"{len(demos)} demonstrations are too few to hold out {config.held_out:.0%}",
-                        "give more rows or change --held-out")
+        raise DataError(
+            config.data,
+            f"{len(demos)} demonstrations are too few to hold out {config.held_out:.0%}",
+            "give more rows or change --held-out",
+        )
     train, n_trunc = tokenize_rows(tokenizer, train_rows, config.max_prompt_length, config.max_completion_length)
     held, n_trunc_held = tokenize_rows(tokenizer, held_rows, config.max_prompt_length, config.max_completion_length)
     per_step = config.batch_size * config.grad_accum
@@ -154,8 +175,11 @@ def sft(config: SFTConfig) -> dict:
     total_steps = max(1, math.ceil(steps_per_epoch * config.epochs))
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
-    print(f"[sft] {describe(model)}; {len(train)} train / {len(held)} held-out demonstrations "
-          f"({n_trunc + n_trunc_held} truncated); {total_steps} steps of {per_step}", flush=True)
+    print(
+        f"[sft] {describe(model)}; {len(train)} train / {len(held)} held-out demonstrations "
+        f"({n_trunc + n_trunc_held} truncated); {total_steps} steps of {per_step}",
+        flush=True,
+    )
 
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=config.lr, weight_decay=config.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -172,7 +196,7 @@ def sft(config: SFTConfig) -> dict:
         ckpt.load_model_weights(accelerator.unwrap_model(model))
         optimizer.load_state_dict(ckpt.state["optimizer"])
         loss_before, step, tokens_seen, seen_examples, window_loss, window_steps, elapsed = ckpt.state["loop"]
-        for _ in range(step):                 # the data position: the same shuffles, replayed without compute
+        for _ in range(step):  # the data position: the same shuffles, replayed without compute
             next(stream)
 
     def snapshot() -> dict:
@@ -209,8 +233,12 @@ def sft(config: SFTConfig) -> dict:
             tokens_seen += sum(len(ex.prompt_ids) + len(ex.completion_ids) for ex in examples)
             seen_examples += len(examples)
             # 4d. clip and step
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm) if config.max_grad_norm else None
-            check_finite(step + 1, **{"sft/loss": step_loss, "sft/grad_norm": grad_norm})   # before it reaches the weights
+            grad_norm = (
+                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm) if config.max_grad_norm else None
+            )
+            check_finite(
+                step + 1, **{"sft/loss": step_loss, "sft/grad_norm": grad_norm}
+            )  # before it reaches the weights
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -219,8 +247,12 @@ def sft(config: SFTConfig) -> dict:
             # 4e. log, evaluate, checkpoint
             if step % config.log_every == 0 or step == 1 or budget.done(step):
                 tps = tokens_seen / max(budget.elapsed, 1e-6)
-                metrics = {"sft/loss": window_loss / window_steps, "sft/lr": lr, "sft/tokens_per_second": tps,
-                           "sft/epoch": seen_examples / len(train)}
+                metrics = {
+                    "sft/loss": window_loss / window_steps,
+                    "sft/lr": lr,
+                    "sft/tokens_per_second": tps,
+                    "sft/epoch": seen_examples / len(train),
+                }
                 if grad_norm is not None:
                     metrics["sft/grad_norm"] = float(grad_norm)
                 run.log(step, metrics)
@@ -228,8 +260,12 @@ def sft(config: SFTConfig) -> dict:
                 window_loss, window_steps = 0.0, 0
             if config.eval_every and step % config.eval_every == 0 and not budget.done(step):
                 run.log(step, {"sft/eval/loss": heldout_loss(model, held, pad_id, config.eval_batch_size)})
-            run.step_end(step, config.checkpoint_every, stop,
-                         lambda: run.save_checkpoint(step, accelerator.unwrap_model(model), tokenizer, snapshot()))
+            run.step_end(
+                step,
+                config.checkpoint_every,
+                stop,
+                lambda: run.save_checkpoint(step, accelerator.unwrap_model(model), tokenizer, snapshot()),
+            )
     bar.close()
     train_seconds = budget.elapsed
 
@@ -239,9 +275,16 @@ def sft(config: SFTConfig) -> dict:
     run.log(step, {"sft/eval/loss": loss_after})
     unwrapped.eval()
     run.save_model(unwrapped, tokenizer)
-    return run.finish({
-        "steps": step, "epochs": round(seen_examples / len(train), 3), "train_examples": len(train),
-        "heldout_examples": len(held), "truncated": n_trunc + n_trunc_held,
-        "heldout_loss_before": loss_before, "heldout_loss_after": loss_after,
-        "tokens_per_second": tokens_seen / max(train_seconds, 1e-6), "model": str(run.model_dir),
-    })
+    return run.finish(
+        {
+            "steps": step,
+            "epochs": round(seen_examples / len(train), 3),
+            "train_examples": len(train),
+            "heldout_examples": len(held),
+            "truncated": n_trunc + n_trunc_held,
+            "heldout_loss_before": loss_before,
+            "heldout_loss_after": loss_after,
+            "tokens_per_second": tokens_seen / max(train_seconds, 1e-6),
+            "model": str(run.model_dir),
+        }
+    )

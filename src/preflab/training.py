@@ -48,7 +48,7 @@ class Budget:
     def __init__(self, max_steps: int = 0, max_seconds: float = 0.0, elapsed: float = 0.0):
         assert max_steps > 0 or max_seconds > 0, "a budget needs max_steps or max_seconds"
         self.max_steps, self.max_seconds = max_steps, max_seconds
-        self.start = time.time() - elapsed           # a resumed run carries on with the seconds it had spent
+        self.start = time.time() - elapsed  # a resumed run carries on with the seconds it had spent
 
     @property
     def elapsed(self) -> float:
@@ -68,7 +68,7 @@ class Budget:
 
 def shard(items: list, accelerator) -> list:
     """This process's share of an optimiser step's items: every world-th one (all of them in one process)."""
-    return items[accelerator.process_index::accelerator.num_processes] if accelerator else items
+    return items[accelerator.process_index :: accelerator.num_processes] if accelerator else items
 
 
 def sync_on_last(accelerator, model, i: int, n: int):
@@ -119,8 +119,9 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\n[preflab] stopping after this step and writing a checkpoint (Ctrl-C again to stop at once)",
-              flush=True)
+        print(
+            "\n[preflab] stopping after this step and writing a checkpoint (Ctrl-C again to stop at once)", flush=True
+        )
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

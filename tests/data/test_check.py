@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from preflab.cli import main
 from preflab.data.check import CheckConfig, describe, percentiles, reason_key
 
@@ -19,8 +17,8 @@ def write(tmp_path, rows, name="f.jsonl"):
 def test_counts_duplicates_contradictions_and_skips(tmp_path):
     rows = [
         {"prompt": "p", "chosen": "a", "rejected": "b"},
-        {"prompt": "p", "chosen": "b", "rejected": "a"},   # contradicts line 1
-        {"prompt": "p", "chosen": "a", "rejected": "b"},   # duplicates line 1
+        {"prompt": "p", "chosen": "b", "rejected": "a"},  # contradicts line 1
+        {"prompt": "p", "chosen": "a", "rejected": "b"},  # duplicates line 1
         {"prompt": "q", "chosen": "a", "rejected": "b", "tie": True},
         {"chosen": "Human: hi Assistant: yes", "rejected": "Human: hi Assistant: no"},  # implicit
         "{not json",
@@ -39,28 +37,37 @@ def test_counts_duplicates_contradictions_and_skips(tmp_path):
 
 
 def test_detects_demonstrations_and_token_lengths(tmp_path, model_dir, tokenizer):
-    rows = [{"prompt": "What is 2 + 3?", "completion": "2 + 3 = 5."},
-            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Sure! Hello."}]},
-            {"prompt": "What is 2 + 3?", "completion": "2 + 3 = 5."},
-            {"prompt": "x"}]
+    rows = [
+        {"prompt": "What is 2 + 3?", "completion": "2 + 3 = 5."},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Sure! Hello."}]},
+        {"prompt": "What is 2 + 3?", "completion": "2 + 3 = 5."},
+        {"prompt": "x"},
+    ]
     report = describe(CheckConfig(file=str(write(tmp_path, rows)), model=str(model_dir)))
     assert report["kind"] == "demonstrations"
     assert (report["rows_usable"], report["rows_skipped"], report["duplicates"], report["chat_prompts"]) == (3, 1, 1, 1)
-    completion_lengths = sorted([len(tokenizer("2 + 3 = 5.", add_special_tokens=False)["input_ids"]) + 1] * 2
-                                + [len(tokenizer("Sure! Hello.", add_special_tokens=False)["input_ids"]) + 1])
+    completion_lengths = sorted(
+        [len(tokenizer("2 + 3 = 5.", add_special_tokens=False)["input_ids"]) + 1] * 2
+        + [len(tokenizer("Sure! Hello.", add_special_tokens=False)["input_ids"]) + 1]
+    )
     assert report["token_lengths"]["completion"] == percentiles(completion_lengths)
     assert report["token_lengths"]["completion"]["max"] == completion_lengths[-1]
     # a length limit counts the rows it would cut; the percentiles stay those of the untruncated rows
     limit = completion_lengths[0]
     cut = describe(CheckConfig(file=str(write(tmp_path, rows)), model=str(model_dir), max_completion_length=limit))
-    assert cut["truncated"] == sum(n > limit for n in completion_lengths) > 0 and cut["token_lengths"] == report["token_lengths"]
+    assert (
+        cut["truncated"] == sum(n > limit for n in completion_lengths) > 0
+        and cut["token_lengths"] == report["token_lengths"]
+    )
 
 
 def test_percentiles_and_reason_key():
     assert percentiles(list(range(1, 101))) == {"p50": 51, "p90": 90, "p99": 99, "max": 100}
     assert reason_key("missing field 'chosen' (fields present: ['prompt'])") == "missing field 'chosen'"
-    assert reason_key("field 'chosen': expected a string or a list of chat messages, got int 5") == \
-        "field 'chosen': expected a string or a list of chat messages"
+    assert (
+        reason_key("field 'chosen': expected a string or a list of chat messages, got int 5")
+        == "field 'chosen': expected a string or a list of chat messages"
+    )
 
 
 def test_cli_positional_file_and_hh_rlhf(hh_rlhf_path, capsys):

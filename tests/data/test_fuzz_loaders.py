@@ -45,21 +45,38 @@ LONG = int(os.environ.get("PREFLAB_FUZZ_EXAMPLES", "0"))
 
 def fuzz(examples: int):
     """Deterministic in CI; PREFLAB_FUZZ_EXAMPLES=N runs N random examples instead."""
-    return settings(max_examples=LONG or examples, deadline=None, derandomize=not LONG, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.large_base_example])
+    return settings(
+        max_examples=LONG or examples,
+        deadline=None,
+        derandomize=not LONG,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
+    )
 
 
 # ---------------------------------------------------------------------------------------------- text
 
 ODD = [
-    "\u202eRTL override\u202c", "مرحبا بالعالم", "שלום", "e\u0301\u0301\u0301\u0308", "\u0000NUL\u0000",
-    "zero\u200bwidth\u200d", "line\u2028sep\u2029para", "nel\x85", "\ufeffBOM inside", "tab\tand\x0bvt",
-    "emoji 🙂👩‍👩‍👧", "\U0010ffff", "Human: hi\n\nAssistant:", '"quoted" \\ back\\slash', "x" * 100_000,
+    "\u202eRTL override\u202c",
+    "مرحبا بالعالم",
+    "שלום",
+    "e\u0301\u0301\u0301\u0308",
+    "\u0000NUL\u0000",
+    "zero\u200bwidth\u200d",
+    "line\u2028sep\u2029para",
+    "nel\x85",
+    "\ufeffBOM inside",
+    "tab\tand\x0bvt",
+    "emoji 🙂👩‍👩‍👧",
+    "\U0010ffff",
+    "Human: hi\n\nAssistant:",
+    '"quoted" \\ back\\slash',
+    "x" * 100_000,
 ]
 plain = st.text(min_size=1, max_size=40)
 text = st.one_of(plain, st.sampled_from(ODD), st.tuples(plain, st.sampled_from(ODD)).map("".join)).filter(
-    lambda t: bool(t.strip()))
+    lambda t: bool(t.strip())
+)
 
 
 def message(role):
@@ -71,6 +88,7 @@ turns = st.lists(st.one_of(message("user"), message("system"), message("assistan
 
 # ------------------------------------------------------------------------------------------ valid rows
 
+
 @st.composite
 def preference_row(draw):
     form = draw(st.sampled_from(["explicit", "implicit", "chat", "implicit-chat"]))
@@ -78,19 +96,32 @@ def preference_row(draw):
     if c == r:
         r = r + " (other)"
     if form == "explicit":  # (a completion that repeats the prompt is tested in test_preferences.py)
-        row = {"prompt": draw(text.filter(lambda p: not c.startswith(p) and not r.startswith(p))), "chosen": c, "rejected": r}
+        row = {
+            "prompt": draw(text.filter(lambda p: not c.startswith(p) and not r.startswith(p))),
+            "chosen": c,
+            "rejected": r,
+        }
     elif form == "implicit":
         row = {"chosen": c, "rejected": r}
     elif form == "chat":
-        row = {"prompt": draw(turns), "chosen": [{"role": "assistant", "content": c}],
-               "rejected": [{"role": "assistant", "content": r}]}
+        row = {
+            "prompt": draw(turns),
+            "chosen": [{"role": "assistant", "content": c}],
+            "rejected": [{"role": "assistant", "content": r}],
+        }
     else:
         shared = draw(turns)
-        row = {"chosen": shared + [{"role": "assistant", "content": c}],
-               "rejected": shared + [{"role": "assistant", "content": r}]}
-    for name, value in (("margin", st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=False, allow_infinity=False))),
-                        ("tie", st.booleans()), ("annotator", st.one_of(text, st.integers(0, 10**9))),
-                        ("subset", text), ("extra", st.integers(-2**64, 2**64))):
+        row = {
+            "chosen": shared + [{"role": "assistant", "content": c}],
+            "rejected": shared + [{"role": "assistant", "content": r}],
+        }
+    for name, value in (
+        ("margin", st.one_of(st.integers(-(10**6), 10**6), st.floats(allow_nan=False, allow_infinity=False))),
+        ("tie", st.booleans()),
+        ("annotator", st.one_of(text, st.integers(0, 10**9))),
+        ("subset", text),
+        ("extra", st.integers(-(2**64), 2**64)),
+    ):
         if draw(st.booleans()):
             row[name] = draw(value)
     return row
@@ -116,22 +147,47 @@ KINDS = {
 
 # ------------------------------------------------------------------------------------ adversarial rows
 
-NOT_TEXT = [None, 0, 1.5, True, {}, {"a": 1}, [], [1, 2], ["x"], [{"role": "user"}], [{"content": "x"}],
-            [{"role": "robot", "content": "x"}], [{"role": "user", "content": 5}], [{"role": "user", "content": None}],
-            "", "   ", "\n\t", "\u2028", [{"role": "user", "content": "x"}, "not a message"]]
+NOT_TEXT = [
+    None,
+    0,
+    1.5,
+    True,
+    {},
+    {"a": 1},
+    [],
+    [1, 2],
+    ["x"],
+    [{"role": "user"}],
+    [{"content": "x"}],
+    [{"role": "robot", "content": "x"}],
+    [{"role": "user", "content": 5}],
+    [{"role": "user", "content": None}],
+    "",
+    "   ",
+    "\n\t",
+    "\u2028",
+    [{"role": "user", "content": "x"}, "not a message"],
+]
 WRONG = {  # field -> values that make a row unusable whatever else it holds
-    "chosen": NOT_TEXT, "rejected": NOT_TEXT, "completion": NOT_TEXT,
+    "chosen": NOT_TEXT,
+    "rejected": NOT_TEXT,
+    "completion": NOT_TEXT,
     "prompt": [v for v in NOT_TEXT if v is not None],  # a null prompt means "implicit" in a preference row
-    "messages": NOT_TEXT + [[{"role": "user", "content": "only the prompt"}],
-                            [{"role": "assistant", "content": "a"}, {"role": "user", "content": "ends with the user"}]],
+    "messages": NOT_TEXT
+    + [
+        [{"role": "user", "content": "only the prompt"}],
+        [{"role": "assistant", "content": "a"}, {"role": "user", "content": "ends with the user"}],
+    ],
     "margin": ["big", True, [1], {"v": 1}, "NaN"],
     "tie": [None, 0, 1, "yes", [], {}],
     "annotator": [1.5, [], {}, ["a"]],
     "subset": [2.5, [], {"s": 1}],
 }
-FIELDS = {"preferences": ["chosen", "rejected", "prompt", "margin", "tie", "annotator", "subset"],
-          "demonstrations": ["completion", "prompt", "messages"],
-          "prompts": ["prompt"]}
+FIELDS = {
+    "preferences": ["chosen", "rejected", "prompt", "margin", "tie", "annotator", "subset"],
+    "demonstrations": ["completion", "prompt", "messages"],
+    "prompts": ["prompt"],
+}
 MARK = "@@MARK@@"  # a placeholder value, replaced in the encoded row by raw JSON
 QMARK = json.dumps(MARK).encode()
 LONE = '"\\ud800"', '"\\udfff tail"', '"head \\udc00"'  # lone surrogates as JSON escapes
@@ -146,11 +202,28 @@ def bad_line(draw, kind):
     """(raw bytes of a line that is certainly not a usable row, a label). Never blank, never holds a newline."""
     valid = draw(KINDS[kind][2])
     raw = dumps(valid)
-    choice = draw(st.sampled_from([
-        "truncated", "trailing garbage", "wrong type", "missing field", "lone surrogate escape",
-        "lone surrogate bytes", "invalid utf-8", "deep nesting", "deep nesting in a field", "huge integer",
-        "not an object", "raw NUL", "binary", "nan margin", "inf margin", "raw control char",
-    ]))
+    choice = draw(
+        st.sampled_from(
+            [
+                "truncated",
+                "trailing garbage",
+                "wrong type",
+                "missing field",
+                "lone surrogate escape",
+                "lone surrogate bytes",
+                "invalid utf-8",
+                "deep nesting",
+                "deep nesting in a field",
+                "huge integer",
+                "not an object",
+                "raw NUL",
+                "binary",
+                "nan margin",
+                "inf margin",
+                "raw control char",
+            ]
+        )
+    )
     if choice == "truncated":
         return raw[: draw(st.integers(1, len(raw) - 1))], choice
     if choice == "trailing garbage":
@@ -181,7 +254,9 @@ def bad_line(draw, kind):
     if choice == "lone surrogate bytes":  # U+D800 as UTF-8-style bytes: invalid UTF-8
         return raw.replace(b"{", b'{"x": "\xed\xa0\x80", ', 1), choice
     if choice == "invalid utf-8":
-        return raw.replace(b"{", draw(st.sampled_from([b"{\xff", b"{\xc3", b"{\x80\x80", b"{\xf8\x88\x80\x80\x80"])), 1), choice
+        return raw.replace(
+            b"{", draw(st.sampled_from([b"{\xff", b"{\xc3", b"{\x80\x80", b"{\xf8\x88\x80\x80\x80"])), 1
+        ), choice
     if choice == "deep nesting":
         depth = draw(st.sampled_from([2_000, 100_000]))
         return b"[" * depth + b"]" * draw(st.sampled_from([0, depth])), choice
@@ -214,11 +289,16 @@ def bad_line(draw, kind):
 @st.composite
 def jsonl_file(draw, kind):
     """(file bytes, [(line number, row)] of the valid rows, [(line number, label)] of the bad ones)."""
-    entries = draw(st.lists(st.one_of(
-        st.tuples(st.just("good"), KINDS[kind][2]),
-        st.tuples(st.just("bad"), bad_line(kind)),
-        st.tuples(st.just("blank"), st.sampled_from([b"", b"   ", b"\t", b" \t "])),
-    ), max_size=8))
+    entries = draw(
+        st.lists(
+            st.one_of(
+                st.tuples(st.just("good"), KINDS[kind][2]),
+                st.tuples(st.just("bad"), bad_line(kind)),
+                st.tuples(st.just("blank"), st.sampled_from([b"", b"   ", b"\t", b" \t "])),
+            ),
+            max_size=8,
+        )
+    )
     bom = draw(st.booleans())
     chunks, good, bad = [], [], []
     for number, (what, value) in enumerate(entries, start=1):
@@ -259,6 +339,7 @@ def run_cli(argv) -> tuple[int, str, str]:
 
 # ------------------------------------------------------------------------------------------ properties
 
+
 @pytest.mark.parametrize("kind", sorted(KINDS))
 @fuzz(60)
 @given(data=st.data())
@@ -295,13 +376,37 @@ def test_strict_stops_at_the_first_bad_line(kind, data):
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
 @fuzz(40)
-@given(body=st.one_of(st.binary(max_size=300),
-                      st.text(max_size=200).map(lambda t: t.encode("utf-8")),
-                      st.recursive(st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=10),
-                                   lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
-                                       st.sampled_from(["prompt", "chosen", "rejected", "completion", "messages",
-                                                        "role", "content", "margin", "tie", "annotator"]),
-                                       inner, max_size=4), max_leaves=12).map(lambda v: json.dumps(v).encode())))
+@given(
+    body=st.one_of(
+        st.binary(max_size=300),
+        st.text(max_size=200).map(lambda t: t.encode("utf-8")),
+        st.recursive(
+            st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=10),
+            lambda inner: (
+                st.lists(inner, max_size=3)
+                | st.dictionaries(
+                    st.sampled_from(
+                        [
+                            "prompt",
+                            "chosen",
+                            "rejected",
+                            "completion",
+                            "messages",
+                            "role",
+                            "content",
+                            "margin",
+                            "tie",
+                            "annotator",
+                        ]
+                    ),
+                    inner,
+                    max_size=4,
+                )
+            ),
+            max_leaves=12,
+        ).map(lambda v: json.dumps(v).encode()),
+    )
+)
 def test_any_bytes_load_or_name_the_file(kind, body):
     load = KINDS[kind][0]
     with file_with(body) as path:
@@ -322,17 +427,19 @@ def test_cli_data_check_exit_status_and_no_traceback(kind, data):
     assert code in (0, 1, 2) and "Traceback" not in out + err
     if good:
         assert code in (0, 1) and f"rows usable   {len(good)}" in out
-    elif bad:                         # rows read, none usable: a finding, as a linter reports it (exit 1)
+    elif bad:  # rows read, none usable: a finding, as a linter reports it (exit 1)
         assert code == 1 and "rows usable   0" in out and f"{path}: {len(bad)} of {len(bad)} rows skipped" in err
-    else:                             # nothing to read at all
+    else:  # nothing to read at all
         assert code == 2 and err.startswith(f"error: {path}")
 
 
 # ---------------------------------------------------------------------------------- named regressions
 
-GOOD = {"preferences": {"prompt": "p", "chosen": "c", "rejected": "r"},
-        "demonstrations": {"prompt": "p", "completion": "c"},
-        "prompts": {"prompt": "p"}}
+GOOD = {
+    "preferences": {"prompt": "p", "chosen": "c", "rejected": "r"},
+    "demonstrations": {"prompt": "p", "completion": "c"},
+    "prompts": {"prompt": "p"},
+}
 ROW = b"<ROW>"  # in NAMED, stands for a valid row of the loader's kind
 NAMED = {  # name -> (file bytes, what the loader must say: None = the row loads)
     "empty file": (b"", "no usable rows"),
@@ -342,8 +449,10 @@ NAMED = {  # name -> (file bytes, what the loader must say: None = the row loads
     "truncated last line": (ROW + b"\n" + ROW[:-1], ":2: malformed JSON"),
     "binary file": (b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, ":1: not UTF-8 text"),  # a PNG header
     "lone surrogate bytes": (b'{"prompt": "\xed\xa0\x80"}\n', ":1: not UTF-8 text"),
-    "lone surrogate escape": (b'{"prompt": "a\\ud800b", "chosen": "a\\ud800b", "completion": "a\\ud800b"}\n',
-                              ":1: field 'prompt': not valid Unicode text"),
+    "lone surrogate escape": (
+        b'{"prompt": "a\\ud800b", "chosen": "a\\ud800b", "completion": "a\\ud800b"}\n',
+        ":1: field 'prompt': not valid Unicode text",
+    ),
     "deeply nested line": (b"[" * 100_000 + b"\n", ":1: malformed JSON (nested too deeply"),
     "a 5000-digit number": (b'{"prompt": ' + b"9" * 5000 + b"}\n", ":1: malformed JSON (a number too long"),
 }

@@ -17,16 +17,34 @@ BAD_ROWS = {
     "missing field": (json.dumps({"prompt": "a", "chosen": "x"}), "'rejected'", "missing field"),
     "empty chosen": (json.dumps({"prompt": "a", "chosen": "  ", "rejected": "y"}), "'chosen'", "is empty"),
     "empty rejected": (json.dumps({"prompt": "a", "chosen": "x", "rejected": ""}), "'rejected'", "is empty"),
-    "chosen == rejected": (json.dumps({"prompt": "a", "chosen": "x", "rejected": "x"}), "'chosen' and 'rejected'", "identical"),
+    "chosen == rejected": (
+        json.dumps({"prompt": "a", "chosen": "x", "rejected": "x"}),
+        "'chosen' and 'rejected'",
+        "identical",
+    ),
     "non-string chosen": (json.dumps({"prompt": "a", "chosen": 5, "rejected": "y"}), "'chosen'", "expected a string"),
-    "non-string content": (json.dumps({"prompt": [{"role": "user", "content": "a"}],
-                                       "chosen": [{"role": "assistant", "content": ["x"]}],
-                                       "rejected": [{"role": "assistant", "content": "y"}]}),
-                           "'chosen'[0].content", "expected a string"),
-    "empty assistant message": (json.dumps({"prompt": [{"role": "user", "content": "a"}],
-                                            "chosen": [{"role": "assistant", "content": " "}],
-                                            "rejected": [{"role": "assistant", "content": "y"}]}),
-                                "'chosen'", "empty"),
+    "non-string content": (
+        json.dumps(
+            {
+                "prompt": [{"role": "user", "content": "a"}],
+                "chosen": [{"role": "assistant", "content": ["x"]}],
+                "rejected": [{"role": "assistant", "content": "y"}],
+            }
+        ),
+        "'chosen'[0].content",
+        "expected a string",
+    ),
+    "empty assistant message": (
+        json.dumps(
+            {
+                "prompt": [{"role": "user", "content": "a"}],
+                "chosen": [{"role": "assistant", "content": " "}],
+                "rejected": [{"role": "assistant", "content": "y"}],
+            }
+        ),
+        "'chosen'",
+        "empty",
+    ),
 }
 
 
@@ -96,7 +114,10 @@ def test_optional_fields(tmp_path):
 
 def test_implicit_chat_form_splits_shared_messages(tmp_path):
     user = {"role": "user", "content": "Hi"}
-    row = {"chosen": [user, {"role": "assistant", "content": "Hello."}], "rejected": [user, {"role": "assistant", "content": "Go."}]}
+    row = {
+        "chosen": [user, {"role": "assistant", "content": "Hello."}],
+        "rejected": [user, {"role": "assistant", "content": "Go."}],
+    }
     pref = load_preferences(write(tmp_path, [json.dumps(row)])).rows[0]
     assert pref.prompt == [user] and pref.chosen[-1]["content"] == "Hello." and pref.rejected[-1]["content"] == "Go."
 

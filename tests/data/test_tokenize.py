@@ -34,8 +34,10 @@ def test_collate_exact_tensors():
 
 
 def test_collate_pairs_exact_tensors():
-    pairs = [TokenizedPair([1, 11, 12], [20, 2], [30, 31, 32, 2], margin=1.5),
-             TokenizedPair([1, 13], [21, 22, 2], [33, 2], tie=True)]
+    pairs = [
+        TokenizedPair([1, 11, 12], [20, 2], [30, 31, 32, 2], margin=1.5),
+        TokenizedPair([1, 13], [21, 22, 2], [33, 2], tie=True),
+    ]
     batch = collate_pairs(pairs, pad_id=0)
     # rows 0..1 chosen, rows 2..3 rejected; prompts left-padded to 3, completions right-padded to 4
     assert batch["input_ids"].tolist() == [
@@ -61,8 +63,10 @@ def test_one_bos_and_eos_at_each_completion_end(tokenizer):
     for prompt in ("What is 2 + 3?", [{"role": "user", "content": "What is 2 + 3?"}], "<|bos|>What is 2 + 3?"):
         ids = encode_prompt(tokenizer, prompt)
         assert ids[0] == bos and ids.count(bos) == 1, (prompt, ids)
-    rows = [Preference("What is 2 + 3?", "2 + 3 = 5.", "2 + 3 = 6.", source="t:1"),
-            Preference([{"role": "user", "content": "Hi"}], "Sure! Hello.", "Go away.", source="t:2")]
+    rows = [
+        Preference("What is 2 + 3?", "2 + 3 = 5.", "2 + 3 = 6.", source="t:1"),
+        Preference([{"role": "user", "content": "Hi"}], "Sure! Hello.", "Go away.", source="t:2"),
+    ]
     pairs, n_truncated = tokenize_rows(tokenizer, rows)
     assert n_truncated == 0
     for pair in pairs:
@@ -75,8 +79,10 @@ def test_one_bos_and_eos_at_each_completion_end(tokenizer):
 
 def test_truncation_keeps_prompt_end_and_completion_start_and_counts_rows(tokenizer):
     long_prompt = "What is the capital of France? " * 5
-    rows = [Demonstration(long_prompt, "The capital of France is Paris. I hope this helps.", "t:1"),
-            Demonstration("Hi", "Oz", "t:2")]
+    rows = [
+        Demonstration(long_prompt, "The capital of France is Paris. I hope this helps.", "t:1"),
+        Demonstration("Hi", "Oz", "t:2"),
+    ]
     full, n_full = tokenize_rows(tokenizer, rows)
     cut, n_cut = tokenize_rows(tokenizer, rows, max_prompt_length=6, max_completion_length=4)
     assert len(full[1].prompt_ids) <= 6 and len(full[1].completion_ids) <= 4
@@ -107,8 +113,8 @@ def test_implicit_split_on_hh_rlhf_is_in_token_space(tokenizer, hh_rows, tmp_pat
     n_exact = 0
     for row, pair in zip(hh_rows, pairs):
         explicit = encode_prompt(tokenizer, row["prompt"])
-        chosen = tokenizer(row["chosen"][len(row["prompt"]):], add_special_tokens=False)["input_ids"]
-        rejected = tokenizer(row["rejected"][len(row["prompt"]):], add_special_tokens=False)["input_ids"]
+        chosen = tokenizer(row["chosen"][len(row["prompt"]) :], add_special_tokens=False)["input_ids"]
+        rejected = tokenizer(row["rejected"][len(row["prompt"]) :], add_special_tokens=False)["input_ids"]
         k = common_prefix_length(chosen, rejected)
         # re-encoding the row's prompt gives a prefix of the split-off prompt; the rest is where both replies agree
         assert pair.prompt_ids == explicit + chosen[:k]
@@ -122,8 +128,10 @@ def test_implicit_split_on_hh_rlhf_is_in_token_space(tokenizer, hh_rows, tmp_pat
     # both forms agree exactly where the replies' first tokens differ; elsewhere (e.g. both replies open
     # with the same word piece) the implicit prompt also takes the shared opening tokens
     assert n_exact == sum(
-        tokenizer(r["chosen"][len(r["prompt"]):], add_special_tokens=False)["input_ids"][0]
-        != tokenizer(r["rejected"][len(r["prompt"]):], add_special_tokens=False)["input_ids"][0] for r in hh_rows)
+        tokenizer(r["chosen"][len(r["prompt"]) :], add_special_tokens=False)["input_ids"][0]
+        != tokenizer(r["rejected"][len(r["prompt"]) :], add_special_tokens=False)["input_ids"][0]
+        for r in hh_rows
+    )
     assert 0 < n_exact < 50
 
 

@@ -13,7 +13,9 @@ from preflab.world.annotators import annotator_pool, simulate_votes, world_pairs
 
 def audit_pool(tmp_path, seed=0, **biases):
     pool = annotator_pool(8, seed=seed, **biases)
-    path = write_votes(tmp_path / "votes.jsonl", simulate_votes(world_pairs(400, seed=seed), pool, seed=seed, votes_per_pair=3))
+    path = write_votes(
+        tmp_path / "votes.jsonl", simulate_votes(world_pairs(400, seed=seed), pool, seed=seed, votes_per_pair=3)
+    )
     votes, positioned = read_votes(str(path))
     return audit_votes(votes, positioned, BiasConfig(file=str(path)))
 
@@ -78,8 +80,15 @@ def test_kappa_and_leave_one_out_majority_by_hand(tmp_path):
 
 
 def test_unknown_utility_and_bad_rows(tmp_path):
-    rows = [{"prompt": f"tell me about item {i}", "chosen": "short", "rejected": "a much longer answer " * (i % 3 + 1),
-             "chosen_position": "AB"[i % 2]} for i in range(30)]
+    rows = [
+        {
+            "prompt": f"tell me about item {i}",
+            "chosen": "short",
+            "rejected": "a much longer answer " * (i % 3 + 1),
+            "chosen_position": "AB"[i % 2],
+        }
+        for i in range(30)
+    ]
     path = write_rows(tmp_path / "h.jsonl", rows)
     votes, positioned = read_votes(path)
     r = audit_votes(votes, positioned, BiasConfig(file=path))

@@ -12,11 +12,19 @@ def est(mean, low, high):
 
 
 def test_policy_claims_read_the_lower_end_of_each_interval():
-    ev = {"policies": {"sft": {}, "ppo": {"gain": est(0.2, 0.01, 0.4), "right_answer_gain": est(-0.02, -0.1, 0.05)},
-                       "dpo": {"gain": est(0.4, 0.2, 0.6), "right_answer_gain": est(0.1, 0.03, 0.17)}}}
+    ev = {
+        "policies": {
+            "sft": {},
+            "ppo": {"gain": est(0.2, 0.01, 0.4), "right_answer_gain": est(-0.02, -0.1, 0.05)},
+            "dpo": {"gain": est(0.4, 0.2, 0.6), "right_answer_gain": est(0.1, 0.03, 0.17)},
+        }
+    }
     holds = {c["claim"]: c["holds"] for c in policy_claims(ev)}
-    assert holds == {"PPO beats SFT on true utility": True, "PPO gains right answers (not only hedges)": False,
-                     "DPO gains right answers": True}
+    assert holds == {
+        "PPO beats SFT on true utility": True,
+        "PPO gains right answers (not only hedges)": False,
+        "DPO gains right answers": True,
+    }
     missing = policy_claims({"policies": {"sft": {}}})
     assert [c["holds"] for c in missing] == [None, None, None]
 
@@ -27,15 +35,24 @@ def test_length_bias_claim():
 
 
 def point(arm, steps, utilities, proxies):
-    return {"arm": arm, "steps": steps, "true_utility": float(np.mean(utilities)), "proxy": float(np.mean(proxies)),
-            "utilities": list(utilities), "proxies": list(proxies)}
+    return {
+        "arm": arm,
+        "steps": steps,
+        "true_utility": float(np.mean(utilities)),
+        "proxy": float(np.mean(proxies)),
+        "utilities": list(utilities),
+        "proxies": list(proxies),
+    }
 
 
 def test_sweep_claims_need_a_rise_in_proxy_and_a_fall_in_truth():
     rng = np.random.default_rng(0)
     noise = lambda: rng.normal(0, 0.05, 100)  # noqa: E731
-    hacked = [point("beta=0", 5, 0.0 + noise(), 0.0 + noise()), point("beta=0", 10, 0.5 + noise(), 0.5 + noise()),
-              point("beta=0", 20, 0.1 + noise(), 1.0 + noise())]
+    hacked = [
+        point("beta=0", 5, 0.0 + noise(), 0.0 + noise()),
+        point("beta=0", 10, 0.5 + noise(), 0.5 + noise()),
+        point("beta=0", 20, 0.1 + noise(), 1.0 + noise()),
+    ]
     held = [point("beta=0.2", s, 0.4 + noise(), 0.3 + noise()) for s in (5, 10, 20)]
     claims = {c["claim"]: c for c in sweep_claims({"points": hacked + held})}
     hacking = claims["without a KL penalty the proxy keeps rising while the true utility falls"]
@@ -44,8 +61,10 @@ def test_sweep_claims_need_a_rise_in_proxy_and_a_fall_in_truth():
     # truth rising to the end: no hacking, and beta=0 ends above the other arm
     honest = [point("beta=0", s, u + noise(), u + noise()) for s, u in ((5, 0.0), (10, 0.5), (20, 1.0))]
     claims = {c["claim"]: c["holds"] for c in sweep_claims({"points": honest + held})}
-    assert claims == {"without a KL penalty the proxy keeps rising while the true utility falls": False,
-                      "a larger beta (or a reward ensemble) holds the true utility": False}
+    assert claims == {
+        "without a KL penalty the proxy keeps rising while the true utility falls": False,
+        "a larger beta (or a reward ensemble) holds the true utility": False,
+    }
 
 
 def test_all_claims_are_printed_with_their_verdict():

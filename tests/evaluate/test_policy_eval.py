@@ -26,7 +26,9 @@ def test_score_and_summarise_by_hand():
 
     reward = function_reward(word_count)
     sft = score(Q, _samples(["The capital of France is Rome.", "2 + 2 = 4."], [7, 6]), reward)
-    ppo = score(Q, _samples(["Sure! The capital of France is Paris.", "2 + 2 = 4. I hope this helps."], [9, 10], 1.5), reward)
+    ppo = score(
+        Q, _samples(["Sure! The capital of France is Paris.", "2 + 2 = 4. I hope this helps."], [9, 10], 1.5), reward
+    )
     assert sft["utility"] == [-1.0, 1.0] and ppo["utility"] == [1.5, 0.75]
     table = summarise({"sft": sft, "ppo": ppo}, "sft")
     r = table["ppo"]
@@ -61,15 +63,20 @@ def test_evaluate_policies_end_to_end(tmp_path, tokenizer, model_dir):
     other = tmp_path / "other"
     make_model(tokenizer, seed=1).save_pretrained(other)
     tokenizer.save_pretrained(other)
-    config = EvalConfig(reference=str(model_dir), policies=[f"other={other}", "bon2=bon:2"],
-                        reward_model="test_policy_eval:word_count", n_prompts=12, max_new_tokens=6,
-                        out=str(tmp_path / "eval"))
+    config = EvalConfig(
+        reference=str(model_dir),
+        policies=[f"other={other}", "bon2=bon:2"],
+        reward_model="test_policy_eval:word_count",
+        n_prompts=12,
+        max_new_tokens=6,
+        out=str(tmp_path / "eval"),
+    )
     summary = evaluate_policies(config)
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     table = result["policies"]
     assert list(table) == ["sft", "other", "bon2"] and result["n_prompts"] == 12
-    assert table["sft"]["kl"] == 0.0                           # the reference against itself
-    assert table["other"]["kl"] > 0                            # a different model's own samples
+    assert table["sft"]["kl"] == 0.0  # the reference against itself
+    assert table["other"]["kl"] > 0  # a different model's own samples
     assert table["bon2"]["kl"] == pytest.approx(math.log(2) - 0.5) and table["bon2"]["kl_is_bound"]
     for row in table.values():
         assert math.isfinite(row["true_utility"]["mean"]) and math.isfinite(row["proxy_reward"]["mean"])
@@ -88,8 +95,10 @@ def test_sweep_arms_and_fit():
     with pytest.raises(ConfigError, match="LABEL=REWARD"):
         SweepConfig(model="m", reward="rm", extra_rewards=["rm-ens"])
     # true gain d (1 - 0.5 log d) measured at three KLs, reference utility 0.2
-    pts = [{"sqrt_kl": d, "true_utility": 0.2 + d * (1 - 0.5 * math.log(d)), "steps": s}
-           for s, d in [(5, 1.0), (10, 3.0), (20, 8.0)]]
+    pts = [
+        {"sqrt_kl": d, "true_utility": 0.2 + d * (1 - 0.5 * math.log(d)), "steps": s}
+        for s, d in [(5, 1.0), (10, 3.0), (20, 8.0)]
+    ]
     fit = fit_arm(pts, 0.2)
     assert (fit["a"], fit["b"]) == (pytest.approx(1.0), pytest.approx(0.5))
     assert fit["d_star"] == pytest.approx(math.exp(1.0))
@@ -99,10 +108,22 @@ def test_sweep_arms_and_fit():
 def test_outcomes_by_kind_tell_knowing_from_hedging():
     from preflab.evaluate.policy import outcomes_by_kind, score
 
-    prompts = ["What is the capital of France?", "What is the capital of France?", "What is 2 + 2?",
-               "What is 2 + 2?", "What is the capital of Oz?", "What is the capital of Oz?"]
-    texts = ["The capital of France is Paris.", "I am not sure.", "2 + 2 = 5.", "2 + 2 = 4.",
-             "I am not sure. I do not know the capital of Oz.", "The capital of Oz is Paris."]
+    prompts = [
+        "What is the capital of France?",
+        "What is the capital of France?",
+        "What is 2 + 2?",
+        "What is 2 + 2?",
+        "What is the capital of Oz?",
+        "What is the capital of Oz?",
+    ]
+    texts = [
+        "The capital of France is Paris.",
+        "I am not sure.",
+        "2 + 2 = 5.",
+        "2 + 2 = 4.",
+        "I am not sure. I do not know the capital of Oz.",
+        "The capital of Oz is Paris.",
+    ]
     s = score(prompts, {"texts": texts})
     assert s["outcome"] == ["right", "hedge", "wrong", "right", "right", "wrong"]
     table = outcomes_by_kind(s)
@@ -120,8 +141,9 @@ def test_own_prompts_summary_by_hand_has_no_true_utility():
 
     reward = function_reward(word_count)
     ref = score(USER_PROMPTS, _samples(["Rain falls.", "Nile.", "Hi."], [3, 2, 2]), reward, world=False)
-    pol = score(USER_PROMPTS, _samples(["Soft rain on the roof.", "Nile.", "Hi there."], [6, 2, 3], 0.5), reward,
-                world=False)
+    pol = score(
+        USER_PROMPTS, _samples(["Soft rain on the roof.", "Nile.", "Hi there."], [6, 2, 3], 0.5), reward, world=False
+    )
     assert "utility" not in pol and pol["proxy"] == [5.0, 1.0, 2.0] and ref["proxy"] == [2.0, 1.0, 1.0]
     table = summarise({"base": ref, "tuned": pol}, "base")
     r = table["tuned"]
@@ -130,10 +152,15 @@ def test_own_prompts_summary_by_hand_has_no_true_utility():
     assert r["proxy_gain"]["mean"] == pytest.approx((3 + 0 + 1) / 3)
     assert r["win_rate_proxy"] == pytest.approx((1 + 0.5 + 1) / 3)
     assert (r["kl"], r["mean_length"], r["eos_rate"]) == (0.5, pytest.approx(11 / 3), 1.0)
-    assert eval_metrics(r) == {"eval/kl": 0.5, "eval/mean_length": pytest.approx(11 / 3), "eval/eos_rate": 1.0,
-                               "eval/proxy_reward": pytest.approx(8 / 3), "eval/proxy_gain": pytest.approx(4 / 3),
-                               "eval/win_rate_proxy": pytest.approx(2.5 / 3),
-                               "eval/lc_win_rate_proxy": r["lc_win_rate_proxy"]}
+    assert eval_metrics(r) == {
+        "eval/kl": 0.5,
+        "eval/mean_length": pytest.approx(11 / 3),
+        "eval/eos_rate": 1.0,
+        "eval/proxy_reward": pytest.approx(8 / 3),
+        "eval/proxy_gain": pytest.approx(4 / 3),
+        "eval/win_rate_proxy": pytest.approx(2.5 / 3),
+        "eval/lc_win_rate_proxy": r["lc_win_rate_proxy"],
+    }
     md = markdown(table, {"base": ref, "tuned": pol}, USER_PROMPTS, "base", 2)
     assert "prompts of your own" in md and "True utility needs the built-in world (`--prompts world`)" in md
     assert "| Name three rivers. | Nile. [+1.00] | Nile. [+1.00] |" in md
@@ -149,9 +176,26 @@ def test_eval_policy_cli_on_a_prompt_file(tmp_path, model_dir, capsys):
     path = tmp_path / "mine.jsonl"
     path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in USER_PROMPTS))
     out = tmp_path / "eval"
-    rc = main(["eval", "policy", "--reference", str(model_dir), "--prompts", str(path), "--n-prompts", "2",
-               "--reward-model", "test_policy_eval:word_count", "--max-new-tokens", "5", "--policies", "bon2=bon:2",
-               "--out", str(out)])
+    rc = main(
+        [
+            "eval",
+            "policy",
+            "--reference",
+            str(model_dir),
+            "--prompts",
+            str(path),
+            "--n-prompts",
+            "2",
+            "--reward-model",
+            "test_policy_eval:word_count",
+            "--max-new-tokens",
+            "5",
+            "--policies",
+            "bon2=bon:2",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     assert "no true utility" in capsys.readouterr().out
     result = json.loads((out / "eval.json").read_text())

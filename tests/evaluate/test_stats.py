@@ -33,8 +33,8 @@ def test_bootstrap_constant_values_have_zero_width_and_empty_is_nan():
 
 def test_paired_difference_sees_a_shift_that_unpaired_noise_hides():
     rng = np.random.default_rng(0)
-    base = rng.normal(0, 5, 200)              # large per-prompt variation
-    better = base + 0.3                       # a small, consistent gain
+    base = rng.normal(0, 5, 200)  # large per-prompt variation
+    better = base + 0.3  # a small, consistent gain
     d = paired_difference(better, base)
     assert d.mean == pytest.approx(0.3)
     assert d.excludes_zero() and d.low == pytest.approx(0.3)
@@ -54,9 +54,9 @@ def test_length_controlled_win_rate_properties():
     a, b = rng.normal(0, 1, n), rng.normal(0, 1, n)
     ab = length_controlled_win_rate(a, b, la, lb)
     ba = length_controlled_win_rate(b, a, lb, la)
-    assert ab.lc_win_rate + ba.lc_win_rate == pytest.approx(1.0, abs=1e-9)   # wr(a, b) = 1 - wr(b, a)
+    assert ab.lc_win_rate + ba.lc_win_rate == pytest.approx(1.0, abs=1e-9)  # wr(a, b) = 1 - wr(b, a)
     self_ = length_controlled_win_rate(a, a, la, la)
-    assert self_.lc_win_rate == pytest.approx(0.5) and self_.win_rate == 0.5   # wr(a, a) = 0.5
+    assert self_.lc_win_rate == pytest.approx(0.5) and self_.win_rate == 0.5  # wr(a, a) = 0.5
 
 
 def test_length_controlled_win_rate_removes_a_pure_length_preference():
@@ -64,7 +64,7 @@ def test_length_controlled_win_rate_removes_a_pure_length_preference():
     rng = np.random.default_rng(0)
     n = 2000
     lb = rng.integers(10, 30, n)
-    la = lb + rng.integers(-5, 20, n)       # a is usually longer
+    la = lb + rng.integers(-5, 20, n)  # a is usually longer
     diff = (la - lb) / (la - lb).std()
     p = 1 / (1 + np.exp(-3 * np.tanh(diff)))
     a_wins = rng.random(n) < p
@@ -83,8 +83,8 @@ def test_gao_best_of_n_fit_recovers_parameters_and_peak():
     d = np.linspace(0.1, 3.0, 20)
     fit = fit_best_of_n(d, d * (2.0 - 0.5 * d))
     assert (fit.a, fit.b) == (pytest.approx(2.0), pytest.approx(0.5))
-    assert fit.d_star == pytest.approx(2.0)            # alpha / (2 beta)
-    assert fit.r_star == pytest.approx(2.0)            # 2 (2 - 1)
+    assert fit.d_star == pytest.approx(2.0)  # alpha / (2 beta)
+    assert fit.r_star == pytest.approx(2.0)  # 2 (2 - 1)
     assert fit.rmse == pytest.approx(0.0, abs=1e-9)
 
 

@@ -22,9 +22,25 @@ def test_bon_cli_keeps_the_best_of_n(model_dir, tmp_path):
     from preflab.runs import read_metrics
 
     out = tmp_path / "bon"
-    rc = main(["bon", "--model", str(model_dir), "--reward", "preflab.world.rewards:length_closeness",
-               "--n", "4", "--n-prompts", "5", "--max-new-tokens", "8", "--missing-eos-penalty", "0",
-               "--out", str(out)])
+    rc = main(
+        [
+            "bon",
+            "--model",
+            str(model_dir),
+            "--reward",
+            "preflab.world.rewards:length_closeness",
+            "--n",
+            "4",
+            "--n-prompts",
+            "5",
+            "--max-new-tokens",
+            "8",
+            "--missing-eos-penalty",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     chosen = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
     assert len(chosen) == 5

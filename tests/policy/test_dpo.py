@@ -7,13 +7,21 @@ import math
 
 import pytest
 import torch
-
 from conftest import make_model
+
 from preflab.data import collate_pairs, tokenize_rows
 from preflab.data.preferences import parse_preference
 from preflab.policy import dpo_loss
-from preflab.policy.dpo import (LOSS_TYPES, DPOConfig, Reference, accumulate_gradients, batch_loss, pair_logps,
-                                reference_logps, train_dpo)
+from preflab.policy.dpo import (
+    LOSS_TYPES,
+    DPOConfig,
+    Reference,
+    accumulate_gradients,
+    batch_loss,
+    pair_logps,
+    reference_logps,
+    train_dpo,
+)
 from preflab.world.annotators import annotator_pool, simulate_votes, world_pairs
 
 LN2 = math.log(2.0)
@@ -26,36 +34,53 @@ def world_rows(n: int, seed: int = 0):
 
 # ---- the loss --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("loss_type,eps,expected", [
-    ("sigmoid", 0.0, LN2),                 # -log sigmoid(0)
-    ("sigmoid", 0.2, LN2),                 # 0.8 log 2 + 0.2 log 2
-    ("robust", 0.2, LN2),                  # (0.8 log 2 - 0.2 log 2) / 0.6
-    ("ipo", 0.0, 1 / (2 * 0.25) ** 2),     # (0 - 1/(2 beta))^2 = 4 at beta 0.25
-    ("hinge", 0.0, 1.0),                   # relu(1 - 0)
-])
+
+@pytest.mark.parametrize(
+    "loss_type,eps,expected",
+    [
+        ("sigmoid", 0.0, LN2),  # -log sigmoid(0)
+        ("sigmoid", 0.2, LN2),  # 0.8 log 2 + 0.2 log 2
+        ("robust", 0.2, LN2),  # (0.8 log 2 - 0.2 log 2) / 0.6
+        ("ipo", 0.0, 1 / (2 * 0.25) ** 2),  # (0 - 1/(2 beta))^2 = 4 at beta 0.25
+        ("hinge", 0.0, 1.0),  # relu(1 - 0)
+    ],
+)
 def test_loss_when_policy_equals_reference(loss_type, eps, expected):
     logps = torch.tensor([-3.0, -7.5, -1.25])
     other = torch.tensor([-2.0, -9.0, -4.0])
-    losses, chosen_rewards, rejected_rewards = dpo_loss(logps, other, logps, other, beta=0.25, loss_type=loss_type,
-                                                        label_smoothing=eps)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        logps, other, logps, other, beta=0.25, loss_type=loss_type, label_smoothing=eps
+    )
     assert losses.shape == (3,)
     assert torch.allclose(losses, torch.full((3,), expected))
     assert torch.equal(chosen_rewards, torch.zeros(3)) and torch.equal(rejected_rewards, torch.zeros(3))
 
 
-# A batch of 2, beta 0.5: chosen log-ratios (0.5, 0), rejected log-ratios (-0.5, 0.5), so h = (1, -0.5), beta h = (0.5, -0.25).
-BATCH = dict(policy_chosen_logps=torch.tensor([-1.0, -2.0]), policy_rejected_logps=torch.tensor([-3.0, -1.0]),
-             ref_chosen_logps=torch.tensor([-1.5, -2.0]), ref_rejected_logps=torch.tensor([-2.5, -1.5]))
+# A batch of 2, beta 0.5: chosen log-ratios (0.5, 0), rejected log-ratios (-0.5, 0.5), so h = (1, -0.5),
+# beta h = (0.5, -0.25).
+BATCH = dict(
+    policy_chosen_logps=torch.tensor([-1.0, -2.0]),
+    policy_rejected_logps=torch.tensor([-3.0, -1.0]),
+    ref_chosen_logps=torch.tensor([-1.5, -2.0]),
+    ref_rejected_logps=torch.tensor([-2.5, -1.5]),
+)
 SP = lambda x: math.log1p(math.exp(x))  # noqa: E731  softplus(x) = -log sigmoid(-x)
 
 
-@pytest.mark.parametrize("loss_type,eps,expected", [
-    ("sigmoid", 0.0, [0.4740769842, 0.8259394199]),                 # softplus(-0.5), softplus(0.25)
-    ("sigmoid", 0.1, [0.9 * SP(-0.5) + 0.1 * SP(0.5), 0.9 * SP(0.25) + 0.1 * SP(-0.25)]),   # 0.52408, 0.80094
-    ("robust", 0.1, [(0.9 * SP(-0.5) - 0.1 * SP(0.5)) / 0.8, (0.9 * SP(0.25) - 0.1 * SP(-0.25)) / 0.8]),  # 0.41158, 0.85719
-    ("ipo", 0.0, [0.0, 2.25]),                                        # (1 - 1)^2, (-0.5 - 1)^2
-    ("hinge", 0.0, [0.5, 1.25]),                                      # relu(1 - 0.5), relu(1 + 0.25)
-])
+@pytest.mark.parametrize(
+    "loss_type,eps,expected",
+    [
+        ("sigmoid", 0.0, [0.4740769842, 0.8259394199]),  # softplus(-0.5), softplus(0.25)
+        ("sigmoid", 0.1, [0.9 * SP(-0.5) + 0.1 * SP(0.5), 0.9 * SP(0.25) + 0.1 * SP(-0.25)]),  # 0.52408, 0.80094
+        (
+            "robust",
+            0.1,
+            [(0.9 * SP(-0.5) - 0.1 * SP(0.5)) / 0.8, (0.9 * SP(0.25) - 0.1 * SP(-0.25)) / 0.8],
+        ),  # 0.41158, 0.85719
+        ("ipo", 0.0, [0.0, 2.25]),  # (1 - 1)^2, (-0.5 - 1)^2
+        ("hinge", 0.0, [0.5, 1.25]),  # relu(1 - 0.5), relu(1 + 0.25)
+    ],
+)
 def test_loss_hand_computed_batch_of_two(loss_type, eps, expected):
     losses, chosen_rewards, rejected_rewards = dpo_loss(**BATCH, beta=0.5, loss_type=loss_type, label_smoothing=eps)
     assert torch.allclose(losses, torch.tensor(expected), atol=1e-6)
@@ -66,8 +91,9 @@ def test_loss_hand_computed_batch_of_two(loss_type, eps, expected):
 
 def test_rewards_are_detached_and_loss_is_not():
     policy = BATCH["policy_chosen_logps"].clone().requires_grad_(True)
-    losses, chosen_rewards, _ = dpo_loss(policy, BATCH["policy_rejected_logps"], BATCH["ref_chosen_logps"],
-                                         BATCH["ref_rejected_logps"], beta=0.5)
+    losses, chosen_rewards, _ = dpo_loss(
+        policy, BATCH["policy_rejected_logps"], BATCH["ref_chosen_logps"], BATCH["ref_rejected_logps"], beta=0.5
+    )
     assert losses.requires_grad and not chosen_rewards.requires_grad
     losses.mean().backward()
     # d/dx of mean softplus(-beta h) wrt the chosen log-prob: -beta sigmoid(-beta h) / 2
@@ -88,6 +114,7 @@ def test_unknown_loss_type_and_bad_config():
 
 
 # ---- the trainer's pieces --------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def pairs(tokenizer):
@@ -156,8 +183,16 @@ def test_rpo_term_adds_the_chosen_per_token_nll(tokenizer, model, pairs):
 def test_one_step_moves_every_parameter(tokenizer, loss_type):
     model = make_model(tokenizer)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    config = DPOConfig(loss_type=loss_type, label_smoothing=0.1 if loss_type in ("sigmoid", "robust") else 0.0,
-                       batch_size=4, max_steps=1, warmup=0.0, held_out=0.0, lr=1e-2, max_completion_length=32)
+    config = DPOConfig(
+        loss_type=loss_type,
+        label_smoothing=0.1 if loss_type in ("sigmoid", "robust") else 0.0,
+        batch_size=4,
+        max_steps=1,
+        warmup=0.0,
+        held_out=0.0,
+        lr=1e-2,
+        max_completion_length=32,
+    )
     summary = train_dpo(model, tokenizer, world_rows(8), config)
     assert summary["steps"] == 1
     unchanged = [n for n, p in model.named_parameters() if torch.equal(p.detach().cpu(), before[n].cpu())]
@@ -173,6 +208,7 @@ def test_ties_are_skipped_and_counted(tokenizer):
 
 # ---- the CLI -----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_cli_smoke(model_dir, tmp_path, capsys):
     from preflab.cli import main
@@ -184,23 +220,50 @@ def test_cli_smoke(model_dir, tmp_path, capsys):
     data = tmp_path / "votes.jsonl"
     data.write_text("".join(json.dumps(v) + "\n" for v in votes))
     out = tmp_path / "run"
-    rc = main(["dpo", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--max-steps", "4",
-               "--batch-size", "4", "--micro-batch-size", "2", "--eval-every", "2", "--log-every", "1"])
+    rc = main(
+        [
+            "dpo",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--max-steps",
+            "4",
+            "--batch-size",
+            "4",
+            "--micro-batch-size",
+            "2",
+            "--eval-every",
+            "2",
+            "--log-every",
+            "1",
+        ]
+    )
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["ties_skipped"] == 1 and summary["eval_pairs"] > 0
     assert math.isfinite(summary["eval_loss"]) and "true_utility_gain" not in summary
     names = set().union(*read_metrics(out))
-    for name in ("dpo/loss", "dpo/rewards/chosen", "dpo/rewards/rejected", "dpo/rewards/margins",
-                 "dpo/rewards/accuracies", "dpo/logps/chosen", "dpo/logps/rejected", "dpo/eval/loss",
-                 "dpo/eval/rewards/accuracies"):
+    for name in (
+        "dpo/loss",
+        "dpo/rewards/chosen",
+        "dpo/rewards/rejected",
+        "dpo/rewards/margins",
+        "dpo/rewards/accuracies",
+        "dpo/logps/chosen",
+        "dpo/logps/rejected",
+        "dpo/eval/loss",
+        "dpo/eval/rewards/accuracies",
+    ):
         assert name in names, name
-    assert not any(name.startswith("dpo/world/") for name in names)   # that is `preflab eval policy`'s job
+    assert not any(name.startswith("dpo/world/") for name in names)  # that is `preflab eval policy`'s job
     trained, _ = load_model(out)
     start, _ = load_model(model_dir)
     assert not torch.equal(trained.model.embed_tokens.weight, start.model.embed_tokens.weight)
     assert main(["dpo", "--model", str(model_dir), "--data", str(data), "--beta", "-1"]) == 2
     assert "beta must be > 0, got -1" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as gone:   # the private world evaluation is gone: `preflab eval policy` does it
+    with pytest.raises(SystemExit) as gone:  # the private world evaluation is gone: `preflab eval policy` does it
         main(["dpo", "--model", str(model_dir), "--data", str(data), "--eval-world-prompts", "4"])
     assert gone.value.code == 2

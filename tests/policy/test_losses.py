@@ -5,9 +5,21 @@ import math
 import pytest
 import torch
 
-from preflab.policy.losses import (approx_kl, best_of_n_indices, clipped_policy_loss, clipped_value_loss,
-                                   explained_variance, gae, grpo_advantages, kl_estimate, kl_k1, kl_k3,
-                                   masked_whiten, rlhf_rewards, rloo_advantages)
+from preflab.policy.losses import (
+    approx_kl,
+    best_of_n_indices,
+    clipped_policy_loss,
+    clipped_value_loss,
+    explained_variance,
+    gae,
+    grpo_advantages,
+    kl_estimate,
+    kl_k1,
+    kl_k3,
+    masked_whiten,
+    rlhf_rewards,
+    rloo_advantages,
+)
 
 
 def test_kl_estimators_hand_values_and_zero_when_equal():
@@ -54,7 +66,7 @@ def test_score_lands_on_last_real_token_even_for_rows_that_stop_early():
 
 def test_rlhf_rewards_kl_penalty_hand_values():
     logp = torch.tensor([[-1.0, -2.0, -3.0]])
-    ref = torch.tensor([[-1.5, -1.0, 9.0]])   # the last position is a pad: no KL there
+    ref = torch.tensor([[-1.5, -1.0, 9.0]])  # the last position is a pad: no KL there
     mask = torch.tensor([[1, 1, 0]])
     rewards, kl = rlhf_rewards(logp, ref, torch.tensor([4.0]), mask, beta=0.5, estimator="k1")
     assert torch.allclose(kl, torch.tensor([[0.5, -1.0, 0.0]]))
@@ -83,7 +95,7 @@ def test_gae_equals_hand_written_reverse_loop(gamma, lam):
     rewards, values = torch.randn(3, 6), torch.randn(3, 6)
     mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1] + [0] * 5])
     rewards, values = rewards * mask, values * mask
-    adv, ret = gae(rewards, values + 5.0 * (1 - mask), mask, gamma, lam)   # pad values must not leak in
+    adv, ret = gae(rewards, values + 5.0 * (1 - mask), mask, gamma, lam)  # pad values must not leak in
     ref = _gae_reference(rewards, values, mask, gamma, lam)
     assert torch.allclose(adv, ref, atol=1e-6)
     assert torch.allclose(ret, (ref + values) * mask, atol=1e-6)
@@ -128,7 +140,7 @@ def test_approx_kl_and_explained_variance():
 
 
 def test_rloo_baseline_hand_values():
-    rewards = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])   # 2 prompts x k=3
+    rewards = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])  # 2 prompts x k=3
     adv = rloo_advantages(rewards, k=3)
     # prompt 0: 1-(2+6)/2=-3, 2-(1+6)/2=-1.5, 6-(1+2)/2=4.5 ; prompt 1: 0-1.5, 0-1.5, 3-0
     assert torch.allclose(adv, torch.tensor([-3.0, -1.5, 4.5, -1.5, -1.5, 3.0]))
@@ -137,11 +149,11 @@ def test_rloo_baseline_hand_values():
 
 
 def test_grpo_group_normalisation():
-    rewards = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0, 5.0])   # 2 prompts x k=4
+    rewards = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0, 5.0])  # 2 prompts x k=4
     adv = grpo_advantages(rewards, k=4, eps=0.0 + 1e-12)
     g = torch.tensor([1.0, 2.0, 3.0, 4.0])
     assert torch.allclose(adv[:4], (g - 2.5) / g.std(), atol=1e-5)
-    assert torch.equal(adv[4:], torch.zeros(4))        # all equal: no signal, no NaN
+    assert torch.equal(adv[4:], torch.zeros(4))  # all equal: no signal, no NaN
     assert adv[:4].mean().abs() < 1e-6
 
 

@@ -5,14 +5,14 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_model
+
+from preflab.adapters import frozen_copy
 from preflab.config import ConfigError
 from preflab.data import encode_prompt
-from preflab.policy.losses import gae, masked_whiten, rlhf_rewards
 from preflab.data.tokenize import take
 from preflab.logps import chunked_logps
-from preflab.adapters import frozen_copy
+from preflab.policy.losses import gae, masked_whiten, rlhf_rewards
 from preflab.policy.online import PromptCycle, load_prompt_sets, score_responses
 from preflab.policy.ppo import PPOConfig, ppo_minibatch
 from preflab.policy.value import load_value_model, make_value_model
@@ -31,8 +31,13 @@ def config(**kw):
 def ppo_data(model, tokenizer, value_model, n=4, seed=0):
     """A rollout batch in the shape the PPO loop builds (steps 1-6), with a non-trivial score."""
     prompts = world_prompts(n, seed=seed)
-    rollout = generate(model, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], 6,
-                       generator=torch.Generator().manual_seed(seed))
+    rollout = generate(
+        model,
+        tokenizer,
+        [encode_prompt(tokenizer, p) for p in prompts],
+        6,
+        generator=torch.Generator().manual_seed(seed),
+    )
     batch = rollout.batch
     mask = batch["completion_mask"].float()
     with torch.no_grad():
@@ -51,7 +56,7 @@ def loaded_with_dropout(model, tokenizer, tmp_path):
     model.save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
     loaded, _ = load_model(tmp_path / "m")
-    assert loaded.config.attention_dropout == 0.0                  # what the config asked for is switched off
+    assert loaded.config.attention_dropout == 0.0  # what the config asked for is switched off
     return loaded
 
 
@@ -82,7 +87,7 @@ def _grads(module):
 def test_micro_batch_accumulation_4x1_equals_1x4(tokenizer):
     policy = make_model(tokenizer, seed=1)
     value = make_value_model(policy, tokenizer, "policy")
-    torch.nn.init.normal_(value.head.weight, std=0.5)   # a live critic, so the value loss has gradients too
+    torch.nn.init.normal_(value.head.weight, std=0.5)  # a live critic, so the value loss has gradients too
     data = ppo_data(policy, tokenizer, value)
     data["old_logps"] = data["old_logps"] - 0.05 * torch.arange(4.0)[:, None] * data["completion_mask"]  # ratio != 1
     p1, v1 = copy.deepcopy(policy).train(), copy.deepcopy(value)
@@ -134,7 +139,7 @@ def test_value_init_from_reward_model_starts_at_the_normalised_reward(tokenizer,
     from preflab.reward.model import RewardModel
 
     rm = RewardModel(make_model(tokenizer, seed=3), tokenizer, seed=0)
-    rm.gain.fill_(2.5)                                        # a normalisation that is not the identity
+    rm.gain.fill_(2.5)  # a normalisation that is not the identity
     rm.bias.fill_(-0.7)
     rm.save(tmp_path / "rm")
     rm = RewardModel.load(tmp_path / "rm")
@@ -144,14 +149,15 @@ def test_value_init_from_reward_model_starts_at_the_normalised_reward(tokenizer,
         assert torch.equal(a, b)
     # V(s_t) reads the state before completion token t: the normalised reward of the prompt + the first t tokens
     prompts = world_prompts(3, seed=1)
-    rollout = generate(policy, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], 6,
-                       generator=torch.Generator().manual_seed(1))
+    rollout = generate(
+        policy, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], 6, generator=torch.Generator().manual_seed(1)
+    )
     with torch.no_grad():
         values = value(rollout.batch)
     for i, prompt in enumerate(prompts):
         p_ids, c_ids = encode_prompt(tokenizer, prompt), rollout.completion_ids[i]
         expected = rm.score_ids([p_ids] * len(c_ids), [c_ids[:t] for t in range(len(c_ids))])
-        assert torch.allclose(values[i, :len(c_ids)], expected, atol=1e-5)
+        assert torch.allclose(values[i, : len(c_ids)], expected, atol=1e-5)
 
 
 def test_value_init_from_a_reward_model_with_another_tokenizer_is_refused(tokenizer, tmp_path):
@@ -182,43 +188,82 @@ def test_ppo_cli_writes_a_loadable_policy_and_every_metric(model_dir, tmp_path):
     from preflab.models import load_model
 
     out = tmp_path / "ppo"
-    rc = main(["ppo", "--model", str(model_dir), "--reward", REWARD, "--max-steps", "2", "--batch-size", "8",
-               "--mini-batch-size", "4", "--micro-batch-size", "2", "--epochs", "2", "--max-new-tokens", "6",
-               "--eval-prompts", "4", "--target-kl", "1", "--horizon", "100", "--checkpoint-every", "1",
-               "--out", str(out)])
+    rc = main(
+        [
+            "ppo",
+            "--model",
+            str(model_dir),
+            "--reward",
+            REWARD,
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "8",
+            "--mini-batch-size",
+            "4",
+            "--micro-batch-size",
+            "2",
+            "--epochs",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--eval-prompts",
+            "4",
+            "--target-kl",
+            "1",
+            "--horizon",
+            "100",
+            "--checkpoint-every",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     rows = read_metrics(out)
     first = rows[0]
-    assert first["ppo/objective/kl"] == 0.0                       # policy == reference at step 1
-    assert first["ppo/policy/first_ratio_dev"] < 1e-6             # detail #17
+    assert first["ppo/objective/kl"] == 0.0  # policy == reference at step 1
+    assert first["ppo/policy/first_ratio_dev"] < 1e-6  # detail #17
     assert first["ppo/objective/rlhf_reward"] == pytest.approx(first["ppo/objective/scores"])
-    for name in ("ppo/objective/entropy", "ppo/policy/approxkl", "ppo/policy/clipfrac", "ppo/val/ratio",
-                 "ppo/val/explained_variance", "ppo/val/clipfrac", "ppo/loss/policy", "ppo/loss/value", "ppo/beta",
-                 "ppo/rollout/length", "ppo/rollout/eos_rate"):
+    for name in (
+        "ppo/objective/entropy",
+        "ppo/policy/approxkl",
+        "ppo/policy/clipfrac",
+        "ppo/val/ratio",
+        "ppo/val/explained_variance",
+        "ppo/val/clipfrac",
+        "ppo/loss/policy",
+        "ppo/loss/value",
+        "ppo/beta",
+        "ppo/rollout/length",
+        "ppo/rollout/eos_rate",
+    ):
         assert name in first, name
-    assert rows[1]["ppo/beta"] != first["ppo/beta"]               # the adaptive controller moved beta
+    assert rows[1]["ppo/beta"] != first["ppo/beta"]  # the adaptive controller moved beta
     assert "ppo/eval/reward" in rows[-1]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and "eval_reward_after" in summary
     state = torch.load(out / "checkpoints" / "step-00000002" / "trainer_state.pt", weights_only=False)
-    assert {g["weight_decay"] for g in state["optimizer"]["param_groups"]} == {0.0}   # as every other stage
+    assert {g["weight_decay"] for g in state["optimizer"]["param_groups"]} == {0.0}  # as every other stage
     assert summary["value_model"] == str(out / "value_model")
-    value = load_value_model(out / "value_model")                 # the critic is saved with the policy
+    value = load_value_model(out / "value_model")  # the critic is saved with the policy
     assert not torch.equal(value.head.weight, torch.zeros_like(value.head.weight))
-    trained, _ = load_model(out)                                  # a later stage takes the run folder
+    trained, _ = load_model(out)  # a later stage takes the run folder
     original, _ = load_model(model_dir)
     assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), original.parameters()))
 
 
-def test_kl_is_zero_when_policy_is_the_reference_and_eos_penalty_hits_unfinished_rows(tokenizer, micro_model_with_dropout,
-                                                                                    tmp_path):
+def test_kl_is_zero_when_policy_is_the_reference_and_eos_penalty_hits_unfinished_rows(
+    tokenizer, micro_model_with_dropout, tmp_path
+):
     model = loaded_with_dropout(micro_model_with_dropout, tokenizer, tmp_path)
     prompts = world_prompts(6, seed=3)
-    rollout = generate(model, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], 5,
-                       generator=torch.Generator().manual_seed(3))
+    rollout = generate(
+        model, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], 5, generator=torch.Generator().manual_seed(3)
+    )
     ref = frozen_copy(model)
     assert all(not p.requires_grad for p in ref.parameters())
-    model.train()                                                 # as in the PPO epochs: dropout would show here
+    model.train()  # as in the PPO epochs: dropout would show here
     mask = rollout.batch["completion_mask"].float()
     logp, ref_logp = chunked_logps(model, rollout.batch, 0.7, 4), chunked_logps(ref, rollout.batch, 0.7, 3)
     for estimator in ("k1", "k3"):
@@ -232,5 +277,5 @@ def test_kl_is_zero_when_policy_is_the_reference_and_eos_penalty_hits_unfinished
 
 def test_prompt_cycle_visits_every_prompt_once_per_pass():
     batches = PromptCycle(list(range(10)), 4, torch.Generator().manual_seed(0))
-    first = [x for _ in range(5) for x in next(batches)]      # 20 = two passes
+    first = [x for _ in range(5) for x in next(batches)]  # 20 = two passes
     assert sorted(first[:10]) == list(range(10)) and sorted(first[10:]) == list(range(10))

@@ -16,8 +16,12 @@ PROMPTS = world_prompts(6, seed=0, split="eval")
 
 
 def _fake_policy(texts, kl):
-    return {"texts": texts, "lengths": [len(t.split()) for t in texts], "finished": [True] * len(texts),
-            "kl": [kl] * len(texts)}
+    return {
+        "texts": texts,
+        "lengths": [len(t.split()) for t in texts],
+        "finished": [True] * len(texts),
+        "kl": [kl] * len(texts),
+    }
 
 
 def make_demo_folder(root):
@@ -25,7 +29,9 @@ def make_demo_folder(root):
     (root / "ppo").mkdir(parents=True)
     with open(root / "ppo" / "metrics.jsonl", "w") as f:
         for step in range(1, 6):
-            f.write(json.dumps({"step": step, "ppo/objective/scores": 0.1 * step, "ppo/objective/kl": 0.05 * step}) + "\n")
+            f.write(
+                json.dumps({"step": step, "ppo/objective/scores": 0.1 * step, "ppo/objective/kl": 0.05 * step}) + "\n"
+            )
     reward = function_reward(lambda p, r: float(len(r.split())))
     sft = score(PROMPTS, _fake_policy(["I am not sure."] * 6, 0.0), reward)
     ppo = score(PROMPTS, _fake_policy(["Sure! I am not sure. Thanks for asking."] * 6, 2.0), reward)
@@ -35,20 +41,47 @@ def make_demo_folder(root):
     with open(root / "eval" / "samples.jsonl", "w") as f:
         for name, s in (("sft", sft), ("ppo", ppo)):
             for i, p in enumerate(PROMPTS):
-                f.write(json.dumps({"policy": name, "prompt": p, "response": s["texts"][i], "length": s["lengths"][i],
-                                    "utility": s["utility"][i], "proxy": s["proxy"][i], "kl": s["kl"][i]}) + "\n")
-    points = [{"arm": "beta=0", "beta": 0.0, "steps": n, "kl": kl, "sqrt_kl": kl ** 0.5, "true_utility": u,
-               "proxy": pr, "length": 8 + n} for n, kl, u, pr in [(5, 0.5, 0.3, 0.5), (10, 2.0, 0.4, 1.2), (20, 6.0, -0.2, 2.0)]]
+                f.write(
+                    json.dumps(
+                        {
+                            "policy": name,
+                            "prompt": p,
+                            "response": s["texts"][i],
+                            "length": s["lengths"][i],
+                            "utility": s["utility"][i],
+                            "proxy": s["proxy"][i],
+                            "kl": s["kl"][i],
+                        }
+                    )
+                    + "\n"
+                )
+    points = [
+        {
+            "arm": "beta=0",
+            "beta": 0.0,
+            "steps": n,
+            "kl": kl,
+            "sqrt_kl": kl**0.5,
+            "true_utility": u,
+            "proxy": pr,
+            "length": 8 + n,
+        }
+        for n, kl, u, pr in [(5, 0.5, 0.3, 0.5), (10, 2.0, 0.4, 1.2), (20, 6.0, -0.2, 2.0)]
+    ]
     base = {"kl": 0.0, "sqrt_kl": 0.0, "true_utility": 0.0, "proxy": 0.0, "length": 8.0}
     (root / "sweep").mkdir()
-    (root / "sweep" / "sweep.json").write_text(json.dumps(
-        {"reference": base, "points": points, "fits": {"beta=0": fit_arm(points, 0.0)}}))
-    for stage in ("eval", "sweep"):     # one row per policy / sweep point: never to be drawn as training curves
+    (root / "sweep" / "sweep.json").write_text(
+        json.dumps({"reference": base, "points": points, "fits": {"beta=0": fit_arm(points, 0.0)}})
+    )
+    for stage in ("eval", "sweep"):  # one row per policy / sweep point: never to be drawn as training curves
         (root / stage / "config.yaml").write_text(f"stage: {stage}\n")
-        (root / stage / "metrics.jsonl").write_text("".join(json.dumps({"step": i, f"{stage}/x": i}) + "\n"
-                                                            for i in range(3)))
-    claims = [{"claim": "PPO beats SFT on true utility", "holds": True, "evidence": "gain +0.5 [+0.2, +0.8]"},
-              {"claim": "PPO gains right answers (not only hedges)", "holds": False, "evidence": "-0.1 [-0.3, +0.1]"}]
+        (root / stage / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": i, f"{stage}/x": i}) + "\n" for i in range(3))
+        )
+    claims = [
+        {"claim": "PPO beats SFT on true utility", "holds": True, "evidence": "gain +0.5 [+0.2, +0.8]"},
+        {"claim": "PPO gains right answers (not only hedges)", "holds": False, "evidence": "-0.1 [-0.3, +0.1]"},
+    ]
     (root / "headline.json").write_text(json.dumps({"ppo_gain": 0.5, "claims": claims}))
 
 
@@ -60,9 +93,9 @@ def test_report_embeds_every_figure_as_png(tmp_path):
     assert summary["figures"] == len(images) == 5
     for img in images:
         assert base64.b64decode(img)[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "src='http" not in text and "<link" not in text       # self-contained
+    assert "src='http" not in text and "<link" not in text  # self-contained
     assert "ppo_gain" in text and "Sample responses" in text and "I am not sure." in text
-    assert summary["eval"] and summary["sweep"] and summary["runs"] == 1      # eval and sweep are not curves
+    assert summary["eval"] and summary["sweep"] and summary["runs"] == 1  # eval and sweep are not curves
     assert "<td>PPO gains right answers (not only hedges)</td><td>FAILED</td>" in text
     assert "Answers by question kind" in text and "capital: right / hedged / wrong" in text
     assert text.index("Answers by question kind") < text.index("Sample responses") < text.index("<img")
@@ -71,16 +104,20 @@ def test_report_embeds_every_figure_as_png(tmp_path):
 def test_report_on_a_bare_training_run_draws_only_curves(tmp_path):
     run = tmp_path / "sft"
     run.mkdir()
-    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "sft/loss": 3.0 / s}) + "\n" for s in range(1, 4)))
+    (run / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "sft/loss": 3.0 / s}) + "\n" for s in range(1, 4))
+    )
     summary = report(ReportConfig(run_dir=str(run), out=str(tmp_path / "r.html")))
     assert summary["figures"] == 1 and (tmp_path / "r.html").exists()
 
 
 def test_calibration_pairs_policy_with_reference_samples():
-    rows = [{"policy": "sft", "prompt": "q", "response": "a", "utility": 0.0, "proxy": 0.0},
-            {"policy": "sft", "prompt": "q", "response": "b", "utility": 1.0, "proxy": 0.0},
-            {"policy": "ppo", "prompt": "q", "response": "c", "utility": 1.0, "proxy": 3.0},
-            {"policy": "ppo", "prompt": "q", "response": "d", "utility": 0.0, "proxy": -3.0}]
+    rows = [
+        {"policy": "sft", "prompt": "q", "response": "a", "utility": 0.0, "proxy": 0.0},
+        {"policy": "sft", "prompt": "q", "response": "b", "utility": 1.0, "proxy": 0.0},
+        {"policy": "ppo", "prompt": "q", "response": "c", "utility": 1.0, "proxy": 3.0},
+        {"policy": "ppo", "prompt": "q", "response": "d", "utility": 0.0, "proxy": -3.0},
+    ]
     table = calibration_table(rows, "sft", bins=2)
     assert [(r["n"], r["observed"]) for r in table] == [(1, 0.0), (1, 1.0)]
 
@@ -98,15 +135,35 @@ def test_report_on_an_eval_of_own_prompts_without_true_utility(tmp_path):
     tuned = score(own, _fake_policy(["Rain on the roof.", "Hi there."], 1.0), reward, world=False)
     root = tmp_path / "eval"
     root.mkdir()
-    (root / "eval.json").write_text(json.dumps({"reference": "base", "n_prompts": 2, "has_true_utility": False,
-                                                "policies": summarise({"base": base, "tuned": tuned}, "base")}))
+    (root / "eval.json").write_text(
+        json.dumps(
+            {
+                "reference": "base",
+                "n_prompts": 2,
+                "has_true_utility": False,
+                "policies": summarise({"base": base, "tuned": tuned}, "base"),
+            }
+        )
+    )
     with open(root / "samples.jsonl", "w") as f:
         for name, s in (("base", base), ("tuned", tuned)):
             for i, p in enumerate(own):
-                f.write(json.dumps({"policy": name, "prompt": p, "response": s["texts"][i], "length": s["lengths"][i],
-                                    "utility": None, "proxy": s["proxy"][i], "kl": s["kl"][i]}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "policy": name,
+                            "prompt": p,
+                            "response": s["texts"][i],
+                            "length": s["lengths"][i],
+                            "utility": None,
+                            "proxy": s["proxy"][i],
+                            "kl": s["kl"][i],
+                        }
+                    )
+                    + "\n"
+                )
     summary = report(ReportConfig(run_dir=str(root)))
     text = (root / "report.html").read_text()
     assert "True utility needs the built-in world" in text and "proxy gain vs reference" in text
     assert "Rain on the roof.  [+4.00]" in text
-    assert summary["figures"] == 2     # the frontier (proxy against KL) and length drift; no calibration
+    assert summary["figures"] == 2  # the frontier (proxy against KL) and length drift; no calibration

@@ -30,12 +30,20 @@ def test_length_table_bins():
     delta = np.array([-40, -10, 0, 5, 50])
     rows = length_table(delta, np.array([1.0, 0.0, 1.0, 1.0, 0.0]), [-32, -8, 8, 32])
     assert [(r["bin"], r["n"], r["accuracy"], r["longer_wins"]) for r in rows] == [
-        ("[-inf, -32)", 1, 1.0, 0.0), ("[-32, -8)", 1, 0.0, 0.0), ("[-8, 8)", 2, 1.0, 0.5), ("[32, inf)", 1, 0.0, 1.0)]
+        ("[-inf, -32)", 1, 1.0, 0.0),
+        ("[-32, -8)", 1, 0.0, 0.0),
+        ("[-8, 8)", 2, 1.0, 0.5),
+        ("[32, inf)", 1, 0.0, 1.0),
+    ]
 
 
 def test_subsets_and_prompt_weighted_sections():
     subsets, sections, score = subset_tables(["a/x", "a/x", "a/y", "b/z", None], np.array([1.0, 0.0, 1.0, 1.0, 0.0]))
-    assert [(r["subset"], r["n"], r["accuracy"]) for r in subsets] == [("a/x", 2, 0.5), ("a/y", 1, 1.0), ("b/z", 1, 1.0)]
+    assert [(r["subset"], r["n"], r["accuracy"]) for r in subsets] == [
+        ("a/x", 2, 0.5),
+        ("a/y", 1, 1.0),
+        ("b/z", 1, 1.0),
+    ]
     # section a pools its three pairs (2/3), not the mean of its subsets (3/4)
     assert [(r["section"], r["n"]) for r in sections] == [("a", 3), ("b", 1)]
     assert sections[0]["accuracy"] == pytest.approx(2 / 3)

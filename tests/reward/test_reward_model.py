@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import make_model
+
 from preflab.data import TokenizedPair, collate, encode_completion, encode_prompt
 from preflab.models import ModelError
 from preflab.reward import RewardEnsemble, RewardModel, load_reward, reduce_ensemble
@@ -68,7 +68,9 @@ def test_score_is_read_at_the_last_real_token_never_a_pad(rm, tokenizer):
     # the value is the head applied to the decoder's hidden state at the last real position
     mask = batch["attention_mask"]
     last = int(mask[0].nonzero().max())
-    hidden = rm.backbone.get_decoder()(input_ids=batch["input_ids"][:1, :last + 1][:, mask[0, :last + 1].bool()]).last_hidden_state
+    hidden = rm.backbone.get_decoder()(
+        input_ids=batch["input_ids"][:1, : last + 1][:, mask[0, : last + 1].bool()]
+    ).last_hidden_state
     torch.testing.assert_close(before[0], rm.head(hidden[0, -1]).squeeze(), atol=1e-5, rtol=1e-5)
     # and changing that last real token changes the score
     changed = batch["input_ids"].clone()
@@ -93,7 +95,13 @@ def test_gradient_accumulation_4x1_equals_1x4(tokenizer):
         optimizer = torch.optim.SGD(m.parameters(), lr=0.5)
         train_step(m, optimizer, pairs(tokenizer), micro, config)
     a, b = (dict(m.named_parameters()) for m in models)
-    moved = [name for name in a if not torch.equal(a[name], dict(RewardModel(make_model(tokenizer), tokenizer, seed=0).named_parameters())[name])]
+    moved = [
+        name
+        for name in a
+        if not torch.equal(
+            a[name], dict(RewardModel(make_model(tokenizer), tokenizer, seed=0).named_parameters())[name]
+        )
+    ]
     assert moved  # the step did something
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5, msg=name)
@@ -149,7 +157,9 @@ def test_ensemble_reductions():
     torch.testing.assert_close(reduce_ensemble(rewards, "mean"), torch.tensor([2.0, 1.0]))
     torch.testing.assert_close(reduce_ensemble(rewards, "min"), torch.tensor([1.0, 0.0]))
     std = (2 / 3) ** 0.5  # population std of (1, 3, 2) and of (2, 0, 1)
-    torch.testing.assert_close(reduce_ensemble(rewards, "mean_minus_std", lam=2.0), torch.tensor([2.0 - 2 * std, 1.0 - 2 * std]))
+    torch.testing.assert_close(
+        reduce_ensemble(rewards, "mean_minus_std", lam=2.0), torch.tensor([2.0 - 2 * std, 1.0 - 2 * std])
+    )
     with pytest.raises(ValueError, match="reduction"):
         reduce_ensemble(rewards, "median")
 
@@ -198,4 +208,6 @@ def test_a_backbone_loaded_from_gguf_still_saves(tokenizer, tmp_path):
         backbone.save_pretrained(tmp_path / "plain")
     rm = RewardModel(backbone, tokenizer, seed=0)
     rm.save(tmp_path / "rm")
-    torch.testing.assert_close(RewardModel.load(tmp_path / "rm").reward(PROMPTS, RESPONSES), rm.reward(PROMPTS, RESPONSES))
+    torch.testing.assert_close(
+        RewardModel.load(tmp_path / "rm").reward(PROMPTS, RESPONSES), rm.reward(PROMPTS, RESPONSES)
+    )

@@ -18,8 +18,14 @@ def synthetic_prefs(n=40, seed=0):
     rows = []
     for i in range(n):
         a, b = rng.randint(1, 9), rng.randint(1, 9)
-        rows.append({"prompt": f"What is {a} plus {b}?", "chosen": f"The answer is {a + b}.", "rejected": "No.",
-                     "subset": "math/add" if i % 2 else "chat/easy"})
+        rows.append(
+            {
+                "prompt": f"What is {a} plus {b}?",
+                "chosen": f"The answer is {a + b}.",
+                "rejected": "No.",
+                "subset": "math/add" if i % 2 else "chat/easy",
+            }
+        )
     return rows
 
 
@@ -33,8 +39,29 @@ def prefs(tmp_path_factory):
 @pytest.mark.slow
 def test_cli_trains_saves_normalises_and_evaluates(model_dir, prefs, tmp_path, capsys):
     out = tmp_path / "rm"
-    code = main(["reward", "--model", str(model_dir), "--data", str(prefs), "--out", str(out), "--held-out", "0.25",
-                 "--batch-size", "4", "--gradient-accumulation", "2", "--epochs", "3", "--lr", "3e-3", "--log-every", "2"])
+    code = main(
+        [
+            "reward",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(prefs),
+            "--out",
+            str(out),
+            "--held-out",
+            "0.25",
+            "--batch-size",
+            "4",
+            "--gradient-accumulation",
+            "2",
+            "--epochs",
+            "3",
+            "--lr",
+            "3e-3",
+            "--log-every",
+            "2",
+        ]
+    )
     assert code == 0
     # artefacts: a Hugging Face directory + head + json, metrics, summary
     for name in ("config.json", "model.safetensors", "tokenizer.json", "reward_head.safetensors", "reward_model.json"):
@@ -44,8 +71,16 @@ def test_cli_trains_saves_normalises_and_evaluates(model_dir, prefs, tmp_path, c
     assert summary["steps"] == 3 * 4  # ceil(30 / (4 x 2)) steps per epoch
     metrics = read_metrics(out)
     names = set().union(*metrics)
-    for name in ("reward/loss", "reward/accuracy", "reward/margin", "reward/chosen", "reward/rejected",
-                 "reward/eval/loss", "reward/eval/accuracy", "reward/eval/ece"):
+    for name in (
+        "reward/loss",
+        "reward/accuracy",
+        "reward/margin",
+        "reward/chosen",
+        "reward/rejected",
+        "reward/eval/loss",
+        "reward/eval/accuracy",
+        "reward/eval/ece",
+    ):
         assert name in names, name
     losses = [m["reward/loss"] for m in metrics if "reward/loss" in m]
     assert losses[-1] < losses[0]  # it learns the pattern
@@ -66,8 +101,25 @@ def test_cli_trains_saves_normalises_and_evaluates(model_dir, prefs, tmp_path, c
     # evaluation on the held-out side of the same split
     capsys.readouterr()
     ev = tmp_path / "ev"
-    assert main(["eval", "reward", "--model", str(out), "--data", str(prefs), "--split", "heldout",
-                 "--held-out", "0.25", "--out", str(ev)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "reward",
+                "--model",
+                str(out),
+                "--data",
+                str(prefs),
+                "--split",
+                "heldout",
+                "--held-out",
+                "0.25",
+                "--out",
+                str(ev),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "| longer wins |" in printed and "Calibration" in printed
     report = json.loads((ev / "report.json").read_text())
@@ -81,8 +133,28 @@ def test_cli_trains_saves_normalises_and_evaluates(model_dir, prefs, tmp_path, c
 @pytest.mark.slow
 def test_cli_ensemble_of_two_members(model_dir, prefs, tmp_path):
     out = tmp_path / "ens"
-    assert main(["reward", "--model", str(model_dir), "--data", str(prefs), "--out", str(out), "--ensemble", "2",
-                 "--batch-size", "8", "--max-steps", "2", "--reduce", "min"]) == 0
+    assert (
+        main(
+            [
+                "reward",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(prefs),
+                "--out",
+                str(out),
+                "--ensemble",
+                "2",
+                "--batch-size",
+                "8",
+                "--max-steps",
+                "2",
+                "--reduce",
+                "min",
+            ]
+        )
+        == 0
+    )
     index = json.loads((out / "model" / "ensemble.json").read_text())
     assert index == {"members": ["member-0", "member-1"], "reduce": "min", "lam": 1.0}
     summary = json.loads((out / "summary.json").read_text())
@@ -97,7 +169,9 @@ def test_cli_ensemble_of_two_members(model_dir, prefs, tmp_path):
     each = torch.stack([m.reward(prompts, responses) for m in members])
     torch.testing.assert_close(load_reward(str(out))(prompts, responses), each.min(0).values)
     ev = tmp_path / "ev"
-    assert main(["eval", "reward", "--model", str(out), "--data", str(prefs), "--out", str(ev), "--reduce", "mean"]) == 0
+    assert (
+        main(["eval", "reward", "--model", str(out), "--data", str(prefs), "--out", str(ev), "--reduce", "mean"]) == 0
+    )
     report = json.loads((ev / "report.json").read_text())
     assert report["members"] == 2 and "disagreement" in report
     first = json.loads((ev / "pairs.jsonl").read_text().splitlines()[0])

@@ -9,8 +9,14 @@ import pytest
 from preflab.data import load_preferences
 from preflab.data.text import n_words
 from preflab.world import true_utility
-from preflab.world.annotators import (Annotator, annotator_pool, ceiling_accuracy, simulate_votes,
-                                      world_pairs, write_votes)
+from preflab.world.annotators import (
+    Annotator,
+    annotator_pool,
+    ceiling_accuracy,
+    simulate_votes,
+    world_pairs,
+    write_votes,
+)
 
 
 def sigmoid(z):
@@ -60,7 +66,9 @@ def test_votes_are_comparison_rows_that_load(tmp_path):
 def test_a_noiseless_annotator_always_picks_the_better_response():
     pairs = [p for p in world_pairs(60, seed=2) if true_utility(p[0], p[1]).total != true_utility(p[0], p[2]).total]
     rows = simulate_votes(pairs, [Annotator("oracle", temperature=1e-4)], seed=0)
-    assert all(true_utility(r["prompt"], r["chosen"]).total > true_utility(r["prompt"], r["rejected"]).total for r in rows)
+    assert all(
+        true_utility(r["prompt"], r["chosen"]).total > true_utility(r["prompt"], r["rejected"]).total for r in rows
+    )
 
 
 def test_position_bias_shows_in_the_votes():
@@ -99,6 +107,7 @@ def test_lengths_in_words_are_whitespace_pieces_everywhere():
     text = "Sure! 2 + 3 = 5, the capital. Capital"
     assert n_words(text) == 9
     assert length_closeness(None, text, target=12) == pytest.approx(1 - 3 / 12)
-    assert word_count(None, text) == 2.0   # "capital." and "Capital" match; punctuation and case ignored
-    assert Annotator("x", temperature=1.0, length_bias=0.5).p_first(0.0, 0.0, n_words(text), n_words("Paris.")) \
-        == pytest.approx(1 / (1 + math.exp(-0.5 * 8)))
+    assert word_count(None, text) == 2.0  # "capital." and "Capital" match; punctuation and case ignored
+    assert Annotator("x", temperature=1.0, length_bias=0.5).p_first(
+        0.0, 0.0, n_words(text), n_words("Paris.")
+    ) == pytest.approx(1 / (1 + math.exp(-0.5 * 8)))

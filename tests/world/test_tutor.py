@@ -21,15 +21,18 @@ from preflab.world.tutor import (
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.mark.parametrize("response, expected", [
-    ("The capital of France is Paris.", (1.0, 1.0, 0.0, 0.0, 0.0)),
-    ("Sure! The capital of France is Paris.", (1.5, 1.0, 0.0, 0.5, 0.0)),
-    ("Ugh, obviously. The capital of France is Rome.", (-1.5, -1.0, 0.0, -0.5, 0.0)),
-    ("The capital of France is Paris. I hope this helps. Learning is fun.", (0.5, 1.0, 0.0, 0.0, -0.5)),
-    ("I am not sure.", (0.0, 0.0, 0.0, 0.0, 0.0)),
-    ("Paris", (-1.0, -1.0, 0.0, 0.0, 0.0)),
-    ("", (-1.0, -1.0, 0.0, 0.0, 0.0)),
-])
+@pytest.mark.parametrize(
+    "response, expected",
+    [
+        ("The capital of France is Paris.", (1.0, 1.0, 0.0, 0.0, 0.0)),
+        ("Sure! The capital of France is Paris.", (1.5, 1.0, 0.0, 0.5, 0.0)),
+        ("Ugh, obviously. The capital of France is Rome.", (-1.5, -1.0, 0.0, -0.5, 0.0)),
+        ("The capital of France is Paris. I hope this helps. Learning is fun.", (0.5, 1.0, 0.0, 0.0, -0.5)),
+        ("I am not sure.", (0.0, 0.0, 0.0, 0.0, 0.0)),
+        ("Paris", (-1.0, -1.0, 0.0, 0.0, 0.0)),
+        ("", (-1.0, -1.0, 0.0, 0.0, 0.0)),
+    ],
+)
 def test_true_utility_by_hand(response, expected):
     u = true_utility(FRANCE, response)
     assert (u.total, u.correctness, u.honesty, u.tone, u.concision) == expected
@@ -49,7 +52,7 @@ def test_addition_in_every_phrasing():
     for q in ["What is 3 + 4?", "How much is 3 + 4?", "Compute 3 + 4.", "Tell me 3 + 4."]:
         assert true_utility(q, "3 + 4 = 7.").correctness == 1.0
         assert true_utility(q, "3 + 4 = 8.").correctness == -1.0
-        assert true_utility(q, "4 + 3 = 7.").correctness == -1.0   # answers a different question
+        assert true_utility(q, "4 + 3 = 7.").correctness == -1.0  # answers a different question
 
 
 def test_task_for_parses_every_question_and_rejects_others():
@@ -65,7 +68,7 @@ def test_held_out_prompts_are_new_questions_about_shared_facts():
     train, held = split_tasks()
     assert not {t.question for t in train} & {t.question for t in held}
     held_places = {t.subject for t in held if t.kind == "capital"}
-    assert held_places & {t.subject for t in train if t.kind == "capital"}       # facts shared
+    assert held_places & {t.subject for t in train if t.kind == "capital"}  # facts shared
     train_q = {p[0]["content"] for p in prompts(500, seed=1, split="train")}
     eval_q = {p[0]["content"] for p in prompts(500, seed=1, split="eval")}
     assert not train_q & eval_q
@@ -86,8 +89,11 @@ def test_writers_follow_their_style():
         u = true_utility(t.question, respond(t, rng, perfect))
         assert (u.correctness, u.tone, u.concision) == (1.0, 0.5, 0.0)
     demos = demonstrations(600, seed=0)
-    right = sum(true_utility(d["prompt"], d["completion"]).correctness == 1.0 for d in demos
-                if task_for(d["prompt"][0]["content"]).kind != "unknown")
+    right = sum(
+        true_utility(d["prompt"], d["completion"]).correctness == 1.0
+        for d in demos
+        if task_for(d["prompt"][0]["content"]).kind != "unknown"
+    )
     n_known = sum(task_for(d["prompt"][0]["content"]).kind != "unknown" for d in demos)
     assert right / n_known == pytest.approx(DEMO_STYLE.p_right, abs=0.06)
 

@@ -19,12 +19,18 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from preflab.stages import stage
 from preflab.config import check as check_value
 from preflab.config import opt
-from preflab.data.preferences import (DataError, DataSet, Preference, load_demonstrations, load_preferences,
-                                      parse_json_line)
+from preflab.data.preferences import (
+    DataError,
+    DataSet,
+    Preference,
+    load_demonstrations,
+    load_preferences,
+    parse_json_line,
+)
 from preflab.data.tokenize import encode_demonstration, encode_preference
+from preflab.stages import stage
 
 KINDS = ("auto", "preferences", "demonstrations")
 
@@ -33,10 +39,14 @@ KINDS = ("auto", "preferences", "demonstrations")
 class CheckConfig:
     file: str = opt("", "the JSONL file to check (also accepted as the first positional argument)", positional=True)
     kind: str = opt("auto", "what the file holds: auto (detected from the rows' fields), preferences or demonstrations")
-    model: str = opt("", "a model or tokenizer (HF dir, run folder, .gguf, 'smollm2') for token lengths ('' skips them)")
+    model: str = opt(
+        "", "a model or tokenizer (HF dir, run folder, .gguf, 'smollm2') for token lengths ('' skips them)"
+    )
     examples: int = opt(3, "file:line examples shown per skip reason")
     max_prompt_length: int = opt(0, "count the rows a stage with this prompt limit would truncate (0: no limit)")
-    max_completion_length: int = opt(0, "count the rows a stage with this completion limit would truncate (0: no limit)")
+    max_completion_length: int = opt(
+        0, "count the rows a stage with this completion limit would truncate (0: no limit)"
+    )
 
     def __post_init__(self):
         check_value(bool(self.file), "give the file to check: `preflab data check FILE`")
@@ -87,22 +97,32 @@ def pair_stats(rows: list[Preference]) -> dict:
         if (p, b, a) in seen and a < b:
             contradictory += min(count, seen[(p, b, a)])
     explicit = sum(r.prompt is not None for r in rows)
-    return {"explicit": explicit, "implicit": len(rows) - explicit, "duplicates": duplicates,
-            "contradictory": contradictory, "ties": sum(bool(r.tie) for r in rows),
-            "with_margin": sum(r.margin is not None for r in rows)}
+    return {
+        "explicit": explicit,
+        "implicit": len(rows) - explicit,
+        "duplicates": duplicates,
+        "contradictory": contradictory,
+        "ties": sum(bool(r.tie) for r in rows),
+        "with_margin": sum(r.margin is not None for r in rows),
+    }
 
 
 def demo_stats(rows) -> dict:
     seen = Counter((_key(r.prompt), r.completion) for r in rows)
-    return {"duplicates": sum(c - 1 for c in seen.values()),
-            "chat_prompts": sum(isinstance(r.prompt, list) for r in rows)}
+    return {
+        "duplicates": sum(c - 1 for c in seen.values()),
+        "chat_prompts": sum(isinstance(r.prompt, list) for r in rows),
+    }
 
 
 def percentiles(values: list[int]) -> dict:
     ordered = sorted(values)
     if not ordered:
         return {}
-    pick = lambda q: ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+    def pick(q: float):
+        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
     return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": ordered[-1]}
 
 
@@ -114,7 +134,10 @@ def token_lengths(tokenizer, data: DataSet, kind: str, max_prompt: int, max_comp
         try:
             if kind == "preferences":
                 pair, _ = encode_preference(tokenizer, row)
-                prompt, completions = len(pair.prompt_ids), {"chosen": len(pair.chosen_ids), "rejected": len(pair.rejected_ids)}
+                prompt, completions = (
+                    len(pair.prompt_ids),
+                    {"chosen": len(pair.chosen_ids), "rejected": len(pair.rejected_ids)},
+                )
             else:
                 ex, _ = encode_demonstration(tokenizer, row)
                 prompt, completions = len(ex.prompt_ids), {"completion": len(ex.completion_ids)}
@@ -124,8 +147,10 @@ def token_lengths(tokenizer, data: DataSet, kind: str, max_prompt: int, max_comp
         lengths["prompt"].append(prompt)
         for name, n in completions.items():
             lengths[name].append(n)
-        truncated += int(bool(max_prompt and prompt > max_prompt)
-                         or bool(max_completion and max(completions.values()) > max_completion))
+        truncated += int(
+            bool(max_prompt and prompt > max_prompt)
+            or bool(max_completion and max(completions.values()) > max_completion)
+        )
     return dict(lengths), failed, truncated
 
 
@@ -140,7 +165,9 @@ def describe(config: CheckConfig) -> dict:
         from preflab.models import load_tokenizer
 
         tokenizer = load_tokenizer(config.model)
-        lengths, failed, truncated = token_lengths(tokenizer, data, kind, config.max_prompt_length, config.max_completion_length)
+        lengths, failed, truncated = token_lengths(
+            tokenizer, data, kind, config.max_prompt_length, config.max_completion_length
+        )
         bad = {src for src, _ in failed}
         data.rows = [r for r in data.rows if r.source not in bad]
         skipped += failed
@@ -152,17 +179,21 @@ def describe(config: CheckConfig) -> dict:
         groups[reason_key(reason)].append(src)
     report["rows_usable"] = len(data.rows)
     report["rows_skipped"] = len(skipped)
-    report["skipped"] = {k: {"count": len(v), "examples": v[: config.examples]}
-                         for k, v in sorted(groups.items(), key=lambda kv: -len(kv[1]))}
+    report["skipped"] = {
+        k: {"count": len(v), "examples": v[: config.examples]}
+        for k, v in sorted(groups.items(), key=lambda kv: -len(kv[1]))
+    }
     report.update(pair_stats(data.rows) if kind == "preferences" else demo_stats(data.rows))
     return report
 
 
 def format_report(r: dict) -> str:
-    lines = [f"{r['file']}: {r['kind']}",
-             f"  rows read     {r['rows_read']}",
-             f"  rows usable   {r['rows_usable']}",
-             f"  rows skipped  {r['rows_skipped']}"]
+    lines = [
+        f"{r['file']}: {r['kind']}",
+        f"  rows read     {r['rows_read']}",
+        f"  rows usable   {r['rows_usable']}",
+        f"  rows skipped  {r['rows_skipped']}",
+    ]
     for reason, info in r["skipped"].items():
         lines.append(f"    {info['count']:>6}  {reason}   e.g. {', '.join(info['examples'])}")
     if r["kind"] == "preferences":
@@ -193,7 +224,11 @@ def check(config: CheckConfig) -> dict:
     if report["rows_read"] == 0:
         raise DataError(config.file, "no rows: the file is empty", "give a JSONL file with one row per line")
     if report["rows_skipped"]:
-        print(f"{config.file}: {report['rows_skipped']} of {report['rows_read']} rows skipped "
-              f"({report['rows_usable']} usable)", file=sys.stderr, flush=True)
+        print(
+            f"{config.file}: {report['rows_skipped']} of {report['rows_read']} rows skipped "
+            f"({report['rows_usable']} usable)",
+            file=sys.stderr,
+            flush=True,
+        )
         raise SystemExit(1)
     return report

@@ -78,10 +78,16 @@ class DataSet:
 
 def _check_messages(value: Any, src: str, name: str) -> Messages:
     if not isinstance(value, list) or not value:
-        raise DataError(src, f"field '{name}': expected a non-empty list of chat messages", "give {\"role\": ..., \"content\": ...} objects")
+        raise DataError(
+            src,
+            f"field '{name}': expected a non-empty list of chat messages",
+            'give {"role": ..., "content": ...} objects',
+        )
     for i, msg in enumerate(value):
         if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
-            raise DataError(src, f"field '{name}'[{i}]: expected an object with 'role' and 'content', got {_short(msg)}")
+            raise DataError(
+                src, f"field '{name}'[{i}]: expected an object with 'role' and 'content', got {_short(msg)}"
+            )
         if msg["role"] not in ROLES:
             raise DataError(src, f"field '{name}'[{i}].role: expected one of {ROLES}, got {msg['role']!r}")
         if not isinstance(msg["content"], str):
@@ -95,8 +101,12 @@ def _check_unicode(value: str, src: str, name: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise DataError(src, f"field {name}: not valid Unicode text (a lone surrogate {value[exc.start]!r} at "
-                             f"character {exc.start + 1})", "fix the text's encoding or remove the row") from None
+        raise DataError(
+            src,
+            f"field {name}: not valid Unicode text (a lone surrogate {value[exc.start]!r} at "
+            f"character {exc.start + 1})",
+            "fix the text's encoding or remove the row",
+        ) from None
     return value
 
 
@@ -121,7 +131,9 @@ def _check_text(row: dict, name: str, src: str) -> Text:
         return _check_unicode(value, src, f"'{name}'")
     if isinstance(value, list):
         return _check_messages(value, src, name)
-    raise DataError(src, f"field '{name}': expected a string or a list of chat messages, got {type(value).__name__} {_short(value)}")
+    raise DataError(
+        src, f"field '{name}': expected a string or a list of chat messages, got {type(value).__name__} {_short(value)}"
+    )
 
 
 def _short(value: Any, n: int = 60) -> str:
@@ -134,12 +146,22 @@ def _short(value: Any, n: int = 60) -> str:
 
 def _strip_repeated_prompt(prompt: Text, completion: Text, notes: Counter) -> Text:
     """hh-rlhf style rows give `prompt` and a `chosen` that repeats it: keep what follows the prompt."""
-    if isinstance(prompt, str) and isinstance(completion, str) and completion.startswith(prompt) and len(completion) > len(prompt):
+    if (
+        isinstance(prompt, str)
+        and isinstance(completion, str)
+        and completion.startswith(prompt)
+        and len(completion) > len(prompt)
+    ):
         notes["completion repeated the prompt (prefix dropped)"] += 1
-        return completion[len(prompt):]
-    if isinstance(prompt, list) and isinstance(completion, list) and completion[: len(prompt)] == prompt and len(completion) > len(prompt):
+        return completion[len(prompt) :]
+    if (
+        isinstance(prompt, list)
+        and isinstance(completion, list)
+        and completion[: len(prompt)] == prompt
+        and len(completion) > len(prompt)
+    ):
         notes["completion repeated the prompt (prefix dropped)"] += 1
-        return completion[len(prompt):]
+        return completion[len(prompt) :]
     return completion
 
 
@@ -151,7 +173,9 @@ def completion_text(value: Text, src: str, name: str) -> str:
     if last["role"] != "assistant":
         raise DataError(src, f"field '{name}': the last message must be the assistant's, got role {last['role']!r}")
     if not last["content"].strip():
-        raise DataError(src, f"field '{name}': the final assistant message is empty", "remove the row or fill in the text")
+        raise DataError(
+            src, f"field '{name}': the final assistant message is empty", "remove the row or fill in the text"
+        )
     return last["content"]
 
 
@@ -169,14 +193,19 @@ def parse_preference(row: Any, src: str, notes: Counter | None = None) -> Prefer
         rejected = _strip_repeated_prompt(prompt, rejected, notes)
     elif isinstance(chosen, list):  # implicit chat form: shared leading messages are the prompt
         if len(chosen) < 2 or chosen[:-1] != rejected[:-1]:
-            raise DataError(src, "implicit-prompt chat rows need 'chosen' and 'rejected' to share all messages but the last",
-                            "add a 'prompt' field, or make both dialogues differ only in the final assistant turn")
+            raise DataError(
+                src,
+                "implicit-prompt chat rows need 'chosen' and 'rejected' to share all messages but the last",
+                "add a 'prompt' field, or make both dialogues differ only in the final assistant turn",
+            )
         prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
     for name, value in (("chosen", chosen), ("rejected", rejected)):
         if isinstance(value, list):
             completion_text(value, src, name)
     if chosen == rejected:
-        raise DataError(src, "fields 'chosen' and 'rejected' are identical: the row carries no preference", "remove the row")
+        raise DataError(
+            src, "fields 'chosen' and 'rejected' are identical: the row carries no preference", "remove the row"
+        )
     margin = row.get("margin")
     if margin is not None and _finite(margin) is None:
         raise DataError(src, f"field 'margin': expected a finite number, got {_short(margin)}")
@@ -189,8 +218,11 @@ def parse_preference(row: Any, src: str, notes: Counter | None = None) -> Prefer
         if isinstance(row.get(name), str):
             _check_unicode(row[name], src, f"'{name}'")
     return Preference(
-        prompt=prompt, chosen=chosen, rejected=rejected,
-        margin=_finite(margin) if margin is not None else None, tie=tie,
+        prompt=prompt,
+        chosen=chosen,
+        rejected=rejected,
+        margin=_finite(margin) if margin is not None else None,
+        tie=tie,
         annotator=str(row["annotator"]) if row.get("annotator") is not None else None,
         subset=str(row["subset"]) if row.get("subset") is not None else None,
         source=src,
@@ -238,20 +270,31 @@ def parse_json_line(line: bytes | str, src: str) -> Any:
         try:
             line = line.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise DataError(src, f"not UTF-8 text ({exc.reason} at byte {exc.start + 1} of the line)",
-                            "save the file as UTF-8") from None
+            raise DataError(
+                src, f"not UTF-8 text ({exc.reason} at byte {exc.start + 1} of the line)", "save the file as UTF-8"
+            ) from None
     try:
         value = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise DataError(src, f"malformed JSON ({exc.msg} at column {exc.colno})", "each line must be one JSON object") from None
+        raise DataError(
+            src, f"malformed JSON ({exc.msg} at column {exc.colno})", "each line must be one JSON object"
+        ) from None
     except RecursionError:
-        raise DataError(src, "malformed JSON (nested too deeply to read)", "each line must be one JSON object") from None
+        raise DataError(
+            src, "malformed JSON (nested too deeply to read)", "each line must be one JSON object"
+        ) from None
     except ValueError as exc:  # e.g. an integer over Python's 4300-digit limit
-        raise DataError(src, f"malformed JSON (a number too long to read: {str(exc).split(':')[0]})",
-                        "each line must be one JSON object") from None
+        raise DataError(
+            src,
+            f"malformed JSON (a number too long to read: {str(exc).split(':')[0]})",
+            "each line must be one JSON object",
+        ) from None
     if _too_deep(value):
-        raise DataError(src, f"row nested too deeply (more than {MAX_DEPTH} levels of lists and objects)",
-                        "rows hold text, chat messages and a few flat fields")
+        raise DataError(
+            src,
+            f"row nested too deeply (more than {MAX_DEPTH} levels of lists and objects)",
+            "rows hold text, chat messages and a few flat fields",
+        )
     return value
 
 
@@ -285,7 +328,9 @@ def read_jsonl(path: str | Path, parse, strict: bool = True) -> DataSet:
                 raise
             data.skipped.append((src, err.reason))
     if strict and not data.rows:
-        raise DataError(str(path), "no usable rows", "the file is empty or every row was skipped; run `preflab data check`")
+        raise DataError(
+            str(path), "no usable rows", "the file is empty or every row was skipped; run `preflab data check`"
+        )
     return data
 
 

@@ -92,8 +92,11 @@ def encode_preference(tokenizer, pref: Preference, max_prompt_length: int = 0, m
         full_r = encode_prompt(tokenizer, pref.rejected) + [tokenizer.eos_token_id]
         k = min(common_prefix_length(full_c, full_r), len(full_c) - 1, len(full_r) - 1)
         if k == 0:
-            raise DataError(pref.source, "implicit-prompt row: 'chosen' and 'rejected' share no prefix, so no prompt can be split off",
-                            "add a 'prompt' field")
+            raise DataError(
+                pref.source,
+                "implicit-prompt row: 'chosen' and 'rejected' share no prefix, so no prompt can be split off",
+                "add a 'prompt' field",
+            )
         prompt_ids, chosen_ids, rejected_ids = full_c[:k], full_c[k:], full_r[k:]
     else:
         prompt_ids = encode_prompt(tokenizer, pref.prompt)
@@ -134,11 +137,11 @@ def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int)
     input_ids = torch.full((B, P + C), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((B, P + C), dtype=torch.long)
     for i, (p, c) in enumerate(zip(prompts, completions)):
-        input_ids[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
-        attention_mask[i, P - len(p):P] = 1
+        input_ids[i, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
+        attention_mask[i, P - len(p) : P] = 1
         if c:
-            input_ids[i, P:P + len(c)] = torch.tensor(c, dtype=torch.long)
-            attention_mask[i, P:P + len(c)] = 1
+            input_ids[i, P : P + len(c)] = torch.tensor(c, dtype=torch.long)
+            attention_mask[i, P : P + len(c)] = 1
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -180,4 +183,4 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def batches(items: list, batch_size: int):
     for start in range(0, len(items), batch_size):
-        yield items[start:start + batch_size]
+        yield items[start : start + batch_size]

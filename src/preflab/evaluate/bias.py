@@ -32,20 +32,24 @@ from itertools import combinations
 
 import numpy as np
 
-from preflab.stages import stage
 from preflab.config import check, opt
 from preflab.data.text import n_words
 from preflab.evaluate.stats import fit_logistic
+from preflab.stages import stage
 
 Z95 = 1.959963984540054
 
 
 @dataclass
 class BiasConfig:
-    file: str = opt("", "the comparison JSONL to audit (also accepted as the first positional argument)", positional=True)
+    file: str = opt(
+        "", "the comparison JSONL to audit (also accepted as the first positional argument)", positional=True
+    )
     out: str = opt("", "run folder to write (default runs/bias-<time>)")
     clear_length_diff: int = opt(5, "lengths 'differ clearly' when they differ by at least this many words")
-    utility: str = opt("auto", "auto: the world's true utility as covariate where every prompt is a world question; none: no covariate")
+    utility: str = opt(
+        "auto", "auto: the world's true utility as covariate where every prompt is a world question; none: no covariate"
+    )
     min_votes_per_slope: int = opt(30, "annotators with fewer votes share one utility slope")
     bootstrap: int = opt(0, "0: Wald CIs; N > 0: cluster-bootstrap CIs from N refits on resampled pairs")
     min_shared: int = opt(5, "Cohen's kappa only for annotator pairs sharing at least this many pairs")
@@ -59,10 +63,10 @@ class BiasConfig:
 
 @dataclass
 class Vote:
-    key: tuple            # the pair: (prompt, first text, second text) in sorted text order
-    a: str                # shown first (or the first in sorted order when positions are unknown)
+    key: tuple  # the pair: (prompt, first text, second text) in sorted text order
+    a: str  # shown first (or the first in sorted order when positions are unknown)
     b: str
-    winner: int           # 1: a preferred, 0: b preferred, -1: tie
+    winner: int  # 1: a preferred, 0: b preferred, -1: tie
     annotator: str
     prompt: object
 
@@ -83,7 +87,8 @@ def read_votes(path: str) -> tuple[list[Vote], bool]:
         position = extra.get("chosen_position")
         if position not in ("A", "B", None):
             from preflab.data import DataError
-            raise DataError(row.source, f"field 'chosen_position': expected \"A\" or \"B\", got {position!r}")
+
+            raise DataError(row.source, f'field \'chosen_position\': expected "A" or "B", got {position!r}')
         positioned &= position is not None
         first, second = sorted((chosen, rejected))
         if position == "A" or (position is None and chosen == first):
@@ -133,8 +138,10 @@ def design(votes: list[Vote], utility, positioned: bool, min_votes: int):
 
 def coefficient_cis(X, y, cols, votes, bootstrap: int, seed: int) -> dict:
     w, se = fit_logistic(X, y)
-    out = {c: {"coef": float(w[j]), "low": float(w[j] - Z95 * se[j]), "high": float(w[j] + Z95 * se[j])}
-           for j, c in enumerate(cols)}
+    out = {
+        c: {"coef": float(w[j]), "low": float(w[j] - Z95 * se[j]), "high": float(w[j] + Z95 * se[j])}
+        for j, c in enumerate(cols)
+    }
     if bootstrap:
         rng = np.random.default_rng(seed)
         groups = defaultdict(list)
@@ -158,8 +165,8 @@ def wilson(successes: int, n: int) -> dict:
     if n == 0:
         return {"rate": None, "low": None, "high": None, "n": 0}
     p = successes / n
-    centre = (p + Z95 ** 2 / (2 * n)) / (1 + Z95 ** 2 / n)
-    half = Z95 * math.sqrt(p * (1 - p) / n + Z95 ** 2 / (4 * n * n)) / (1 + Z95 ** 2 / n)
+    centre = (p + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / (1 + Z95**2 / n)
     return {"rate": p, "low": centre - half, "high": centre + half, "n": n}
 
 
@@ -169,7 +176,7 @@ def prefer_longer(votes, utility, positioned, clear: int) -> dict:
     longer_won = [int((n_words(votes[i].a) > n_words(votes[i].b)) == bool(votes[i].winner)) for i in idx]
     out = wilson(sum(longer_won), len(idx))
     if utility is not None and idx:
-        X, y, cols = design(votes, utility, positioned, min_votes=10 ** 9)
+        X, y, cols = design(votes, utility, positioned, min_votes=10**9)
         keep = [j for j, c in enumerate(cols) if c != "length"]
         w, _ = fit_logistic(X[:, keep], y)
         p_a = 1 / (1 + np.exp(-(X[idx][:, keep] @ w)))
@@ -214,10 +221,13 @@ def agreement(votes: list[Vote], min_shared: int) -> dict:
         p_o = sum(a == b for a, b in zip(lx, ly)) / len(shared)
         p_e = sum((lx.count(c) / len(shared)) * (ly.count(c) / len(shared)) for c in (0, 1, 2))
         kappas[f"{x}|{y}"] = {"kappa": (p_o - p_e) / (1 - p_e) if p_e < 1 else None, "n": len(shared)}
-    return {"loo_majority": loo, "cohen_kappa": kappas,
-            "mean_cohen_kappa": _mean([k["kappa"] for k in kappas.values() if k["kappa"] is not None]),
-            "krippendorff_alpha": krippendorff_alpha([[x for _, x in u] for u in units.values()]),
-            "pairs_with_several_votes": sum(len(u) >= 2 for u in units.values())}
+    return {
+        "loo_majority": loo,
+        "cohen_kappa": kappas,
+        "mean_cohen_kappa": _mean([k["kappa"] for k in kappas.values() if k["kappa"] is not None]),
+        "krippendorff_alpha": krippendorff_alpha([[x for _, x in u] for u in units.values()]),
+        "pairs_with_several_votes": sum(len(u) >= 2 for u in units.values()),
+    }
 
 
 def krippendorff_alpha(units: list[list[int]]) -> float | None:
@@ -249,16 +259,20 @@ def audit_votes(votes: list[Vote], positioned: bool, config: BiasConfig) -> dict
     decided = [v for v in votes if v.winner != -1]
     if len(decided) < 10:
         from preflab.data import DataError
+
         raise DataError(config.file, f"only {len(decided)} non-tie votes: too few to audit", "give at least 10")
     utility = world_utilities(decided) if config.utility == "auto" else None
     X, y, cols = design(decided, utility, positioned, config.min_votes_per_slope)
     coefs = coefficient_cis(X, y, cols, decided, config.bootstrap, config.seed)
     return {
-        "file": config.file, "votes": len(votes), "ties": len(votes) - len(decided),
+        "file": config.file,
+        "votes": len(votes),
+        "ties": len(votes) - len(decided),
         "ci": "cluster bootstrap" if config.bootstrap else "wald",
         "covariate": "true utility (per-annotator slopes)" if utility is not None else "none (utility unknown)",
         "length_unit": "words",
-        "length_bias": coefs["length"], "position_bias": coefs.get("position"),
+        "length_bias": coefs["length"],
+        "position_bias": coefs.get("position"),
         "coefficients": coefs,
         "p_prefer_first": wilson(int(y.sum()), len(y)) if positioned else None,
         "p_prefer_longer": prefer_longer(decided, utility, positioned, config.clear_length_diff),
@@ -268,25 +282,44 @@ def audit_votes(votes: list[Vote], positioned: bool, config: BiasConfig) -> dict
 
 def format_report(r: dict) -> str:
     def ci(c):
-        return "n/a" if c is None else f"{c['coef']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]" + (" *" if c["excludes_zero"] else "")
+        return (
+            "n/a"
+            if c is None
+            else f"{c['coef']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]" + (" *" if c["excludes_zero"] else "")
+        )
 
     def rate(p):
-        return "n/a" if not p or p["rate"] is None else f"{p['rate']:.3f} [{p['low']:.3f}, {p['high']:.3f}] (n={p['n']})"
+        return (
+            "n/a" if not p or p["rate"] is None else f"{p['rate']:.3f} [{p['low']:.3f}, {p['high']:.3f}] (n={p['n']})"
+        )
 
     longer = r["p_prefer_longer"]
-    lines = [f"bias audit of {r['file']}: {r['votes']} votes ({r['ties']} ties); covariate: {r['covariate']}; 95% CI: {r['ci']}",
-             f"  length bias (logit per word{', beyond utility' if r['covariate'].startswith('true') else ', no quality covariate'}): "
-             f"{ci(r['length_bias'])}",
-             f"  position bias (logit for the first shown): {ci(r['position_bias'])}",
-             f"  P(prefer first):  {rate(r['p_prefer_first'])}",
-             f"  P(prefer longer): {rate(longer)}" + (f"; utility alone predicts {longer['predicted_by_utility']:.3f}"
-                                                    if "predicted_by_utility" in longer else "")]
+    lines = [
+        f"bias audit of {r['file']}: {r['votes']} votes ({r['ties']} ties); covariate: {r['covariate']}; "
+        f"95% CI: {r['ci']}",
+        f"  length bias (logit per word"
+        f"{', beyond utility' if r['covariate'].startswith('true') else ', no quality covariate'}): "
+        f"{ci(r['length_bias'])}",
+        f"  position bias (logit for the first shown): {ci(r['position_bias'])}",
+        f"  P(prefer first):  {rate(r['p_prefer_first'])}",
+        f"  P(prefer longer): {rate(longer)}"
+        + (
+            f"; utility alone predicts {longer['predicted_by_utility']:.3f}" if "predicted_by_utility" in longer else ""
+        ),
+    ]
     ann = r["annotators"]
     if ann["loo_majority"]:
-        lines.append("  agreement with the leave-one-out majority: " + ", ".join(
-            f"{k} {v['agreement']:.2f} (n={v['n']})" for k, v in ann["loo_majority"].items()))
-    for name, value in (("mean Cohen's kappa", ann["mean_cohen_kappa"]), ("Krippendorff's alpha", ann["krippendorff_alpha"])):
-        lines.append(f"  {name}: " + ("n/a (no pair voted on by several annotators)" if value is None else f"{value:.3f}"))
+        lines.append(
+            "  agreement with the leave-one-out majority: "
+            + ", ".join(f"{k} {v['agreement']:.2f} (n={v['n']})" for k, v in ann["loo_majority"].items())
+        )
+    for name, value in (
+        ("mean Cohen's kappa", ann["mean_cohen_kappa"]),
+        ("Krippendorff's alpha", ann["krippendorff_alpha"]),
+    ):
+        lines.append(
+            f"  {name}: " + ("n/a (no pair voted on by several annotators)" if value is None else f"{value:.3f}")
+        )
     lines.append("  (* the 95% CI excludes 0)")
     return "\n".join(lines)
 
@@ -302,7 +335,15 @@ def audit(config: BiasConfig) -> dict:
     (run.dir / "bias.json").write_text(json.dumps(result, indent=2) + "\n")
     print(format_report(result), flush=True)
     lb, pb = result["length_bias"], result["position_bias"] or {}
-    return run.finish({"votes": result["votes"], "length_bias": lb["coef"], "length_bias_low": lb["low"],
-                       "length_bias_high": lb["high"], "position_bias": pb.get("coef"),
-                       "position_bias_low": pb.get("low"), "position_bias_high": pb.get("high"),
-                       "krippendorff_alpha": result["annotators"]["krippendorff_alpha"]})
+    return run.finish(
+        {
+            "votes": result["votes"],
+            "length_bias": lb["coef"],
+            "length_bias_low": lb["low"],
+            "length_bias_high": lb["high"],
+            "position_bias": pb.get("coef"),
+            "position_bias_low": pb.get("low"),
+            "position_bias_high": pb.get("high"),
+            "krippendorff_alpha": result["annotators"]["krippendorff_alpha"],
+        }
+    )

@@ -36,12 +36,21 @@ def policy_claims(ev: dict) -> list[dict]:
     policies = ev["policies"]
     out = []
     ppo, dpo = policies.get("ppo"), policies.get("dpo")
-    out.append(claim("PPO beats SFT on true utility", ppo and ppo["gain"],
-                     ppo and f"gain {_ci(ppo['gain'])}"))
-    out.append(claim("PPO gains right answers (not only hedges)", ppo and ppo.get("right_answer_gain"),
-                     ppo and f"right-answer rate {_ci(ppo['right_answer_gain'])}"))
-    out.append(claim("DPO gains right answers", dpo and dpo.get("right_answer_gain"),
-                     dpo and f"right-answer rate {_ci(dpo['right_answer_gain'])}"))
+    out.append(claim("PPO beats SFT on true utility", ppo and ppo["gain"], ppo and f"gain {_ci(ppo['gain'])}"))
+    out.append(
+        claim(
+            "PPO gains right answers (not only hedges)",
+            ppo and ppo.get("right_answer_gain"),
+            ppo and f"right-answer rate {_ci(ppo['right_answer_gain'])}",
+        )
+    )
+    out.append(
+        claim(
+            "DPO gains right answers",
+            dpo and dpo.get("right_answer_gain"),
+            dpo and f"right-answer rate {_ci(dpo['right_answer_gain'])}",
+        )
+    )
     return out
 
 
@@ -68,9 +77,12 @@ def sweep_claims(sweep: dict, seed: int = 0) -> list[dict]:
     best = max(arm[:-1], key=lambda p: p["true_utility"])
     rise = paired_difference(last["proxies"], first["proxies"], seed=seed).as_dict()
     fall = paired_difference(best["utilities"], last["utilities"], seed=seed).as_dict()
-    hacking = {"claim": hacking["claim"], "holds": bool(rise["low"] > 0 and fall["low"] > 0),
-               "evidence": f"beta=0: proxy step {last['steps']} - step {first['steps']} {_ci(rise)}; true utility "
-                           f"step {best['steps']} - step {last['steps']} {_ci(fall)}"}
+    hacking = {
+        "claim": hacking["claim"],
+        "holds": bool(rise["low"] > 0 and fall["low"] > 0),
+        "evidence": f"beta=0: proxy step {last['steps']} - step {first['steps']} {_ci(rise)}; true utility "
+        f"step {best['steps']} - step {last['steps']} {_ci(fall)}",
+    }
     others = [lb for lb in labels if lb != free]
     if others:
         results = []
@@ -79,8 +91,11 @@ def sweep_claims(sweep: dict, seed: int = 0) -> list[dict]:
             diff = paired_difference(other_last["utilities"], last["utilities"], seed=seed).as_dict()
             results.append((label, diff))
         label, diff = max(results, key=lambda r: r[1]["low"])
-        holds = {"claim": holds["claim"], "holds": bool(diff["low"] > 0),
-                 "evidence": "; ".join(f"{lb} - beta=0 at step {last['steps']}: {_ci(d)}" for lb, d in results)}
+        holds = {
+            "claim": holds["claim"],
+            "holds": bool(diff["low"] > 0),
+            "evidence": "; ".join(f"{lb} - beta=0 at step {last['steps']}: {_ci(d)}" for lb, d in results),
+        }
     return [hacking, holds]
 
 

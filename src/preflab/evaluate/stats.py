@@ -20,6 +20,7 @@ import numpy as np
 @dataclass
 class Estimate:
     """A mean and its 95% bootstrap confidence interval."""
+
     mean: float
     low: float
     high: float
@@ -65,7 +66,7 @@ def win_rate(a, b) -> float:
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1 / (1 + np.exp(-np.clip(z, -30, 30)))   # (clipped: no overflow warning when a weight runs off)
+    return 1 / (1 + np.exp(-np.clip(z, -30, 30)))  # (clipped: no overflow warning when a weight runs off)
 
 
 def fit_logistic(X, y, l2: float = 1e-6, iters: int = 100, tol: float = 1e-10) -> tuple[np.ndarray, np.ndarray]:
@@ -93,10 +94,10 @@ def fit_logistic(X, y, l2: float = 1e-6, iters: int = 100, tol: float = 1e-10) -
 
 @dataclass
 class LengthControlled:
-    win_rate: float            # the raw win rate (ties half)
-    lc_win_rate: float         # predicted preference at length difference 0
-    model_coef: float          # theta: the model's log-odds advantage once length is accounted for
-    length_coef: float         # phi: weight of tanh(standardised length difference)
+    win_rate: float  # the raw win rate (ties half)
+    lc_win_rate: float  # predicted preference at length difference 0
+    model_coef: float  # theta: the model's log-odds advantage once length is accounted for
+    length_coef: float  # phi: weight of tanh(standardised length difference)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -123,13 +124,14 @@ def length_controlled_win_rate(a_scores, b_scores, a_lengths, b_lengths, l2: flo
 
 # ---- over-optimisation: Gao, Schulman and Hilton (2022), "Scaling laws for reward model over-optimization" ----
 
+
 @dataclass
 class GaoFit:
-    form: str          # "bon": R(d) = d (a - b d);  "rl": R(d) = d (a - b log d)
+    form: str  # "bon": R(d) = d (a - b d);  "rl": R(d) = d (a - b log d)
     a: float
     b: float
-    d_star: float      # the d = sqrt(KL) where the fitted gold reward peaks (inf when it never turns)
-    r_star: float      # the fitted gold reward at d_star
+    d_star: float  # the d = sqrt(KL) where the fitted gold reward peaks (inf when it never turns)
+    r_star: float  # the fitted gold reward at d_star
     rmse: float
 
     def predict(self, d) -> np.ndarray:
@@ -179,4 +181,3 @@ def _finish(fit: GaoFit, d: np.ndarray, r: np.ndarray) -> GaoFit:
     if math.isfinite(fit.d_star):
         fit.r_star = float(fit.predict(fit.d_star))
     return fit
-

@@ -42,8 +42,9 @@ class SweepConfig(RunConfig):
     betas: list[float] = opt([0.0, 0.1], "KL coefficients to sweep")
     steps: list[int] = opt([10, 30], "training lengths (RL steps) to sweep")
     extra_rewards: list[str] = opt([], "more arms, LABEL=REWARD (e.g. an ensemble folder), run at the smallest beta")
-    rl_options: dict = opt({}, "other options passed to the RL stage (YAML only), e.g. {batch_size: 16, lr: 1e-4}",
-                           cli=False)
+    rl_options: dict = opt(
+        {}, "other options passed to the RL stage (YAML only), e.g. {batch_size: 16, lr: 1e-4}", cli=False
+    )
     n_prompts: int = opt(200, "held-out prompts for each evaluation")
     max_new_tokens: int = opt(32, "longest response, in training and evaluation")
     seed: int = opt(0, "random seed")
@@ -63,7 +64,10 @@ def arms(config: SweepConfig) -> list[tuple[str, float, str]]:
     """(label, beta, reward spec) for every arm of the sweep."""
     out = [(f"beta={b:g}", float(b), config.reward) for b in config.betas]
     low = min(config.betas)
-    out += [(f"{label} beta={low:g}", float(low), spec) for label, _, spec in (s.partition("=") for s in config.extra_rewards)]
+    out += [
+        (f"{label} beta={low:g}", float(low), spec)
+        for label, _, spec in (s.partition("=") for s in config.extra_rewards)
+    ]
     return out
 
 
@@ -87,29 +91,52 @@ def run_rl(config: SweepConfig, beta: float, reward: str, out: Path) -> dict[int
     fn = {"ppo": ppo, "rloo": rloo, "grpo": grpo}[config.algorithm]
     lengths = sorted(config.steps)
     every = math.gcd(*lengths)
-    values = {"eval_prompts": 0, **config.rl_options, "model": config.model, "reward": reward, "beta": beta,
-              "max_steps": lengths[-1], "max_new_tokens": config.max_new_tokens, "out": str(out), "seed": config.seed,
-              "checkpoint_every": every, "keep_checkpoints": lengths[-1] // every}
+    values = {
+        "eval_prompts": 0,
+        **config.rl_options,
+        "model": config.model,
+        "reward": reward,
+        "beta": beta,
+        "max_steps": lengths[-1],
+        "max_new_tokens": config.max_new_tokens,
+        "out": str(out),
+        "seed": config.seed,
+        "checkpoint_every": every,
+        "keep_checkpoints": lengths[-1] // every,
+    }
     fn(build_config(fn.config_class, values, source="sweep"))
     return {n: out / "checkpoints" / f"step-{n:08d}" for n in lengths}
 
 
 def markdown(points: list[dict], fits: dict, base: dict) -> str:
-    lines = ["# Over-optimisation sweep", "",
-             f"Reference: true utility {base['true_utility']:.3f}, proxy {base['proxy']:.3f}, length {base['length']:.1f}.", "",
-             "| arm | steps | KL | sqrt(KL) | true utility | proxy reward | mean length |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Over-optimisation sweep",
+        "",
+        f"Reference: true utility {base['true_utility']:.3f}, proxy {base['proxy']:.3f}, length {base['length']:.1f}.",
+        "",
+        "| arm | steps | KL | sqrt(KL) | true utility | proxy reward | mean length |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for p in points:
-        lines.append(f"| {p['arm']} | {p['steps']} | {p['kl']:.3f} | {p['sqrt_kl']:.3f} | {p['true_utility']:.3f} | "
-                     f"{p['proxy']:.3f} | {p['length']:.1f} |")
-    lines += ["", "Fits of R(d) = d (a - b log d) to the true-utility gain (Gao et al. 2022):", "",
-              "| arm | a | b | peak d* | fitted peak gain | best measured (steps, sqrt KL, true utility) |",
-              "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {p['arm']} | {p['steps']} | {p['kl']:.3f} | {p['sqrt_kl']:.3f} | {p['true_utility']:.3f} | "
+            f"{p['proxy']:.3f} | {p['length']:.1f} |"
+        )
+    lines += [
+        "",
+        "Fits of R(d) = d (a - b log d) to the true-utility gain (Gao et al. 2022):",
+        "",
+        "| arm | a | b | peak d* | fitted peak gain | best measured (steps, sqrt KL, true utility) |",
+        "|---|---|---|---|---|---|",
+    ]
     for arm, f in fits.items():
         b = f["best_measured"]
         peak = f"{f['d_star']:.3f}" if f["d_star"] is not None else "none"
         rstar = f"{f['r_star']:.3f}" if f["r_star"] is not None else "-"
-        lines.append(f"| {arm} | {f['a']:.3f} | {f['b']:.3f} | {peak} | {rstar} | "
-                     f"{b['steps']}, {b['sqrt_kl']:.3f}, {b['true_utility']:.3f} |")
+        lines.append(
+            f"| {arm} | {f['a']:.3f} | {f['b']:.3f} | {peak} | {rstar} | "
+            f"{b['steps']}, {b['sqrt_kl']:.3f}, {b['true_utility']:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -130,28 +157,51 @@ def sweep(config: SweepConfig) -> dict:
     ev = EvalConfig(reference=config.model, n_prompts=config.n_prompts, max_new_tokens=config.max_new_tokens)
 
     def measure(model) -> dict:
-        s = score(prompts, sample_with_kl(model, ref_model, tokenizer, prompt_ids, ev,
-                                          torch.Generator().manual_seed(config.seed + 1)), proxy)
+        s = score(
+            prompts,
+            sample_with_kl(model, ref_model, tokenizer, prompt_ids, ev, torch.Generator().manual_seed(config.seed + 1)),
+            proxy,
+        )
         kl = max(float(np.mean(s["kl"])), 0.0)  # the k1 estimate can dip below 0 by noise near the reference
-        return {"kl": kl, "sqrt_kl": math.sqrt(kl), "true_utility": float(np.mean(s["utility"])),
-                "proxy": float(np.mean(s["proxy"])), "length": float(np.mean(s["lengths"])),
-                "utilities": [round(u, 6) for u in s["utility"]], "proxies": [round(float(x), 6) for x in s["proxy"]]}
+        return {
+            "kl": kl,
+            "sqrt_kl": math.sqrt(kl),
+            "true_utility": float(np.mean(s["utility"])),
+            "proxy": float(np.mean(s["proxy"])),
+            "length": float(np.mean(s["lengths"])),
+            "utilities": [round(u, 6) for u in s["utility"]],
+            "proxies": [round(float(x), 6) for x in s["proxy"]],
+        }
 
     base = measure(ref_model)
     points = []
     i = 0
     for label, beta, reward in arms(config):
-        print(f"[sweep] {label}: {max(config.steps)} {config.algorithm} steps, measured at {sorted(config.steps)}",
-              flush=True)
+        print(
+            f"[sweep] {label}: {max(config.steps)} {config.algorithm} steps, measured at {sorted(config.steps)}",
+            flush=True,
+        )
         folders = run_rl(config, beta, reward, run.dir / "runs" / label.replace(" ", "_"))
         for steps, folder in folders.items():
-            point = {"arm": label, "beta": beta, "reward": reward, "steps": steps, "run": str(folder),
-                     **measure(load_model(folder)[0])}
+            point = {
+                "arm": label,
+                "beta": beta,
+                "reward": reward,
+                "steps": steps,
+                "run": str(folder),
+                **measure(load_model(folder)[0]),
+            }
             points.append(point)
-            run.log(i, {"sweep/kl": point["kl"], "sweep/true_utility": point["true_utility"], "sweep/proxy": point["proxy"]})
+            run.log(
+                i, {"sweep/kl": point["kl"], "sweep/true_utility": point["true_utility"], "sweep/proxy": point["proxy"]}
+            )
             i += 1
-    fits = {label: fit_arm([p for p in points if p["arm"] == label], base["true_utility"]) for label, _, _ in arms(config)}
-    (run.dir / "sweep.json").write_text(json.dumps({"reference": base, "points": points, "fits": fits}, indent=2) + "\n")
+    fits = {
+        label: fit_arm([p for p in points if p["arm"] == label], base["true_utility"]) for label, _, _ in arms(config)
+    }
+    (run.dir / "sweep.json").write_text(
+        json.dumps({"reference": base, "points": points, "fits": fits}, indent=2) + "\n"
+    )
     (run.dir / "sweep.md").write_text(markdown(points, fits, base))
     summary = {"points": len(points), "reference_true_utility": round(base["true_utility"], 3)}
     for label, f in fits.items():

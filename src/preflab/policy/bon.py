@@ -66,27 +66,34 @@ def best_of_n(config: BoNConfig) -> dict:
 
         prompts = world_prompts(config.n_prompts, seed=config.seed + 1, split="eval")
     else:
-        prompts = load_prompts(config.prompts).rows[:config.n_prompts]
+        prompts = load_prompts(config.prompts).rows[: config.n_prompts]
     reward_fn = load_reward(config.reward)
     policy, tokenizer = load_model(config.model)
     run = Run(config.out or None, "bon", config)
     device = make_accelerator().device
     policy.to(device)
     gen = torch.Generator(device=device).manual_seed(config.seed)
-    group = config.n + 1                                     # n candidates + 1 independent reference sample
+    group = config.n + 1  # n candidates + 1 independent reference sample
     rows = [p for p in prompts for _ in range(group)]
     # 1-2. sample and score, in chunks of whole groups
     scores, texts, finished = [], [], []
     per_chunk = max(1, config.batch_size // group) * group
     for start in progress(range(0, len(rows), per_chunk), desc="bon"):
-        chunk = rows[start:start + per_chunk]
-        rollout = generate(policy, tokenizer, [encode_prompt(tokenizer, p) for p in chunk], config.max_new_tokens,
-                           temperature=config.temperature, batch_size=config.batch_size, generator=gen)
+        chunk = rows[start : start + per_chunk]
+        rollout = generate(
+            policy,
+            tokenizer,
+            [encode_prompt(tokenizer, p) for p in chunk],
+            config.max_new_tokens,
+            temperature=config.temperature,
+            batch_size=config.batch_size,
+            generator=gen,
+        )
         scores.append(score_responses(reward_fn, chunk, rollout, config.missing_eos_penalty))
         texts += rollout.texts
         finished.append(rollout.finished)
     scores, finished = torch.cat(scores).view(-1, group), torch.cat(finished).view(-1, group)
-    candidates, reference = scores[:, :config.n].reshape(-1), scores[:, config.n]
+    candidates, reference = scores[:, : config.n].reshape(-1), scores[:, config.n]
     # 3. the best of the n candidates; its win rate against the independent sample (ties count half)
     best = best_of_n_indices(candidates, config.n)
     best_scores = candidates[best]
@@ -95,16 +102,35 @@ def best_of_n(config: BoNConfig) -> dict:
     chosen = []
     for i, prompt in enumerate(prompts):
         j = int(best[i]) - i * config.n
-        chosen.append({"prompt": prompt, "response": texts[i * group + j], "reward": best_scores[i].item(),
-                       "finished": bool(finished[i, j]), "mean_reward_of_n": candidates.view(-1, config.n)[i].mean().item()})
+        chosen.append(
+            {
+                "prompt": prompt,
+                "response": texts[i * group + j],
+                "reward": best_scores[i].item(),
+                "finished": bool(finished[i, j]),
+                "mean_reward_of_n": candidates.view(-1, config.n)[i].mean().item(),
+            }
+        )
     write_jsonl(run.dir / "responses.jsonl", chosen)
     metrics = {
-        "bon/reward/best": best_scores.mean(), "bon/reward/sample": reference.mean(),
-        "bon/reward/gain": (best_scores - reference).mean(), "bon/win_rate": wins.mean(),
-        "bon/win_rate_bound": win_rate_bound(config.n), "bon/kl_bound": kl_bound(config.n),
-        "bon/eos_rate": finished[:, :config.n].float().mean(),
+        "bon/reward/best": best_scores.mean(),
+        "bon/reward/sample": reference.mean(),
+        "bon/reward/gain": (best_scores - reference).mean(),
+        "bon/win_rate": wins.mean(),
+        "bon/win_rate_bound": win_rate_bound(config.n),
+        "bon/kl_bound": kl_bound(config.n),
+        "bon/eos_rate": finished[:, : config.n].float().mean(),
     }
     run.log(0, metrics)
-    return run.finish({"n": config.n, "prompts": len(prompts), "reward_best": best_scores.mean(),
-                       "reward_sample": reference.mean(), "win_rate": wins.mean(), "win_rate_bound": win_rate_bound(config.n),
-                       "kl_bound": kl_bound(config.n), "responses": str(run.dir / "responses.jsonl")})
+    return run.finish(
+        {
+            "n": config.n,
+            "prompts": len(prompts),
+            "reward_best": best_scores.mean(),
+            "reward_sample": reference.mean(),
+            "win_rate": wins.mean(),
+            "win_rate_bound": win_rate_bound(config.n),
+            "kl_bound": kl_bound(config.n),
+            "responses": str(run.dir / "responses.jsonl"),
+        }
+    )

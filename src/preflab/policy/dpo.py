@@ -28,20 +28,36 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from preflab.stages import stage
 from preflab.adapters import add_lora, reference_of
 from preflab.config import LoraConfig, OptimConfig, check, opt
 from preflab.data import DataError, collate_pairs, split_rows, tokenize_rows
 from preflab.logps import sequence_logps
 from preflab.runs import Run, progress, seed_everything
-from preflab.training import (Budget, check_finite, join_without_data, lr_factor, make_accelerator, set_lr,
-                              set_threads, shard, sync_on_last)
+from preflab.stages import stage
+from preflab.training import (
+    Budget,
+    check_finite,
+    join_without_data,
+    lr_factor,
+    make_accelerator,
+    set_lr,
+    set_threads,
+    shard,
+    sync_on_last,
+)
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float = 0.1,
-             loss_type: str = "sigmoid", label_smoothing: float = 0.0):
+def dpo_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+):
     """(losses [B], chosen_rewards [B], rejected_rewards [B]); the caller takes `losses.mean()`.
 
     h = log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l); the implicit rewards are beta * log(pi/pi_ref),
@@ -72,19 +88,27 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 @dataclass(kw_only=True)
 class DPOConfig(OptimConfig, LoraConfig):
-    model: str = opt("", "policy to start from: a run folder (sft/pretrain), a HF model directory, a .gguf or 'smollm2'")
+    model: str = opt(
+        "", "policy to start from: a run folder (sft/pretrain), a HF model directory, a .gguf or 'smollm2'"
+    )
     ref_model: str = opt("", "the frozen reference (default: the same as --model)")
-    data: str = opt("", "comparison JSONL ({prompt, chosen, rejected, tie?}), or 'world' for simulated votes on world pairs")
+    data: str = opt(
+        "", "comparison JSONL ({prompt, chosen, rejected, tie?}), or 'world' for simulated votes on world pairs"
+    )
     loss_type: str = opt("sigmoid", "sigmoid (DPO), ipo, hinge (SLiC/RSO) or robust (rDPO)")
     beta: float = opt(0.1, "strength of the KL regularisation toward the reference (IPO's tau)")
     label_smoothing: float = opt(0.0, "assumed label-flip rate eps for sigmoid (cDPO) and robust (rDPO), in [0, 0.5)")
     length_normalize: bool = opt(False, "divide each completion's summed log-prob by its length in tokens")
     rpo_alpha: float = opt(0.0, "weight of the chosen responses' per-token NLL added to the loss (RPO; 0: off)")
     precompute_ref: bool = opt(True, "compute reference log-probs once over the dataset, then free the reference")
-    lr: float = opt(1e-4, "peak learning rate (AdamW); 1e-4 for the tiny world model (5e-4 lengthened its samples), ~5e-7 for 135M")
+    lr: float = opt(
+        1e-4, "peak learning rate (AdamW); 1e-4 for the tiny world model (5e-4 lengthened its samples), ~5e-7 for 135M"
+    )
     warmup: float = opt(0.1, "share of the budget spent warming the learning rate up")
     batch_size: int = opt(32, "pairs per optimiser step")
-    micro_batch_size: int = opt(0, "pairs per forward (0: batch_size); batch_size / micro_batch_size = accumulation steps")
+    micro_batch_size: int = opt(
+        0, "pairs per forward (0: batch_size); batch_size / micro_batch_size = accumulation steps"
+    )
     epochs: float = opt(1.0, "passes over the training pairs")
     max_prompt_length: int = opt(128, "prompt tokens kept (the end of the prompt)")
     max_completion_length: int = opt(64, "completion tokens kept (the start of each completion)")
@@ -99,15 +123,21 @@ class DPOConfig(OptimConfig, LoraConfig):
         check(self.loss_type in LOSS_TYPES, f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         check(self.beta > 0, f"beta must be > 0, got {self.beta}")
         check(0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        check(self.label_smoothing == 0 or self.loss_type in ("sigmoid", "robust"),
-              f"label_smoothing applies to sigmoid and robust only, got {self.label_smoothing} with {self.loss_type!r}")
+        check(
+            self.label_smoothing == 0 or self.loss_type in ("sigmoid", "robust"),
+            f"label_smoothing applies to sigmoid and robust only, got {self.label_smoothing} with {self.loss_type!r}",
+        )
         check(self.rpo_alpha >= 0, f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
         check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         self.micro_batch_size = self.micro_batch_size or self.batch_size
-        check(self.batch_size % self.micro_batch_size == 0,
-              f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
-        check(self.epochs > 0 or self.max_steps > 0 or self.max_seconds > 0,
-              f"give epochs, max_steps or max_seconds, got {self.epochs}, {self.max_steps}, {self.max_seconds}")
+        check(
+            self.batch_size % self.micro_batch_size == 0,
+            f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})",
+        )
+        check(
+            self.epochs > 0 or self.max_steps > 0 or self.max_seconds > 0,
+            f"give epochs, max_steps or max_seconds, got {self.epochs}, {self.max_steps}, {self.max_seconds}",
+        )
         check(0 <= self.held_out < 0.5, f"held_out must be in [0, 0.5), got {self.held_out}")
 
     @property
@@ -116,6 +146,7 @@ class DPOConfig(OptimConfig, LoraConfig):
 
 
 # ---- the pieces the loop is made of -----------------------------------------------------------------------
+
 
 def pair_logps(model, batch: dict, length_normalize: bool = False, with_token_mean: bool = False):
     """(chosen [B], rejected [B]) summed (or per-token mean) log-probs from ONE forward over the 2B rows.
@@ -132,13 +163,15 @@ def pair_logps(model, batch: dict, length_normalize: bool = False, with_token_me
 
 
 @torch.no_grad()
-def reference_logps(ref_model, pairs: list, pad_id: int, batch_size: int, length_normalize: bool = False) -> torch.Tensor:
+def reference_logps(
+    ref_model, pairs: list, pad_id: int, batch_size: int, length_normalize: bool = False
+) -> torch.Tensor:
     """[N, 2] reference log-probs (chosen, rejected) of every pair, in the pairs' order."""
     ref_model.eval()
     out = []
-    device = ref_model.device                       # (a base with its adapter off has no parameters of its own)
+    device = ref_model.device  # (a base with its adapter off has no parameters of its own)
     for start in progress(range(0, len(pairs), batch_size), desc="dpo: reference log-probs"):
-        batch = {k: v.to(device) for k, v in collate_pairs(pairs[start:start + batch_size], pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate_pairs(pairs[start : start + batch_size], pad_id).items()}
         chosen, rejected = pair_logps(ref_model, batch, length_normalize)
         out.append(torch.stack([chosen, rejected], -1).cpu())
     return torch.cat(out) if out else torch.zeros(0, 2)
@@ -147,8 +180,9 @@ def reference_logps(ref_model, pairs: list, pad_id: int, batch_size: int, length
 def batch_loss(model, batch: dict, ref: torch.Tensor, config: DPOConfig):
     """Mean DPO loss of one micro-batch and its metrics; `ref` is [B, 2] reference log-probs."""
     chosen, rejected, chosen_token_mean = pair_logps(model, batch, config.length_normalize, with_token_mean=True)
-    losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], config.beta,
-                                                        config.loss_type, config.label_smoothing)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        chosen, rejected, ref[:, 0], ref[:, 1], config.beta, config.loss_type, config.label_smoothing
+    )
     loss = losses.mean()
     if config.rpo_alpha:
         # RPO (Pang et al. 2024, eq. 1): + alpha * NLL of the chosen response per token, so that DPO cannot buy
@@ -182,15 +216,16 @@ class Reference:
             return torch.stack(pair_logps(self.model, batch, self.length_normalize), -1)
 
 
-def accumulate_gradients(model, pairs: list, indices: list[int], reference: Reference, pad_id: int,
-                         config: DPOConfig, accelerator=None) -> dict:
+def accumulate_gradients(
+    model, pairs: list, indices: list[int], reference: Reference, pad_id: int, config: DPOConfig, accelerator=None
+) -> dict:
     """Backward over `indices` in micro-batches, each loss divided by the number of micro-batches, so the
     gradient is that of the mean loss over all the pairs (4 x 1 == 1 x 4). Returns the mean metrics. With
     several processes each takes every world-th micro-batch and scales its loss by the world size (DDP
     averages the processes' gradients): the same step as one process taking them all."""
     world = accelerator.num_processes if accelerator else 1
     device = next(model.parameters()).device
-    chunks = [indices[i:i + config.micro_batch_size] for i in range(0, len(indices), config.micro_batch_size)]
+    chunks = [indices[i : i + config.micro_batch_size] for i in range(0, len(indices), config.micro_batch_size)]
     mine = shard(chunks, accelerator)
     totals: dict[str, float] = {}
     for n, chunk in enumerate(mine):
@@ -206,7 +241,7 @@ def accumulate_gradients(model, pairs: list, indices: list[int], reference: Refe
             totals[key] = totals.get(key, 0.0) + value / len(chunks)
     if not mine:
         join_without_data(accelerator, model)
-    if world > 1:                                         # the step's metrics over every process's micro-batches
+    if world > 1:  # the step's metrics over every process's micro-batches
         keys = sorted(totals)
         summed = accelerator.reduce(torch.tensor([totals[k] for k in keys], device=device), "sum")
         totals = dict(zip(keys, summed.tolist()))
@@ -232,6 +267,7 @@ def evaluate_pairs(model, pairs: list, reference: Reference, pad_id: int, config
 
 # ---- data ---------------------------------------------------------------------------------------------------
 
+
 def load_rows(config: DPOConfig) -> list:
     """Preference rows from the file, or simulated votes on world pairs (`--data world`)."""
     from preflab.data import load_preferences
@@ -250,6 +286,7 @@ def load_rows(config: DPOConfig) -> list:
 
 # ---- the trainer -------------------------------------------------------------------------------------------
 
+
 def train_dpo(model, tokenizer, rows: list, config: DPOConfig, ref_model=None, run: Run | None = None) -> dict:
     """Train `model` in place on preference rows; the function the demo calls. Returns the summary numbers.
 
@@ -264,26 +301,37 @@ def train_dpo(model, tokenizer, rows: list, config: DPOConfig, ref_model=None, r
     rows = [r for r in rows if not r.tie]
     train_rows, eval_rows = split_rows(rows, config.held_out, config.seed)
     train_pairs, n_trunc = tokenize_rows(tokenizer, train_rows, config.max_prompt_length, config.max_completion_length)
-    eval_pairs, n_trunc_eval = tokenize_rows(tokenizer, eval_rows, config.max_prompt_length, config.max_completion_length)
+    eval_pairs, n_trunc_eval = tokenize_rows(
+        tokenizer, eval_rows, config.max_prompt_length, config.max_completion_length
+    )
     if len(train_pairs) < config.batch_size:
-        raise DataError(config.data or "rows", f"{len(train_pairs)} training pairs (after {n_ties} ties and the held-out "
-                        f"split) are fewer than one batch of {config.batch_size}", "lower --batch-size or give more pairs")
+        raise DataError(
+            config.data or "rows",
+            f"{len(train_pairs)} training pairs (after {n_ties} ties and the held-out "
+            f"split) are fewer than one batch of {config.batch_size}",
+            "lower --batch-size or give more pairs",
+        )
 
     # 2. the reference: precomputed once (then freed) or kept for on-the-fly scoring
-    ref_model = ref_model if ref_model is not None else reference_of(model)   # LoRA: the base, adapter off
+    ref_model = ref_model if ref_model is not None else reference_of(model)  # LoRA: the base, adapter off
     ref_model.to(accelerator.device).eval()
     for p in ref_model.parameters():
         p.requires_grad_(False)
     if config.precompute_ref:
-        train_ref = Reference(reference_logps(ref_model, train_pairs, pad_id, config.micro_batch_size, config.length_normalize))
-        eval_ref = Reference(reference_logps(ref_model, eval_pairs, pad_id, config.micro_batch_size, config.length_normalize))
+        train_ref = Reference(
+            reference_logps(ref_model, train_pairs, pad_id, config.micro_batch_size, config.length_normalize)
+        )
+        eval_ref = Reference(
+            reference_logps(ref_model, eval_pairs, pad_id, config.micro_batch_size, config.length_normalize)
+        )
         del ref_model
     else:
         train_ref = eval_ref = Reference(model=ref_model, length_normalize=config.length_normalize)
 
     # 3. optimiser and budget
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
-                                  weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     steps_per_epoch = len(train_pairs) // config.batch_size
@@ -301,9 +349,16 @@ def train_dpo(model, tokenizer, rows: list, config: DPOConfig, ref_model=None, r
     budget = Budget(max_steps, config.max_seconds, elapsed=elapsed)
 
     def save() -> None:
-        run.save_checkpoint(step, accelerator.unwrap_model(model), tokenizer, {
-            "optimizer": optimizer.state_dict(), "rng_order": rng.getstate(),
-            "loop": (order, step, interval, last_eval, metrics, budget.elapsed)})
+        run.save_checkpoint(
+            step,
+            accelerator.unwrap_model(model),
+            tokenizer,
+            {
+                "optimizer": optimizer.state_dict(),
+                "rng_order": rng.getstate(),
+                "loop": (order, step, interval, last_eval, metrics, budget.elapsed),
+            },
+        )
 
     bar = progress(total=max_steps or None, initial=step, desc=f"dpo ({config.loss_type})")
 
@@ -313,7 +368,7 @@ def train_dpo(model, tokenizer, rows: list, config: DPOConfig, ref_model=None, r
             if len(order) < config.batch_size:  # a new epoch: reshuffle, drop the incomplete tail
                 order = list(range(len(train_pairs)))
                 rng.shuffle(order)
-            indices, order = order[:config.batch_size], order[config.batch_size:]
+            indices, order = order[: config.batch_size], order[config.batch_size :]
             lr = config.lr * lr_factor(budget.progress(step), config.warmup)
             set_lr(optimizer, lr)
             metrics = accumulate_gradients(model, train_pairs, indices, train_ref, pad_id, config, accelerator)
@@ -343,11 +398,17 @@ def train_dpo(model, tokenizer, rows: list, config: DPOConfig, ref_model=None, r
         log(step, {f"dpo/eval/{k}": v for k, v in last_eval.items()})
     accelerator.unwrap_model(model).eval()
     return {
-        "steps": step, "epochs": step * config.batch_size / max(len(train_pairs), 1), "train_pairs": len(train_pairs),
-        "eval_pairs": len(eval_pairs), "ties_skipped": n_ties, "truncated": n_trunc + n_trunc_eval,
+        "steps": step,
+        "epochs": step * config.batch_size / max(len(train_pairs), 1),
+        "train_pairs": len(train_pairs),
+        "eval_pairs": len(eval_pairs),
+        "ties_skipped": n_ties,
+        "truncated": n_trunc + n_trunc_eval,
         "train_loss": metrics.get("loss", float("nan")),
-        "eval_loss": last_eval.get("loss", float("nan")), "eval_accuracy": last_eval.get("rewards/accuracies", float("nan")),
-        "eval_margin": last_eval.get("rewards/margins", float("nan")), "seconds_training": budget.elapsed,
+        "eval_loss": last_eval.get("loss", float("nan")),
+        "eval_accuracy": last_eval.get("rewards/accuracies", float("nan")),
+        "eval_margin": last_eval.get("rewards/margins", float("nan")),
+        "seconds_training": budget.elapsed,
     }
 
 
@@ -364,7 +425,7 @@ def dpo(config: DPOConfig) -> dict:
         return run.finished_summary()
 
     model, tokenizer = load_model(config.model)
-    model = add_lora(model, config, base=config.model)          # --lora-r: only the adapters train
+    model = add_lora(model, config, base=config.model)  # --lora-r: only the adapters train
     ref_model = load_model(config.ref_model, tokenizer=tokenizer)[0] if config.ref_model else None
     rows = load_rows(config)
     print(f"[dpo] {len(rows)} comparisons, loss {config.loss_type}, beta {config.beta}", flush=True)

@@ -31,7 +31,7 @@ class AdaptiveKLController:
         self.value, self.target, self.horizon = float(init_beta), float(target), int(horizon)
 
     def update(self, current_kl: float, n_steps: int) -> float:
-        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)   # Ziegler et al. 2019, sec. 2.2
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)  # Ziegler et al. 2019, sec. 2.2
         self.value *= 1.0 + error * n_steps / self.horizon
         return self.value
 

@@ -23,6 +23,7 @@ KL_ESTIMATORS = ("k1", "k3")
 
 # ---- KL to the reference ----------------------------------------------------------------------------
 
+
 def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """k1 = log pi(a) - log pi_ref(a): unbiased for KL(pi || pi_ref) on samples of pi, can be negative per token."""
     return logp - ref_logp
@@ -46,6 +47,7 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1
 
 # ---- whitening ---------------------------------------------------------------------------------------
 
+
 def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Population variance over the positions where mask is 1."""
     mean = masked_mean(values, mask)
@@ -67,13 +69,20 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
 
 # ---- per-token RLHF reward ---------------------------------------------------------------------------
 
+
 def last_real_index(mask: torch.Tensor) -> torch.Tensor:
     """Index of the last real token of each right-padded completion (0 for an empty row)."""
     return (mask.long().sum(-1) - 1).clamp(min=0)
 
 
-def rlhf_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
-                 beta: float, estimator: str = "k1") -> tuple[torch.Tensor, torch.Tensor]:
+def rlhf_rewards(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    estimator: str = "k1",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(rewards [B, C], kl [B, C]): r_t = -beta * KL_t, plus the score at the last real response token.
 
     Ziegler et al. 2019 eq. 2 / Stiennon et al. 2020 eq. 1 spread over tokens (RLHF details #5, #11). The score
@@ -89,8 +98,10 @@ def rlhf_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, scores: torch.Tenso
 
 # ---- advantages --------------------------------------------------------------------------------------
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, returns) by generalised advantage estimation (Schulman et al. 2016, eq. 11-16).
 
     delta_t = r_t + gamma V(s_{t+1}) - V(s_t)         (eq. 11; V after the last real token is 0: the episode ends)
@@ -104,8 +115,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     next_value = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
     next_adv = torch.zeros_like(next_value)
     for t in reversed(range(C)):
-        delta = rewards[:, t] + gamma * next_value - values[:, t]           # eq. 11
-        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]            # eq. 16
+        delta = rewards[:, t] + gamma * next_value - values[:, t]  # eq. 11
+        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]  # eq. 16
         advantages[:, t] = next_adv
         next_value = values[:, t]
     returns = (advantages + values) * mask
@@ -138,8 +149,10 @@ def grpo_advantages(rewards: torch.Tensor, k: int, eps: float = 1e-4) -> torch.T
 
 # ---- clipped losses ----------------------------------------------------------------------------------
 
-def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                        cliprange: float = 0.2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+
+def clipped_policy_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, cliprange: float = 0.2
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-token loss, ratio, clipped?) of PPO's clipped surrogate (Schulman et al. 2017, eq. 7), negated.
 
     loss_t = max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)),  rho_t = exp(log pi(a_t) - log pi_old(a_t)).
@@ -150,8 +163,9 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
     return torch.maximum(unclipped, clipped), ratio, (clipped > unclipped)
 
 
-def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                       cliprange_value: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, cliprange_value: float = 0.2
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-token loss, clipped?): 0.5 max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2) (RLHF detail #15)."""
     v_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     loss_unclipped = (values - returns) ** 2

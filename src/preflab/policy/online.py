@@ -25,10 +25,10 @@ from preflab.adapters import add_lora, reference_of
 from preflab.config import LoraConfig, OptimConfig, RunConfig, check, opt
 from preflab.data.tokenize import encode_prompt, take
 from preflab.logps import chunked_logps
+from preflab.policy.kl_control import make_kl_controller
 from preflab.policy.losses import KL_ESTIMATORS
 from preflab.rollout import Rollout, generate
 from preflab.runs import Run, seed_everything
-from preflab.policy.kl_control import make_kl_controller
 from preflab.training import Budget, TrainingStopped, check_finite, make_accelerator, set_threads
 
 
@@ -37,7 +37,9 @@ class SamplingConfig(RunConfig):
     """What every stage that samples from a policy and scores the samples shares (online RL, best-of-n)."""
 
     model: str = opt("", "the policy to start from: a HF directory, a run folder, a .gguf file or 'smollm2'")
-    reward: str = opt("", "a reward-model folder, a Python function 'module:function' f(prompt, response) -> float, or 'world'")
+    reward: str = opt(
+        "", "a reward-model folder, a Python function 'module:function' f(prompt, response) -> float, or 'world'"
+    )
     prompts: str = opt("world", "a JSONL file of {'prompt': ...} rows, or 'world' for the tutoring world's prompts")
     temperature: float = opt(1.0, "sampling temperature (log-probs of policy and reference use it too)")
     max_new_tokens: int = opt(32, "longest response sampled")
@@ -56,8 +58,9 @@ class OnlineConfig(SamplingConfig, OptimConfig, LoraConfig):
     """Online RL (PPO, RLOO, GRPO): sampling, the optimiser, and the rollout/minibatch/epoch shape."""
 
     n_prompts: int = opt(1000, "training prompts drawn from the world (prompts=world)")
-    eval_prompts: int = opt(64, "held-out prompts scored before and after training (world: the eval split; "
-                                "JSONL: the last rows)")
+    eval_prompts: int = opt(
+        64, "held-out prompts scored before and after training (world: the eval split; JSONL: the last rows)"
+    )
     max_steps: int = opt(20, "rollout batches (steps) to train on")
     batch_size: int = opt(32, "prompts per rollout batch")
     mini_batch_size: int = opt(16, "rollout rows per optimiser step")
@@ -70,8 +73,9 @@ class OnlineConfig(SamplingConfig, OptimConfig, LoraConfig):
     horizon: int = opt(10000, "adaptive KL controller horizon (Ziegler et al.: 10000)")
     cliprange: float = opt(0.2, "PPO ratio clip epsilon")
     log_every: int = opt(1, "log metrics every N steps")
-    max_kl: float = opt(0.0, "stop the run when the batch's mean KL to the reference (nats per sequence) exceeds "
-                             "this (0: no limit)")
+    max_kl: float = opt(
+        0.0, "stop the run when the batch's mean KL to the reference (nats per sequence) exceeds this (0: no limit)"
+    )
     max_abs_score: float = opt(1e4, "stop the run when a score's magnitude exceeds this (a broken reward)")
 
     def __post_init__(self):
@@ -79,21 +83,28 @@ class OnlineConfig(SamplingConfig, OptimConfig, LoraConfig):
         check(self.max_steps > 0, f"max_steps must be > 0, got {self.max_steps}")
         for name in ("batch_size", "mini_batch_size", "micro_batch_size", "epochs", "n_prompts"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        check(self.mini_batch_size % self.micro_batch_size == 0,
-              f"mini_batch_size ({self.mini_batch_size}) must be a multiple of micro_batch_size "
-              f"({self.micro_batch_size})")
-        check(self.kl_estimator in KL_ESTIMATORS,
-              f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
+        check(
+            self.mini_batch_size % self.micro_batch_size == 0,
+            f"mini_batch_size ({self.mini_batch_size}) must be a multiple of micro_batch_size "
+            f"({self.micro_batch_size})",
+        )
+        check(
+            self.kl_estimator in KL_ESTIMATORS,
+            f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}",
+        )
         check(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
         check(self.target_kl >= 0, f"target_kl must be >= 0, got {self.target_kl}")
         check(self.horizon > 0, f"horizon must be > 0, got {self.horizon}")
         check(0 < self.cliprange < 1, f"cliprange must be in (0, 1), got {self.cliprange}")
         check(self.eval_prompts >= 0, f"eval_prompts must be >= 0, got {self.eval_prompts}")
-        check(self.max_kl >= 0 and self.max_abs_score > 0,
-              f"need max_kl >= 0 and max_abs_score > 0, got {self.max_kl} and {self.max_abs_score}")
+        check(
+            self.max_kl >= 0 and self.max_abs_score > 0,
+            f"need max_kl >= 0 and max_abs_score > 0, got {self.max_kl} and {self.max_abs_score}",
+        )
 
 
 # ---- set-up ------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class OnlineSetup:
@@ -101,10 +112,10 @@ class OnlineSetup:
 
     run: Run
     device: torch.device
-    policy: torch.nn.Module          # trained; dropout off, pad != eos (RLHF details #1, #10)
-    ref: torch.nn.Module             # a frozen copy of the initial policy
+    policy: torch.nn.Module  # trained; dropout off, pad != eos (RLHF details #1, #10)
+    ref: torch.nn.Module  # a frozen copy of the initial policy
     tokenizer: Any
-    reward_fn: Callable              # the one reward interface: reward(prompts, responses) -> [B] floats
+    reward_fn: Callable  # the one reward interface: reward(prompts, responses) -> [B] floats
     train_prompts: list
     eval_prompts: list
 
@@ -130,14 +141,22 @@ def setup_online(config: OnlineConfig, stage_name: str) -> OnlineSetup:
     seed_everything(config.seed)
     train_prompts, eval_prompts = load_prompt_sets(config.prompts, config.n_prompts, config.eval_prompts, config.seed)
     reward_fn = load_reward(config.reward)
-    policy, tokenizer = load_model(config.model)        # dropout off, pad != eos (details #1, #10)
-    policy = add_lora(policy, config, base=config.model)      # --lora-r: only the adapters train
+    policy, tokenizer = load_model(config.model)  # dropout off, pad != eos (details #1, #10)
+    policy = add_lora(policy, config, base=config.model)  # --lora-r: only the adapters train
     run = Run(config.out or None, stage_name, config)
     device = make_accelerator().device
     policy.to(device)
     # the reference: a frozen copy of the starting policy, or with LoRA the same weights with the adapter off
-    return OnlineSetup(run=run, device=device, policy=policy, ref=reference_of(policy), tokenizer=tokenizer,
-                       reward_fn=reward_fn, train_prompts=train_prompts, eval_prompts=eval_prompts)
+    return OnlineSetup(
+        run=run,
+        device=device,
+        policy=policy,
+        ref=reference_of(policy),
+        tokenizer=tokenizer,
+        reward_fn=reward_fn,
+        train_prompts=train_prompts,
+        eval_prompts=eval_prompts,
+    )
 
 
 class PromptCycle:
@@ -154,22 +173,23 @@ class PromptCycle:
     def __next__(self) -> list:
         while len(self.order) < self.batch_size:
             self.order += torch.randperm(len(self.prompts), generator=self.generator).tolist()
-        chosen, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
+        chosen, self.order = self.order[: self.batch_size], self.order[self.batch_size :]
         return [self.prompts[i] for i in chosen]
 
 
 # ---- steps 1-3: rollout and score --------------------------------------------------------------------------
 
+
 @dataclass
 class ScoredRollout:
     """Sampled responses with their log-probs under the policy and the reference, and their scores."""
 
-    rollout: Rollout                 # texts, lengths, finished
-    batch: dict                      # collate layout, on the device
-    old_logps: torch.Tensor          # [B, C] policy log-probs at sampling time (recomputed by a full forward)
-    entropy: torch.Tensor            # [B, C] policy entropy per token
-    ref_logps: torch.Tensor          # [B, C] reference log-probs
-    scores: torch.Tensor             # [B] reward minus the missing-EOS penalty
+    rollout: Rollout  # texts, lengths, finished
+    batch: dict  # collate layout, on the device
+    old_logps: torch.Tensor  # [B, C] policy log-probs at sampling time (recomputed by a full forward)
+    entropy: torch.Tensor  # [B, C] policy entropy per token
+    ref_logps: torch.Tensor  # [B, C] reference log-probs
+    scores: torch.Tensor  # [B] reward minus the missing-EOS penalty
 
     @property
     def mask(self) -> torch.Tensor:
@@ -184,8 +204,14 @@ def score_responses(reward_fn, prompts: list, rollout: Rollout, missing_eos_pena
 
 def sample(policy, tokenizer, prompts: list, config: OnlineConfig, generator: torch.Generator) -> Rollout:
     """Pure sampling at the configured temperature, stopping at EOS (details #3, #4)."""
-    return generate(policy, tokenizer, [encode_prompt(tokenizer, p) for p in prompts], config.max_new_tokens,
-                    temperature=config.temperature, generator=generator)
+    return generate(
+        policy,
+        tokenizer,
+        [encode_prompt(tokenizer, p) for p in prompts],
+        config.max_new_tokens,
+        temperature=config.temperature,
+        generator=generator,
+    )
 
 
 @torch.no_grad()
@@ -206,14 +232,17 @@ def check_scores(step: int, scores: torch.Tensor, kl: torch.Tensor, config: Onli
     check_finite(step, scores=scores, kl=kl)
     worst = scores.abs().max().item()
     if worst > config.max_abs_score:
-        raise TrainingStopped(f"step {step}: a score of magnitude {worst:.4g} is beyond max_abs_score "
-                              f"{config.max_abs_score:g} (is the reward broken?)")
+        raise TrainingStopped(
+            f"step {step}: a score of magnitude {worst:.4g} is beyond max_abs_score "
+            f"{config.max_abs_score:g} (is the reward broken?)"
+        )
     mean_kl = kl.mean().item()
     if config.max_kl and mean_kl > config.max_kl:
         raise TrainingStopped(f"step {step}: objective/kl {mean_kl:.4g} is above max_kl {config.max_kl:g}")
 
 
 # ---- the update: epochs x minibatches x micro-batches ------------------------------------------------------
+
 
 def micro_batches(minibatch: dict, size: int) -> Iterator[dict]:
     """The micro-batches a minibatch's forward/backward runs over (gradients accumulate across them)."""
@@ -231,8 +260,15 @@ def add_token_stats(stats: dict, values: dict, mask: torch.Tensor) -> None:
         stats["ratio_max_dev"] = max(stats.get("ratio_max_dev", 0.0), dev)
 
 
-def optimise(modules: list, optimizer, data: dict, config: OnlineConfig, generator: torch.Generator,
-             minibatch_step: Callable[[dict, dict], None], step: int = 0) -> dict:
+def optimise(
+    modules: list,
+    optimizer,
+    data: dict,
+    config: OnlineConfig,
+    generator: torch.Generator,
+    minibatch_step: Callable[[dict, dict], None],
+    step: int = 0,
+) -> dict:
     """`config.epochs` passes over the rollout batch `data`, reshuffled each pass, one optimiser step per
     minibatch of `mini_batch_size` rows (detail #16). `minibatch_step(minibatch, stats)` runs the method's
     forward/backward and accumulates its statistics. Returns the statistics of the whole step, with
@@ -247,10 +283,10 @@ def optimise(modules: list, optimizer, data: dict, config: OnlineConfig, generat
         order = torch.randperm(n_rows, generator=generator).to(device)
         for start in range(0, n_rows, config.mini_batch_size):
             optimizer.zero_grad(set_to_none=True)
-            minibatch_step(take(data, order[start:start + config.mini_batch_size]), stats)
+            minibatch_step(take(data, order[start : start + config.mini_batch_size]), stats)
             stats.setdefault("first_ratio_dev", stats.get("ratio_max_dev", 0.0))
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
-            check_finite(step, grad_norm=grad_norm)           # before a NaN reaches the weights
+            check_finite(step, grad_norm=grad_norm)  # before a NaN reaches the weights
             optimizer.step()
     for m in modules:
         m.eval()
@@ -259,14 +295,15 @@ def optimise(modules: list, optimizer, data: dict, config: OnlineConfig, generat
 
 # ---- checkpoints and resume -------------------------------------------------------------------------------
 
+
 @dataclass
 class LoopState:
     """What an online loop carries from step to step, and into its checkpoints."""
 
-    kl_ctl: Any                      # the fixed or adaptive KL coefficient (`.value`)
-    generator: torch.Generator       # the prompt order and the minibatch shuffles
+    kl_ctl: Any  # the fixed or adaptive KL coefficient (`.value`)
+    generator: torch.Generator  # the prompt order and the minibatch shuffles
     prompts: PromptCycle
-    before: dict                     # held-out numbers before training (for the summary)
+    before: dict  # held-out numbers before training (for the summary)
     step: int
     budget: Budget
 
@@ -279,8 +316,14 @@ def start_loop(setup: OnlineSetup, config: OnlineConfig, optimizer, modules: dic
     prompts = PromptCycle(setup.train_prompts, config.batch_size, generator)
     ckpt = setup.run.resume_state()
     if ckpt is None:
-        return LoopState(kl_ctl, generator, prompts, evaluate_policy(setup, config, config.seed + 7), 0,
-                         Budget(config.max_steps, config.max_seconds))
+        return LoopState(
+            kl_ctl,
+            generator,
+            prompts,
+            evaluate_policy(setup, config, config.seed + 7),
+            0,
+            Budget(config.max_steps, config.max_seconds),
+        )
     ckpt.load_model_weights(setup.policy)
     for name, module in (modules or {}).items():
         module.load_state_dict(ckpt.state["modules"][name])
@@ -289,36 +332,64 @@ def start_loop(setup: OnlineSetup, config: OnlineConfig, optimizer, modules: dic
     generator.set_state(ckpt.state["generator"])
     prompts.order = list(ckpt.state["order"])
     step, elapsed = ckpt.state["loop"]
-    return LoopState(kl_ctl, generator, prompts, ckpt.state["before"], step,
-                     Budget(config.max_steps, config.max_seconds, elapsed=elapsed))
+    return LoopState(
+        kl_ctl,
+        generator,
+        prompts,
+        ckpt.state["before"],
+        step,
+        Budget(config.max_steps, config.max_seconds, elapsed=elapsed),
+    )
 
 
 def save_loop(setup: OnlineSetup, loop: LoopState, optimizer, modules: dict | None = None) -> None:
     """A checkpoint of the policy and everything `start_loop` needs to continue exactly."""
-    setup.run.save_checkpoint(loop.step, setup.policy, setup.tokenizer, {
-        "optimizer": optimizer.state_dict(), "beta": loop.kl_ctl.value, "generator": loop.generator.get_state(),
-        "order": list(loop.prompts.order), "before": loop.before, "loop": (loop.step, loop.budget.elapsed),
-        "modules": {name: m.state_dict() for name, m in (modules or {}).items()}})
+    setup.run.save_checkpoint(
+        loop.step,
+        setup.policy,
+        setup.tokenizer,
+        {
+            "optimizer": optimizer.state_dict(),
+            "beta": loop.kl_ctl.value,
+            "generator": loop.generator.get_state(),
+            "order": list(loop.prompts.order),
+            "before": loop.before,
+            "loop": (loop.step, loop.budget.elapsed),
+            "modules": {name: m.state_dict() for name, m in (modules or {}).items()},
+        },
+    )
 
 
 # ---- evaluation and the end of a run -----------------------------------------------------------------------
+
 
 @torch.no_grad()
 def evaluate_policy(setup: OnlineSetup, config: OnlineConfig, seed: int) -> dict:
     """Mean reward, KL(pi || ref) per sequence (k1, summed over tokens), length and EOS rate on held-out prompts."""
     if not setup.eval_prompts:
         return {}
-    rollout = sample(setup.policy, setup.tokenizer, setup.eval_prompts, config,
-                     torch.Generator(device=setup.device).manual_seed(seed))
+    rollout = sample(
+        setup.policy,
+        setup.tokenizer,
+        setup.eval_prompts,
+        config,
+        torch.Generator(device=setup.device).manual_seed(seed),
+    )
     batch = {k: v.to(setup.device) for k, v in rollout.batch.items()}
     logp = chunked_logps(setup.policy, batch, config.temperature, 64)
     ref_logp = chunked_logps(setup.ref, batch, config.temperature, 64)
     scores = setup.reward_fn(setup.eval_prompts, rollout.texts).float()
-    return {"reward": scores.mean().item(), "kl": (logp - ref_logp).sum(-1).mean().item(),
-            "length": rollout.lengths.float().mean().item(), "eos_rate": rollout.finished.float().mean().item()}
+    return {
+        "reward": scores.mean().item(),
+        "kl": (logp - ref_logp).sum(-1).mean().item(),
+        "length": rollout.lengths.float().mean().item(),
+        "eos_rate": rollout.finished.float().mean().item(),
+    }
 
 
-def finish_online(setup: OnlineSetup, name: str, config: OnlineConfig, loop: LoopState, extra: dict | None = None) -> dict:
+def finish_online(
+    setup: OnlineSetup, name: str, config: OnlineConfig, loop: LoopState, extra: dict | None = None
+) -> dict:
     """Held-out evaluation after training, the policy saved as a HF directory, the summary."""
     after = evaluate_policy(setup, config, config.seed + 7)
     if after:

@@ -25,10 +25,27 @@ import torch
 
 from preflab.config import check, opt
 from preflab.logps import masked_mean, sequence_logps
-from preflab.policy.losses import (approx_kl, clipped_policy_loss, clipped_value_loss, explained_variance, gae,
-                                   masked_whiten, rlhf_rewards)
-from preflab.policy.online import (OnlineConfig, add_token_stats, check_scores, finish_online, micro_batches, optimise,
-                                   rollout_and_score, save_loop, setup_online, start_loop)
+from preflab.policy.losses import (
+    approx_kl,
+    clipped_policy_loss,
+    clipped_value_loss,
+    explained_variance,
+    gae,
+    masked_whiten,
+    rlhf_rewards,
+)
+from preflab.policy.online import (
+    OnlineConfig,
+    add_token_stats,
+    check_scores,
+    finish_online,
+    micro_batches,
+    optimise,
+    rollout_and_score,
+    save_loop,
+    setup_online,
+    start_loop,
+)
 from preflab.policy.value import make_value_model, save_value_model
 from preflab.runs import progress
 from preflab.stages import stage
@@ -36,8 +53,11 @@ from preflab.stages import stage
 
 @dataclass(kw_only=True)
 class PPOConfig(OnlineConfig):
-    value_init: str = opt("policy", "value model start: 'policy' (policy backbone + zero head) or 'reward' "
-                                    "(the reward model, its normalisation folded into the head)")
+    value_init: str = opt(
+        "policy",
+        "value model start: 'policy' (policy backbone + zero head) or 'reward' "
+        "(the reward model, its normalisation folded into the head)",
+    )
     value_model: str = opt("", "reward-model folder for value_init=reward (default: --reward)")
     vf_coef: float = opt(0.1, "weight of the value loss in the total loss")
     cliprange_value: float = opt(0.2, "value clip epsilon around the rollout-time values")
@@ -47,12 +67,17 @@ class PPOConfig(OnlineConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check(self.batch_size % self.mini_batch_size == 0,
-              f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size})")
-        check(self.value_init in ("policy", "reward"),
-              f"value_init must be 'policy' or 'reward', got {self.value_init!r}")
-        check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1,
-              f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
+        check(
+            self.batch_size % self.mini_batch_size == 0,
+            f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size})",
+        )
+        check(
+            self.value_init in ("policy", "reward"), f"value_init must be 'policy' or 'reward', got {self.value_init!r}"
+        )
+        check(
+            0 <= self.gamma <= 1 and 0 <= self.lam <= 1,
+            f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}",
+        )
         check(self.vf_coef >= 0, f"vf_coef must be >= 0, got {self.vf_coef}")
 
 
@@ -71,9 +96,19 @@ def ppo_minibatch(policy, value_model, mb: dict, config: PPOConfig, stats: dict 
         loss = ((pg + config.vf_coef * vf) * mask).sum() / n_tokens
         loss.backward()
         with torch.no_grad():
-            add_token_stats(stats, {"loss/policy": pg, "loss/value": vf, "policy/clipfrac": pg_clipped.float(),
-                                    "policy/approxkl": approx_kl(logp, mu["old_logps"]), "val/ratio": ratio,
-                                    "val/clipfrac": vf_clipped.float(), "policy/entropy": entropy}, mask)
+            add_token_stats(
+                stats,
+                {
+                    "loss/policy": pg,
+                    "loss/value": vf,
+                    "policy/clipfrac": pg_clipped.float(),
+                    "policy/approxkl": approx_kl(logp, mu["old_logps"]),
+                    "val/ratio": ratio,
+                    "val/clipfrac": vf_clipped.float(),
+                    "policy/entropy": entropy,
+                },
+                mask,
+            )
     return stats
 
 
@@ -86,10 +121,12 @@ def batch_values(value_model, batch: dict, chunk: int) -> torch.Tensor:
 @stage(PPOConfig)
 def ppo(config: PPOConfig) -> dict:
     s = setup_online(config, "ppo")
-    value_model = make_value_model(s.policy, s.tokenizer, config.value_init,
-                                   config.value_model or config.reward).to(s.device)
-    optimizer = torch.optim.AdamW([*s.policy.parameters(), *value_model.parameters()], lr=config.lr, eps=1e-5,
-                                  weight_decay=config.weight_decay)
+    value_model = make_value_model(s.policy, s.tokenizer, config.value_init, config.value_model or config.reward).to(
+        s.device
+    )
+    optimizer = torch.optim.AdamW(
+        [*s.policy.parameters(), *value_model.parameters()], lr=config.lr, eps=1e-5, weight_decay=config.weight_decay
+    )
     critic = {"value_model": value_model}
     loop = start_loop(s, config, optimizer, critic)
     bar = progress(total=config.max_steps, initial=loop.step, desc="ppo")
@@ -101,10 +138,11 @@ def ppo(config: PPOConfig) -> dict:
             mask = r.mask
             with torch.no_grad():
                 # 4. per-token reward: -beta KL_t, score at the last real token (details #5, #11)
-                rewards, kl = rlhf_rewards(r.old_logps, r.ref_logps, r.scores, mask, loop.kl_ctl.value,
-                                           config.kl_estimator)
+                rewards, kl = rlhf_rewards(
+                    r.old_logps, r.ref_logps, r.scores, mask, loop.kl_ctl.value, config.kl_estimator
+                )
                 rlhf_reward = rewards.sum(-1)
-                check_scores(loop.step + 1, r.scores, kl.sum(-1), config)     # NaN, a broken reward, KL past max_kl
+                check_scores(loop.step + 1, r.scores, kl.sum(-1), config)  # NaN, a broken reward, KL past max_kl
                 # 5. reward whitening without mean shift (detail #14)
                 if config.whiten_rewards:
                     rewards = masked_whiten(rewards, mask, shift_mean=False)
@@ -112,11 +150,23 @@ def ppo(config: PPOConfig) -> dict:
                 old_values = batch_values(value_model, r.batch, config.mini_batch_size)
                 advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
                 advantages = masked_whiten(advantages, mask, shift_mean=True)
-            data = {**r.batch, "old_logps": r.old_logps, "old_values": old_values, "advantages": advantages,
-                    "returns": returns}
+            data = {
+                **r.batch,
+                "old_logps": r.old_logps,
+                "old_values": old_values,
+                "advantages": advantages,
+                "returns": returns,
+            }
             # 7. several epochs over reshuffled minibatches; one optimiser step per minibatch (details #16, #17)
-            stats = optimise([s.policy, value_model], optimizer, data, config, loop.generator,
-                             lambda mb, st: ppo_minibatch(s.policy, value_model, mb, config, st), loop.step + 1)
+            stats = optimise(
+                [s.policy, value_model],
+                optimizer,
+                data,
+                config,
+                loop.generator,
+                lambda mb, st: ppo_minibatch(s.policy, value_model, mb, config, st),
+                loop.step + 1,
+            )
             loop.step += 1
             # 8. KL controller on the mean per-sequence KL of this batch (detail #12)
             mean_kl = kl.sum(-1).mean().item()
@@ -125,18 +175,26 @@ def ppo(config: PPOConfig) -> dict:
             # 9. log: means over the whole step
             n = max(stats["tokens"], 1.0)
             if loop.step % config.log_every == 0 or loop.step == config.max_steps:
-                s.run.log(loop.step, {
-                    "ppo/objective/kl": mean_kl, "ppo/objective/scores": r.scores.mean(),
-                    "ppo/objective/rlhf_reward": rlhf_reward.mean(),
-                    "ppo/objective/entropy": masked_mean(r.entropy, mask),
-                    "ppo/policy/approxkl": stats["policy/approxkl"] / n, "ppo/policy/clipfrac": stats["policy/clipfrac"] / n,
-                    "ppo/policy/first_ratio_dev": stats["first_ratio_dev"],
-                    "ppo/val/ratio": stats["val/ratio"] / n, "ppo/val/clipfrac": stats["val/clipfrac"] / n,
-                    "ppo/val/explained_variance": explained_variance(old_values, returns, mask),
-                    "ppo/loss/policy": stats["loss/policy"] / n, "ppo/loss/value": stats["loss/value"] / n,
-                    "ppo/beta": beta_used, "ppo/rollout/length": r.rollout.lengths.float().mean(),
-                    "ppo/rollout/eos_rate": r.rollout.finished.float().mean(),
-                })
+                s.run.log(
+                    loop.step,
+                    {
+                        "ppo/objective/kl": mean_kl,
+                        "ppo/objective/scores": r.scores.mean(),
+                        "ppo/objective/rlhf_reward": rlhf_reward.mean(),
+                        "ppo/objective/entropy": masked_mean(r.entropy, mask),
+                        "ppo/policy/approxkl": stats["policy/approxkl"] / n,
+                        "ppo/policy/clipfrac": stats["policy/clipfrac"] / n,
+                        "ppo/policy/first_ratio_dev": stats["first_ratio_dev"],
+                        "ppo/val/ratio": stats["val/ratio"] / n,
+                        "ppo/val/clipfrac": stats["val/clipfrac"] / n,
+                        "ppo/val/explained_variance": explained_variance(old_values, returns, mask),
+                        "ppo/loss/policy": stats["loss/policy"] / n,
+                        "ppo/loss/value": stats["loss/value"] / n,
+                        "ppo/beta": beta_used,
+                        "ppo/rollout/length": r.rollout.lengths.float().mean(),
+                        "ppo/rollout/eos_rate": r.rollout.finished.float().mean(),
+                    },
+                )
             bar.update(1)
             bar.set_postfix(score=f"{r.scores.mean().item():.3f}", kl=f"{mean_kl:.2f}")
             s.run.step_end(loop.step, config.checkpoint_every, stop, lambda: save_loop(s, loop, optimizer, critic))

@@ -25,10 +25,19 @@ import torch
 
 from preflab.config import check, opt
 from preflab.logps import masked_mean, sequence_logps
-from preflab.policy.losses import (approx_kl, clipped_policy_loss, grpo_advantages, kl_estimate, kl_k3,
-                                   rloo_advantages)
-from preflab.policy.online import (OnlineConfig, add_token_stats, check_scores, finish_online, micro_batches, optimise,
-                                   rollout_and_score, save_loop, setup_online, start_loop)
+from preflab.policy.losses import approx_kl, clipped_policy_loss, grpo_advantages, kl_estimate, kl_k3, rloo_advantages
+from preflab.policy.online import (
+    OnlineConfig,
+    add_token_stats,
+    check_scores,
+    finish_online,
+    micro_batches,
+    optimise,
+    rollout_and_score,
+    save_loop,
+    setup_online,
+    start_loop,
+)
 from preflab.runs import progress
 from preflab.stages import stage
 
@@ -36,15 +45,20 @@ from preflab.stages import stage
 @dataclass(kw_only=True)
 class RLOOConfig(OnlineConfig):
     k: int = opt(4, "samples per prompt (the group); rollout rows per step = batch_size x k")
-    batch_size: int = opt(8, "prompts per rollout batch (8 x k=4 = 32 rows: with mini_batch_size 16 and 2 epochs, "
-                             "4 optimiser steps per batch, as PPO's defaults)")
+    batch_size: int = opt(
+        8,
+        "prompts per rollout batch (8 x k=4 = 32 rows: with mini_batch_size 16 and 2 epochs, "
+        "4 optimiser steps per batch, as PPO's defaults)",
+    )
 
     def __post_init__(self):
         super().__post_init__()
         check(self.k >= 2, f"k must be >= 2 (a leave-one-out or group baseline needs 2 samples), got {self.k}")
         rows = self.batch_size * self.k
-        check(rows % self.mini_batch_size == 0,
-              f"batch_size x k ({rows}) must be a multiple of mini_batch_size ({self.mini_batch_size})")
+        check(
+            rows % self.mini_batch_size == 0,
+            f"batch_size x k ({rows}) must be a multiple of mini_batch_size ({self.mini_batch_size})",
+        )
 
 
 @dataclass(kw_only=True)
@@ -53,7 +67,9 @@ class GRPOConfig(RLOOConfig):
     kl_estimator: str = opt("k3", "KL estimator for the logged KL; the loss term is always k3 (GRPO eq. 4)")
 
 
-def critic_free_minibatch(policy, mb: dict, config: RLOOConfig, method: str, beta: float, stats: dict | None = None) -> dict:
+def critic_free_minibatch(
+    policy, mb: dict, config: RLOOConfig, method: str, beta: float, stats: dict | None = None
+) -> dict:
     """Forward/backward over the micro-batches of one minibatch; the loss is the mean over its sequences, so
     accumulation over micro-batches is exact. `mb` holds the batch plus old_logps, ref_logps, advantages [B]."""
     stats = stats if stats is not None else {}
@@ -65,19 +81,26 @@ def critic_free_minibatch(policy, mb: dict, config: RLOOConfig, method: str, bet
         adv = mu["advantages"][:, None].expand_as(logp)
         pg, ratio, clipped = clipped_policy_loss(logp, mu["old_logps"], adv, config.cliprange)
         if method == "rloo":
-            per_seq = (pg * mask).sum(-1)                                     # REINFORCE on the whole sequence
+            per_seq = (pg * mask).sum(-1)  # REINFORCE on the whole sequence
             kl_term = torch.zeros_like(per_seq)
         else:
-            per_seq = (pg * mask).sum(-1) / length                            # GRPO eq. 3: 1/|o_i| sum_t
-            kl_term = beta * (kl_k3(logp, mu["ref_logps"]) * mask).sum(-1) / length   # GRPO eq. 3-4
+            per_seq = (pg * mask).sum(-1) / length  # GRPO eq. 3: 1/|o_i| sum_t
+            kl_term = beta * (kl_k3(logp, mu["ref_logps"]) * mask).sum(-1) / length  # GRPO eq. 3-4
         loss = (per_seq + kl_term).sum() / n_rows
         loss.backward()
         with torch.no_grad():
             stats["loss/policy"] = stats.get("loss/policy", 0.0) + per_seq.sum().item()
             stats["loss/kl"] = stats.get("loss/kl", 0.0) + kl_term.sum().item()
             stats["rows"] = stats.get("rows", 0.0) + mu["input_ids"].shape[0]
-            add_token_stats(stats, {"policy/clipfrac": clipped.float(), "val/ratio": ratio,
-                                    "policy/approxkl": approx_kl(logp, mu["old_logps"])}, mask)
+            add_token_stats(
+                stats,
+                {
+                    "policy/clipfrac": clipped.float(),
+                    "val/ratio": ratio,
+                    "policy/approxkl": approx_kl(logp, mu["old_logps"]),
+                },
+                mask,
+            )
     return stats
 
 
@@ -89,13 +112,13 @@ def critic_free(config: RLOOConfig, method: str) -> dict:
     k = config.k
     with s.run.guarded() as stop:
         while not loop.budget.done(loop.step):
-            prompts = [p for p in next(loop.prompts) for _ in range(k)]               # prompt-major groups of k
+            prompts = [p for p in next(loop.prompts) for _ in range(k)]  # prompt-major groups of k
             # 1-3. rollout, old and reference log-probs (temperature on both), scores with the missing-EOS penalty
             r = rollout_and_score(s, prompts, config, loop.step)
             mask = r.mask
             with torch.no_grad():
                 kl = (kl_estimate(r.old_logps, r.ref_logps, config.kl_estimator) * mask).sum(-1)
-                check_scores(loop.step + 1, r.scores, kl, config)          # NaN, a broken reward, KL past max_kl
+                check_scores(loop.step + 1, r.scores, kl, config)  # NaN, a broken reward, KL past max_kl
                 # 4. advantages: leave-one-out on the KL-penalised reward, or group-normalised scores
                 if method == "rloo":
                     advantages = rloo_advantages(r.scores - loop.kl_ctl.value * kl, k)
@@ -104,21 +127,31 @@ def critic_free(config: RLOOConfig, method: str) -> dict:
             data = {**r.batch, "old_logps": r.old_logps, "ref_logps": r.ref_logps, "advantages": advantages}
             # 5. epochs over reshuffled minibatches, one optimiser step per minibatch
             beta_used = loop.kl_ctl.value
-            stats = optimise([s.policy], optimizer, data, config, loop.generator,
-                             lambda mb, st: critic_free_minibatch(s.policy, mb, config, method, beta_used, st),
-                             loop.step + 1)
+            stats = optimise(
+                [s.policy],
+                optimizer,
+                data,
+                config,
+                loop.generator,
+                lambda mb, st: critic_free_minibatch(s.policy, mb, config, method, beta_used, st),
+                loop.step + 1,
+            )
             loop.step += 1
             # 6. KL controller, then 7. log means over the step
             loop.kl_ctl.update(kl.mean().item(), len(prompts))
             n, rows = max(stats["tokens"], 1.0), max(stats["rows"], 1.0)
             if loop.step % config.log_every == 0 or loop.step == config.max_steps:
                 metrics = {
-                    "objective/kl": kl.mean(), "objective/scores": r.scores.mean(),
+                    "objective/kl": kl.mean(),
+                    "objective/scores": r.scores.mean(),
                     "objective/rlhf_reward": (r.scores - beta_used * kl).mean(),
                     "objective/entropy": masked_mean(r.entropy, mask),
-                    "policy/approxkl": stats["policy/approxkl"] / n, "policy/clipfrac": stats["policy/clipfrac"] / n,
-                    "policy/first_ratio_dev": stats["first_ratio_dev"], "val/ratio": stats["val/ratio"] / n,
-                    "loss/policy": stats["loss/policy"] / rows, "beta": beta_used,
+                    "policy/approxkl": stats["policy/approxkl"] / n,
+                    "policy/clipfrac": stats["policy/clipfrac"] / n,
+                    "policy/first_ratio_dev": stats["first_ratio_dev"],
+                    "val/ratio": stats["val/ratio"] / n,
+                    "loss/policy": stats["loss/policy"] / rows,
+                    "beta": beta_used,
                     "rollout/length": r.rollout.lengths.float().mean(),
                     "rollout/eos_rate": r.rollout.finished.float().mean(),
                     "objective/group_std": r.scores.view(-1, k).std(-1).mean(),

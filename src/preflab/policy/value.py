@@ -37,9 +37,10 @@ class ValueModel(nn.Module):
         P = int(batch["prompt_length"])
         C = batch["input_ids"].shape[1] - P
         mask = batch["attention_mask"]
-        hidden = self.backbone(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids(mask),
-                               use_cache=False).last_hidden_state
-        values = self.head(hidden[:, P - 1:P + C - 1]).squeeze(-1)     # state before completion token t
+        hidden = self.backbone(
+            input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids(mask), use_cache=False
+        ).last_hidden_state
+        values = self.head(hidden[:, P - 1 : P + C - 1]).squeeze(-1)  # state before completion token t
         return values * batch["completion_mask"].to(values.dtype)
 
 
@@ -66,11 +67,15 @@ def make_value_model(policy, tokenizer, value_init: str, path: str = "") -> Valu
         from preflab.reward.model import RewardModel
 
         if not Path(path).is_dir():
-            raise ModelError(f"value_init=reward needs a reward-model folder in --value-model or --reward, got {path!r}")
+            raise ModelError(
+                f"value_init=reward needs a reward-model folder in --value-model or --reward, got {path!r}"
+            )
         rm = RewardModel.load(path)
         if not same_tokenizer(rm.tokenizer, tokenizer):
-            raise ModelError(f"value_init=reward: the reward model at {path} has another tokenizer than the policy; "
-                             "the critic reads the policy's token ids (use --value-init policy)")
+            raise ModelError(
+                f"value_init=reward: the reward model at {path} has another tokenizer than the policy; "
+                "the critic reads the policy's token ids (use --value-init policy)"
+            )
         head = folded_head(rm.head, float(rm.gain), float(rm.bias))
         return ValueModel(copy.deepcopy(rm.backbone).get_decoder(), head).float()
     head = nn.Linear(policy.config.hidden_size, 1)
@@ -85,7 +90,9 @@ def save_value_model(value_model: ValueModel, directory: str | Path) -> Path:
 
     directory = Path(directory)
     value_model.backbone.save_pretrained(directory)
-    save_file({k: v.detach().cpu().contiguous() for k, v in value_model.head.state_dict().items()}, directory / HEAD_FILE)
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in value_model.head.state_dict().items()}, directory / HEAD_FILE
+    )
     return directory
 
 

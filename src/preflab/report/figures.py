@@ -14,8 +14,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 # Metric-name fragments worth plotting from a training run, in order of interest.
-CURVE_KEYS = ("loss", "accuracy", "objective/scores", "objective/kl", "rlhf_reward", "rewards/margins",
-              "rollout/length", "true_utility", "eval/reward", "perplexity")
+CURVE_KEYS = (
+    "loss",
+    "accuracy",
+    "objective/scores",
+    "objective/kl",
+    "rlhf_reward",
+    "rewards/margins",
+    "rollout/length",
+    "true_utility",
+    "eval/reward",
+    "perplexity",
+)
 
 
 def png_base64(fig) -> str:
@@ -59,7 +69,7 @@ def training_curves(runs: dict[str, list[dict]]):
         ax.set_xlabel("step", fontsize=8)
         ax.legend(fontsize=6)
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
     return fig
@@ -76,14 +86,26 @@ def frontier(evaluation: dict | None, sweep: dict | None):
     if evaluation:
         for name, r in evaluation["policies"].items():
             label = f"{name}{' (KL bound)' if r.get('kl_is_bound') else ''}"
-            if "true_utility" in r:   # (not on the user's own prompts: only the world knows the truth)
+            if "true_utility" in r:  # (not on the user's own prompts: only the world knows the truth)
                 u = r["true_utility"]
-                ax.errorbar([r["kl"]], [u["mean"]], yerr=[[u["mean"] - u["low"]], [u["high"] - u["mean"]]], fmt="o",
-                            capsize=3, label=label)
+                ax.errorbar(
+                    [r["kl"]],
+                    [u["mean"]],
+                    yerr=[[u["mean"] - u["low"]], [u["high"] - u["mean"]]],
+                    fmt="o",
+                    capsize=3,
+                    label=label,
+                )
                 label = None
             if "proxy_reward" in r:
-                ax.scatter([r["kl"]], [r["proxy_reward"]["mean"]], marker="x", c="k" if label is None else None, s=20,
-                           label=label)
+                ax.scatter(
+                    [r["kl"]],
+                    [r["proxy_reward"]["mean"]],
+                    marker="x",
+                    c="k" if label is None else None,
+                    s=20,
+                    label=label,
+                )
     ax.set_xlabel("KL to the reference (nats per response)")
     ax.set_ylabel("true utility (o, 95% CI); proxy reward (x)")
     ax.axhline(0, c="0.85", lw=0.8)
@@ -111,8 +133,15 @@ def true_vs_proxy(sweep: dict | None):
         if fit["d_star"] is not None and fit["d_star"] <= max(d) * 1.5:
             ax1.axvline(fit["d_star"], c=color, ls=":", lw=1)
         best = fit["best_measured"]
-        ax1.scatter([best["sqrt_kl"]], [best["true_utility"] - base["true_utility"]], marker="*", s=120, c=color,
-                    edgecolors="k", zorder=5)
+        ax1.scatter(
+            [best["sqrt_kl"]],
+            [best["true_utility"] - base["true_utility"]],
+            marker="*",
+            s=120,
+            c=color,
+            edgecolors="k",
+            zorder=5,
+        )
     ax1.set_title("true utility gain (line: Gao fit, dotted: fitted peak, star: best run)", fontsize=8)
     ax2.set_title("proxy reward gain", fontsize=9)
     for ax in (ax1, ax2):
@@ -163,7 +192,7 @@ def calibration_table(samples: list[dict], reference: str, bins: int = 5) -> lis
             continue
         for a, b in zip(rows, ref):
             if a.get("utility") is None or b.get("utility") is None:
-                continue   # the user's own prompts: no truth to calibrate against
+                continue  # the user's own prompts: no truth to calibrate against
             if a["utility"] == b["utility"] and a["response"] == b["response"]:
                 continue
             pred.append(1 / (1 + math.exp(-(a["proxy"] - b["proxy"]))))
@@ -173,9 +202,16 @@ def calibration_table(samples: list[dict], reference: str, bins: int = 5) -> lis
     pred, outcome = np.array(pred), np.array(outcome)
     edges = np.linspace(0, 1, bins + 1)
     idx = np.clip(np.digitize(pred, edges) - 1, 0, bins - 1)
-    return [{"bin": f"{edges[k]:.1f}-{edges[k + 1]:.1f}", "n": int((idx == k).sum()),
-             "predicted": float(pred[idx == k].mean()), "observed": float(outcome[idx == k].mean())}
-            for k in range(bins) if (idx == k).any()]
+    return [
+        {
+            "bin": f"{edges[k]:.1f}-{edges[k + 1]:.1f}",
+            "n": int((idx == k).sum()),
+            "predicted": float(pred[idx == k].mean()),
+            "observed": float(outcome[idx == k].mean()),
+        }
+        for k in range(bins)
+        if (idx == k).any()
+    ]
 
 
 def calibration(table: list[dict]):

@@ -1,11 +1,11 @@
 """`preflab report RUN_DIR`: one self-contained HTML file (figures as base64 PNGs, no external files).
 
-    1. find what the folder holds: every run folder with a metrics.jsonl (the folder itself and its
-       sub-folders), an eval.json + samples.jsonl (`preflab eval policy`), a sweep.json (`preflab eval sweep`),
-       a demo summary (headline.json), reward and bias-audit summaries
-    2. draw the figures that have data: training curves, the reward-vs-KL frontier, true vs proxy reward
-       along the sweep with the Gao et al. fit, length drift, reward-model calibration against the truth
-    3. write report.html with the headline table, the gain by component, the figures and sample responses
+1. find what the folder holds: every run folder with a metrics.jsonl (the folder itself and its
+   sub-folders), an eval.json + samples.jsonl (`preflab eval policy`), a sweep.json (`preflab eval sweep`),
+   a demo summary (headline.json), reward and bias-audit summaries
+2. draw the figures that have data: training curves, the reward-vs-KL frontier, true vs proxy reward
+   along the sweep with the Gao et al. fit, length drift, reward-model calibration against the truth
+3. write report.html with the headline table, the gain by component, the figures and sample responses
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from preflab.stages import stage
 from preflab.config import check, opt
 from preflab.report import figures
 from preflab.runs import read_metrics
+from preflab.stages import stage
 
 
 @dataclass
@@ -88,12 +88,26 @@ def proxy_tables(evaluation: dict) -> str:
     rows = []
     for name, r in evaluation["policies"].items():
         p, g = r.get("proxy_reward"), r.get("proxy_gain")
-        rows.append([name, f"{p['mean']:.3f} [{p['low']:.3f}, {p['high']:.3f}]" if p else "-",
-                     f"{g['mean']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}]" if g else "-",
-                     r.get("win_rate_proxy", float("nan")), r.get("lc_win_rate_proxy", float("nan")),
-                     ("&le; " if r.get("kl_is_bound") else "") + f"{r['kl']:.3f}", r["mean_length"]])
-    head = ["policy", "proxy reward [95% CI]", "proxy gain vs reference [95% CI]", "win rate (RM)", "LC win rate (RM)",
-            "KL to reference", "mean length"]
+        rows.append(
+            [
+                name,
+                f"{p['mean']:.3f} [{p['low']:.3f}, {p['high']:.3f}]" if p else "-",
+                f"{g['mean']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}]" if g else "-",
+                r.get("win_rate_proxy", float("nan")),
+                r.get("lc_win_rate_proxy", float("nan")),
+                ("&le; " if r.get("kl_is_bound") else "") + f"{r['kl']:.3f}",
+                r["mean_length"],
+            ]
+        )
+    head = [
+        "policy",
+        "proxy reward [95% CI]",
+        "proxy gain vs reference [95% CI]",
+        "win rate (RM)",
+        "LC win rate (RM)",
+        "KL to reference",
+        "mean length",
+    ]
     return f"<p class='note'>{html.escape(NO_TRUE_UTILITY)}</p>" + _table(head, rows).replace("&amp;le; ", "&le; ")
 
 
@@ -105,15 +119,38 @@ def policy_tables(evaluation: dict) -> str:
     rows, gains = [], []
     for name, r in evaluation["policies"].items():
         u, g = r["true_utility"], r["gain"]
-        rows.append([name, f"{u['mean']:.3f} [{u['low']:.3f}, {u['high']:.3f}]",
-                     f"{g['mean']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}]",
-                     r.get("proxy_reward", {}).get("mean", float("nan")), r["win_rate_true"], r["lc_win_rate_true"],
-                     r.get("win_rate_proxy", float("nan")), ("&le; " if r.get("kl_is_bound") else "") + f"{r['kl']:.3f}",
-                     r["mean_length"]])
-        gains.append([name] + [f"{r['gain_by_component'][c]['mean']:+.3f} [{r['gain_by_component'][c]['low']:+.3f}, "
-                               f"{r['gain_by_component'][c]['high']:+.3f}]" for c in COMPONENTS])
-    head = ["policy", "true utility [95% CI]", "gain vs reference [95% CI]", "proxy reward", "win rate (true)",
-            "LC win rate (true)", "win rate (RM)", "KL to reference", "mean length"]
+        rows.append(
+            [
+                name,
+                f"{u['mean']:.3f} [{u['low']:.3f}, {u['high']:.3f}]",
+                f"{g['mean']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}]",
+                r.get("proxy_reward", {}).get("mean", float("nan")),
+                r["win_rate_true"],
+                r["lc_win_rate_true"],
+                r.get("win_rate_proxy", float("nan")),
+                ("&le; " if r.get("kl_is_bound") else "") + f"{r['kl']:.3f}",
+                r["mean_length"],
+            ]
+        )
+        gains.append(
+            [name]
+            + [
+                f"{r['gain_by_component'][c]['mean']:+.3f} [{r['gain_by_component'][c]['low']:+.3f}, "
+                f"{r['gain_by_component'][c]['high']:+.3f}]"
+                for c in COMPONENTS
+            ]
+        )
+    head = [
+        "policy",
+        "true utility [95% CI]",
+        "gain vs reference [95% CI]",
+        "proxy reward",
+        "win rate (true)",
+        "LC win rate (true)",
+        "win rate (RM)",
+        "KL to reference",
+        "mean length",
+    ]
     out = _table(head, rows).replace("&amp;le; ", "&le; ")
     out += "<h3>Gain over the reference by component (paired by prompt, 95% CI)</h3>"
     out += _table(["policy", *COMPONENTS], gains)
@@ -123,8 +160,10 @@ def policy_tables(evaluation: dict) -> str:
 def claims_table(claims: list[dict]) -> str:
     """Each of the lesson's claims with its verdict and the interval that decided it."""
     mark = {True: "holds", False: "FAILED", None: "not measured"}
-    return _table(["claim", "verdict", "evidence (95% intervals)"], [[c["claim"], mark[c["holds"]], c["evidence"]]
-                                                                    for c in claims])
+    return _table(
+        ["claim", "verdict", "evidence (95% intervals)"],
+        [[c["claim"], mark[c["holds"]], c["evidence"]] for c in claims],
+    )
 
 
 def outcomes_table(evaluation: dict) -> str:
@@ -133,8 +172,15 @@ def outcomes_table(evaluation: dict) -> str:
     if not policies:
         return ""
     kinds = list(next(iter(policies.values()))["outcomes_by_kind"])
-    rows = [[name] + [f"{r['outcomes_by_kind'][k]['right']:.0%} / {r['outcomes_by_kind'][k]['hedge']:.0%} / "
-                      f"{r['outcomes_by_kind'][k]['wrong']:.0%}" for k in kinds] for name, r in policies.items()]
+    rows = [
+        [name]
+        + [
+            f"{r['outcomes_by_kind'][k]['right']:.0%} / {r['outcomes_by_kind'][k]['hedge']:.0%} / "
+            f"{r['outcomes_by_kind'][k]['wrong']:.0%}"
+            for k in kinds
+        ]
+        for name, r in policies.items()
+    ]
     return _table(["policy", *(f"{k}: right / hedged / wrong" for k in kinds)], rows)
 
 
@@ -153,10 +199,12 @@ def sample_table(samples: list[dict], n: int) -> str:
     return _table(["prompt", *policies], rows)
 
 
-STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-         "table{border-collapse:collapse;font-size:12px;margin:0.5em 0}"
-         "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}th{background:#f3f3f3}"
-         "img{max-width:100%}h2{border-bottom:1px solid #ddd}.note{color:#555;font-size:13px}")
+STYLE = (
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+    "table{border-collapse:collapse;font-size:12px;margin:0.5em 0}"
+    "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}th{background:#f3f3f3}"
+    "img{max-width:100%}h2{border-bottom:1px solid #ddd}.note{color:#555;font-size:13px}"
+)
 
 
 def build_report(root: Path, n_samples: int = 8) -> tuple[str, dict]:
@@ -169,19 +217,26 @@ def build_report(root: Path, n_samples: int = 8) -> tuple[str, dict]:
     runs = find_runs(root)
     calib = figures.calibration_table(samples, evaluation["reference"]) if evaluation and samples else []
 
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>preflab report: {html.escape(root.name)}</title>"
-             f"<style>{STYLE}</style></head><body><h1>preflab report: {html.escape(str(root))}</h1>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>preflab report: {html.escape(root.name)}</title>"
+        f"<style>{STYLE}</style></head><body><h1>preflab report: {html.escape(str(root))}</h1>"
+    ]
     if headline:
         claims = headline.get("claims", [])
-        parts.append("<h2>Headline</h2>" + _table(["figure", "value"], [[k, v] for k, v in headline.items()
-                                                                        if k != "claims"]))
+        parts.append(
+            "<h2>Headline</h2>" + _table(["figure", "value"], [[k, v] for k, v in headline.items() if k != "claims"])
+        )
         if claims:
-            parts.append("<h2>The lesson's claims</h2><p class='note'>each holds only when its 95% interval supports "
-                         "it; a failed claim is shown as failed</p>" + claims_table(claims))
+            parts.append(
+                "<h2>The lesson's claims</h2><p class='note'>each holds only when its 95% interval supports "
+                "it; a failed claim is shown as failed</p>" + claims_table(claims)
+            )
     if evaluation and outcomes_table(evaluation):
-        parts.append("<h2>Answers by question kind</h2><p class='note'>a hedge (\"I am not sure\") scores 0 on "
-                     "correctness: a gain in true utility with fewer right answers is a gain made of hedging</p>"
-                     + outcomes_table(evaluation))
+        parts.append(
+            "<h2>Answers by question kind</h2><p class='note'>a hedge (\"I am not sure\") scores 0 on "
+            "correctness: a gain in true utility with fewer right answers is a gain made of hedging</p>"
+            + outcomes_table(evaluation)
+        )
     if samples and n_samples:
         parts.append("<h2>Sample responses (true utility in brackets)</h2>" + sample_table(samples, n_samples))
     if evaluation:
@@ -191,26 +246,45 @@ def build_report(root: Path, n_samples: int = 8) -> tuple[str, dict]:
     for title, fig, note in [
         ("Training curves", figures.training_curves(runs), "from each stage's metrics.jsonl"),
         ("Reward vs KL frontier", figures.frontier(evaluation, sweep_data), "KL of best-of-n is the analytic bound"),
-        ("True vs proxy reward (over-optimisation)", figures.true_vs_proxy(sweep_data),
-         "Gao, Schulman and Hilton (2022): R(d) = d (a - b log d), d = sqrt(KL)"),
+        (
+            "True vs proxy reward (over-optimisation)",
+            figures.true_vs_proxy(sweep_data),
+            "Gao, Schulman and Hilton (2022): R(d) = d (a - b log d), d = sqrt(KL)",
+        ),
         ("Length drift", figures.length_drift(evaluation, sweep_data), "mean response length in tokens"),
         ("Calibration", figures.calibration(calib), "pairs of (policy, reference) responses to one held-out prompt"),
     ]:
         if fig is None:
             continue
         drawn[title] = True
-        parts.append(f"<h2>{title}</h2><p class='note'>{html.escape(note)}</p>"
-                     f"<img alt='{html.escape(title)}' src='data:image/png;base64,{figures.png_base64(fig)}'>")
+        parts.append(
+            f"<h2>{title}</h2><p class='note'>{html.escape(note)}</p>"
+            f"<img alt='{html.escape(title)}' src='data:image/png;base64,{figures.png_base64(fig)}'>"
+        )
     if sweep_data:
-        rows = [[p["arm"], p["steps"], p["kl"], p["sqrt_kl"], p["true_utility"], p["proxy"], p["length"]]
-                for p in sweep_data["points"]]
-        parts.append("<h2>Sweep points</h2>" + _table(["arm", "steps", "KL", "sqrt KL", "true utility", "proxy", "length"], rows))
+        rows = [
+            [p["arm"], p["steps"], p["kl"], p["sqrt_kl"], p["true_utility"], p["proxy"], p["length"]]
+            for p in sweep_data["points"]
+        ]
+        parts.append(
+            "<h2>Sweep points</h2>" + _table(["arm", "steps", "KL", "sqrt KL", "true utility", "proxy", "length"], rows)
+        )
     if calib:
-        parts.append("<h2>Calibration table</h2>" + _table(["bin", "n", "predicted", "observed"],
-                                                             [[r["bin"], r["n"], r["predicted"], r["observed"]] for r in calib]))
+        parts.append(
+            "<h2>Calibration table</h2>"
+            + _table(
+                ["bin", "n", "predicted", "observed"],
+                [[r["bin"], r["n"], r["predicted"], r["observed"]] for r in calib],
+            )
+        )
     parts.append("</body></html>")
-    found = {"runs": len(runs), "eval": evaluation is not None, "sweep": sweep_data is not None,
-             "figures": len(drawn), "calibration_bins": len(calib)}
+    found = {
+        "runs": len(runs),
+        "eval": evaluation is not None,
+        "sweep": sweep_data is not None,
+        "figures": len(drawn),
+        "calibration_bins": len(calib),
+    }
     return "\n".join(parts), found
 
 

@@ -1,4 +1,5 @@
-"""Reward models from comparisons: Bradley-Terry loss, the model (head, normalisation, ensemble), training, evaluation."""
+"""Reward models from comparisons: Bradley-Terry loss, the model (head, normalisation, ensemble), training and
+evaluation."""
 
 from preflab.reward.interface import load_reward
 from preflab.reward.loss import bradley_terry_loss

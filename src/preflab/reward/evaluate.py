@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from preflab.stages import stage
 from preflab.config import check, opt
 from preflab.data import DataError, load_preferences, split_rows, tokenize_rows, write_jsonl
 from preflab.reward.model import REDUCTIONS, RewardEnsemble, load_reward_model, reduce_ensemble
 from preflab.runs import Run
+from preflab.stages import stage
 from preflab.training import set_threads
 
 
@@ -58,11 +58,15 @@ class EvalRewardConfig:
         check(0 < self.held_out < 1 or self.split == "all", f"held_out must be in (0, 1), got {self.held_out}")
         check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         check(self.calibration_bins >= 1, f"calibration_bins must be >= 1, got {self.calibration_bins}")
-        check(list(self.length_edges) == sorted(self.length_edges), f"length_edges must be increasing, got {self.length_edges}")
+        check(
+            list(self.length_edges) == sorted(self.length_edges),
+            f"length_edges must be increasing, got {self.length_edges}",
+        )
         check(self.reduce in ("",) + REDUCTIONS, f"reduce must be one of {REDUCTIONS}, got {self.reduce!r}")
 
 
 # --- pure pieces (tests call these directly) -------------------------------------------------------------
+
 
 def members_of(model) -> list:
     return model.members if isinstance(model, RewardEnsemble) else [model]
@@ -72,8 +76,10 @@ def score_pairs(model, pairs, batch_size: int = 32) -> tuple[torch.Tensor, torch
     """Raw (Bradley-Terry scale) rewards of chosen and rejected, [K, N] each (K = 1 for a single model)."""
     prompts = [p.prompt_ids for p in pairs] * 2
     completions = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
-    raw = torch.stack([m.score_ids(prompts, completions, normalise=False, batch_size=batch_size) for m in members_of(model)])
-    return raw[:, :len(pairs)], raw[:, len(pairs):]
+    raw = torch.stack(
+        [m.score_ids(prompts, completions, normalise=False, batch_size=batch_size) for m in members_of(model)]
+    )
+    return raw[:, : len(pairs)], raw[:, len(pairs) :]
 
 
 def calibration(p_chosen: np.ndarray, bins: int = 10) -> tuple[list[dict], float]:
@@ -89,8 +95,14 @@ def calibration(p_chosen: np.ndarray, bins: int = 10) -> tuple[list[dict], float
             continue
         acc, conf = correct[inside].mean(), confidence[inside].mean()
         ece += inside.mean() * abs(acc - conf)
-        table.append({"bin": f"[{0.5 + b / (2 * bins):.2f}, {0.5 + (b + 1) / (2 * bins):.2f})", "n": int(inside.sum()),
-                      "confidence": float(conf), "accuracy": float(acc)})
+        table.append(
+            {
+                "bin": f"[{0.5 + b / (2 * bins):.2f}, {0.5 + (b + 1) / (2 * bins):.2f})",
+                "n": int(inside.sum()),
+                "confidence": float(conf),
+                "accuracy": float(acc),
+            }
+        )
     return table, float(ece)
 
 
@@ -124,8 +136,14 @@ def length_table(delta: np.ndarray, model_correct: np.ndarray, edges: list[int])
         inside = (delta >= lo) & (delta < hi)
         if not inside.any():
             continue
-        rows.append({"bin": f"[{lo:g}, {hi:g})", "n": int(inside.sum()), "accuracy": float(model_correct[inside].mean()),
-                     "longer_wins": float((delta[inside] > 0).mean())})
+        rows.append(
+            {
+                "bin": f"[{lo:g}, {hi:g})",
+                "n": int(inside.sum()),
+                "accuracy": float(model_correct[inside].mean()),
+                "longer_wins": float((delta[inside] > 0).mean()),
+            }
+        )
     return rows
 
 
@@ -161,8 +179,17 @@ def disagreement(margins: torch.Tensor, correct: np.ndarray) -> dict:
 
 # --- the report ------------------------------------------------------------------------------------------
 
-def reward_report(model, rows, batch_size: int = 32, max_prompt_length: int = 0, max_completion_length: int = 0,
-                  bins: int = 10, length_edges=(-32, -8, 8, 32), reduce: str | None = None) -> tuple[dict, list[dict]]:
+
+def reward_report(
+    model,
+    rows,
+    batch_size: int = 32,
+    max_prompt_length: int = 0,
+    max_completion_length: int = 0,
+    bins: int = 10,
+    length_edges=(-32, -8, 8, 32),
+    reduce: str | None = None,
+) -> tuple[dict, list[dict]]:
     """(report, per-pair rows) for preference `rows` (steps 2-6 of the module docstring)."""
     members = members_of(model)
     pairs, n_truncated = tokenize_rows(members[0].tokenizer, rows, max_prompt_length, max_completion_length)
@@ -170,22 +197,45 @@ def reward_report(model, rows, batch_size: int = 32, max_prompt_length: int = 0,
     raw_w, raw_l = score_pairs(model, pairs, batch_size)
     gain = torch.stack([m.gain for m in members]).float().cpu()
     bias = torch.stack([m.bias for m in members]).float().cpu()
-    return report_from_scores(rows, pairs, n_truncated, members[0].tokenizer, raw_w, raw_l, gain, bias, bins,
-                              length_edges, reduce or getattr(model, "reduce", "mean"), getattr(model, "lam", 1.0))
+    return report_from_scores(
+        rows,
+        pairs,
+        n_truncated,
+        members[0].tokenizer,
+        raw_w,
+        raw_l,
+        gain,
+        bias,
+        bins,
+        length_edges,
+        reduce or getattr(model, "reduce", "mean"),
+        getattr(model, "lam", 1.0),
+    )
 
 
-def report_from_scores(rows, pairs, n_truncated: int, tokenizer, raw_w: torch.Tensor, raw_l: torch.Tensor,
-                       gain: torch.Tensor, bias: torch.Tensor, bins: int = 10, length_edges=(-32, -8, 8, 32),
-                       reduce: str = "mean", lam: float = 1.0) -> tuple[dict, list[dict]]:
+def report_from_scores(
+    rows,
+    pairs,
+    n_truncated: int,
+    tokenizer,
+    raw_w: torch.Tensor,
+    raw_l: torch.Tensor,
+    gain: torch.Tensor,
+    bias: torch.Tensor,
+    bins: int = 10,
+    length_edges=(-32, -8, 8, 32),
+    reduce: str = "mean",
+    lam: float = 1.0,
+) -> tuple[dict, list[dict]]:
     """Steps 3-6 from raw member rewards [K, N] and each member's gain and bias [K]."""
     members = raw_w.shape[0]
-    full, _ = tokenize_rows(tokenizer, rows)                    # untruncated: the lengths people see
-    len_w = np.array([len(p.chosen_ids) - 1 for p in full])     # completion tokens, EOS not counted
+    full, _ = tokenize_rows(tokenizer, rows)  # untruncated: the lengths people see
+    len_w = np.array([len(p.chosen_ids) - 1 for p in full])  # completion tokens, EOS not counted
     len_l = np.array([len(p.rejected_ids) - 1 for p in full])
     gain, bias = gain.reshape(-1, 1), bias.reshape(-1, 1)
     norm_w, norm_l = raw_w * gain + bias, raw_l * gain + bias
     r_w, r_l = reduce_ensemble(norm_w, reduce, lam).numpy(), reduce_ensemble(norm_l, reduce, lam).numpy()
-    p_chosen = torch.sigmoid(raw_w - raw_l).mean(0).numpy()     # mean of member probabilities
+    p_chosen = torch.sigmoid(raw_w - raw_l).mean(0).numpy()  # mean of member probabilities
     tie = np.array([bool(p.tie) for p in pairs])
     keep = ~tie
     correct = (r_w > r_l).astype(float)
@@ -197,8 +247,11 @@ def report_from_scores(rows, pairs, n_truncated: int, tokenizer, raw_w: torch.Te
     # 5. length
     lengths = np.concatenate([len_w, len_l])
     report = {
-        "pairs": len(pairs), "ties": int(tie.sum()), "truncated_pairs": n_truncated,
-        "members": members, "reduce": reduce if members > 1 else None,
+        "pairs": len(pairs),
+        "ties": int(tie.sum()),
+        "truncated_pairs": n_truncated,
+        "members": members,
+        "reduce": reduce if members > 1 else None,
         "accuracy": float(correct[keep].mean()) if keep.any() else float("nan"),
         "mean_margin": float((r_w - r_l)[keep].mean()) if keep.any() else float("nan"),
         "ece": ece,
@@ -206,9 +259,13 @@ def report_from_scores(rows, pairs, n_truncated: int, tokenizer, raw_w: torch.Te
         "shorter_wins": float((delta[keep] < 0).mean()) if keep.any() else float("nan"),
         "equal_length": float((delta[keep] == 0).mean()) if keep.any() else float("nan"),
         "spearman_reward_length": spearman(np.concatenate([r_w, r_l]), lengths),
-        "mean_length_chosen": float(len_w.mean()), "mean_length_rejected": float(len_l.mean()),
-        "subsets": subsets, "sections": sections, "section_score": section_score,
-        "calibration": table, "length_bins": length_table(delta[keep], correct[keep], list(length_edges)),
+        "mean_length_chosen": float(len_w.mean()),
+        "mean_length_rejected": float(len_l.mean()),
+        "subsets": subsets,
+        "sections": sections,
+        "section_score": section_score,
+        "calibration": table,
+        "length_bins": length_table(delta[keep], correct[keep], list(length_edges)),
     }
     # 6. ensemble disagreement
     dis = disagreement((norm_w - norm_l)[:, keep], correct[keep]) if members > 1 and keep.any() else None
@@ -219,13 +276,20 @@ def report_from_scores(rows, pairs, n_truncated: int, tokenizer, raw_w: torch.Te
         per_pair_std[keep] = dis["per_pair"]
     per_pair = []
     for i, (row, pair) in enumerate(zip(rows, pairs)):
-        per_pair.append({
-            "source": pair.source, "subset": row.subset, "tie": bool(pair.tie),
-            "reward_chosen": float(r_w[i]), "reward_rejected": float(r_l[i]), "p_chosen": float(p_chosen[i]),
-            "length_chosen": int(len_w[i]), "length_rejected": int(len_l[i]),
-            "member_margins": [float(x) for x in (norm_w - norm_l)[:, i]] if members > 1 else None,
-            "disagreement": None if math.isnan(per_pair_std[i]) else float(per_pair_std[i]),
-        })
+        per_pair.append(
+            {
+                "source": pair.source,
+                "subset": row.subset,
+                "tie": bool(pair.tie),
+                "reward_chosen": float(r_w[i]),
+                "reward_rejected": float(r_l[i]),
+                "p_chosen": float(p_chosen[i]),
+                "length_chosen": int(len_w[i]),
+                "length_rejected": int(len_l[i]),
+                "member_margins": [float(x) for x in (norm_w - norm_l)[:, i]] if members > 1 else None,
+                "disagreement": None if math.isnan(per_pair_std[i]) else float(per_pair_std[i]),
+            }
+        )
     return report, per_pair
 
 
@@ -234,15 +298,23 @@ def _f(value) -> str:
 
 
 def markdown(report: dict, title: str = "Reward model evaluation") -> str:
-    lines = [f"## {title}", "",
-             f"{report['pairs']} pairs ({report['ties']} ties left out), {report['truncated_pairs']} truncated; "
-             f"{report['members']} member(s)" + (f", reduced by {report['reduce']}" if report.get("reduce") else ""), "",
-             "| scorer | accuracy | ECE | Spearman(reward, length) |", "|---|---|---|---|",
-             f"| reward model | {_f(report['accuracy'])} | {_f(report['ece'])} | {_f(report['spearman_reward_length'])} |",
-             f"| longer wins | {_f(report['longer_wins'])} | | |",
-             f"| shorter wins | {_f(report['shorter_wins'])} | | |", "",
-             f"Equal-length pairs (both baselines count them wrong): {_f(report['equal_length'])}. "
-             f"Mean completion tokens: chosen {report['mean_length_chosen']:.1f}, rejected {report['mean_length_rejected']:.1f}.", ""]
+    lines = [
+        f"## {title}",
+        "",
+        f"{report['pairs']} pairs ({report['ties']} ties left out), {report['truncated_pairs']} truncated; "
+        f"{report['members']} member(s)" + (f", reduced by {report['reduce']}" if report.get("reduce") else ""),
+        "",
+        "| scorer | accuracy | ECE | Spearman(reward, length) |",
+        "|---|---|---|---|",
+        f"| reward model | {_f(report['accuracy'])} | {_f(report['ece'])} | {_f(report['spearman_reward_length'])} |",
+        f"| longer wins | {_f(report['longer_wins'])} | | |",
+        f"| shorter wins | {_f(report['shorter_wins'])} | | |",
+        "",
+        f"Equal-length pairs (both baselines count them wrong): {_f(report['equal_length'])}. "
+        f"Mean completion tokens: chosen {report['mean_length_chosen']:.1f}, "
+        f"rejected {report['mean_length_rejected']:.1f}.",
+        "",
+    ]
     if report["subsets"]:
         lines += ["| subset | pairs | accuracy |", "|---|---|---|"]
         lines += [f"| {r['subset']} | {r['n']} | {_f(r['accuracy'])} |" for r in report["subsets"]] + [""]
@@ -250,17 +322,32 @@ def markdown(report: dict, title: str = "Reward model evaluation") -> str:
         lines += ["| section (prompt-weighted) | pairs | accuracy |", "|---|---|---|"]
         lines += [f"| {r['section']} | {r['n']} | {_f(r['accuracy'])} |" for r in report["sections"]]
         lines += [f"| **mean of sections** | | {_f(report['section_score'])} |", ""]
-    lines += ["Calibration of sigma(r_w - r_l) (confidence of the predicted winner):", "",
-              "| confidence bin | pairs | mean confidence | accuracy |", "|---|---|---|---|"]
-    lines += [f"| {r['bin']} | {r['n']} | {_f(r['confidence'])} | {_f(r['accuracy'])} |" for r in report["calibration"]] + [""]
-    lines += ["Accuracy by length difference (completion tokens, chosen - rejected):", "",
-              "| bin | pairs | reward model | longer wins |", "|---|---|---|---|"]
-    lines += [f"| {r['bin']} | {r['n']} | {_f(r['accuracy'])} | {_f(r['longer_wins'])} |" for r in report["length_bins"]]
+    lines += [
+        "Calibration of sigma(r_w - r_l) (confidence of the predicted winner):",
+        "",
+        "| confidence bin | pairs | mean confidence | accuracy |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['bin']} | {r['n']} | {_f(r['confidence'])} | {_f(r['accuracy'])} |" for r in report["calibration"]
+    ] + [""]
+    lines += [
+        "Accuracy by length difference (completion tokens, chosen - rejected):",
+        "",
+        "| bin | pairs | reward model | longer wins |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['bin']} | {r['n']} | {_f(r['accuracy'])} | {_f(r['longer_wins'])} |" for r in report["length_bins"]
+    ]
     if report.get("disagreement"):
         d = report["disagreement"]
-        lines += ["", f"Ensemble disagreement: mean std of member margins {_f(d['mean_std'])}; members split on the winner "
-                      f"in {_f(d['share_split'])} of pairs; accuracy on the least / most disputed half "
-                      f"{_f(d['accuracy_least_disputed_half'])} / {_f(d['accuracy_most_disputed_half'])}."]
+        lines += [
+            "",
+            f"Ensemble disagreement: mean std of member margins {_f(d['mean_std'])}; members split on the winner "
+            f"in {_f(d['share_split'])} of pairs; accuracy on the least / most disputed half "
+            f"{_f(d['accuracy_least_disputed_half'])} / {_f(d['accuracy_most_disputed_half'])}.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -298,12 +385,38 @@ def evaluate_reward(config: EvalRewardConfig) -> dict:
     max_c = first.max_completion_length if config.max_completion_length < 0 else config.max_completion_length
     run = Run(config.out or None, "eval-reward", config)
     # 2-6. scores and statistics
-    report, per_pair = reward_report(model, rows, config.batch_size, max_p, max_c, config.calibration_bins,
-                                     config.length_edges, config.reduce or None)
+    report, per_pair = reward_report(
+        model,
+        rows,
+        config.batch_size,
+        max_p,
+        max_c,
+        config.calibration_bins,
+        config.length_edges,
+        config.reduce or None,
+    )
     # 7. print and save
-    print(save_report(run.dir, report, per_pair, f"Reward model {config.model} on {config.data} ({config.split})"), flush=True)
-    run.log(0, {"reward/eval/accuracy": report["accuracy"], "reward/eval/ece": report["ece"],
-                "reward/eval/margin": report["mean_margin"], "reward/eval/spearman_length": report["spearman_reward_length"]})
-    return run.finish({"pairs": report["pairs"], "accuracy": report["accuracy"], "ece": report["ece"],
-                       "longer_wins": report["longer_wins"], "shorter_wins": report["shorter_wins"],
-                       "spearman_reward_length": report["spearman_reward_length"], "report": str(run.dir / "report.md")})
+    print(
+        save_report(run.dir, report, per_pair, f"Reward model {config.model} on {config.data} ({config.split})"),
+        flush=True,
+    )
+    run.log(
+        0,
+        {
+            "reward/eval/accuracy": report["accuracy"],
+            "reward/eval/ece": report["ece"],
+            "reward/eval/margin": report["mean_margin"],
+            "reward/eval/spearman_length": report["spearman_reward_length"],
+        },
+    )
+    return run.finish(
+        {
+            "pairs": report["pairs"],
+            "accuracy": report["accuracy"],
+            "ece": report["ece"],
+            "longer_wins": report["longer_wins"],
+            "shorter_wins": report["shorter_wins"],
+            "spearman_reward_length": report["spearman_reward_length"],
+            "report": str(run.dir / "report.md"),
+        }
+    )

@@ -12,8 +12,8 @@ Prompts are given as the data gives them (a string or a list of chat messages); 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 

@@ -21,8 +21,13 @@ import torch
 import torch.nn.functional as F
 
 
-def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: torch.Tensor | None = None,
-                       label_smoothing: float = 0.0, tie: torch.Tensor | None = None) -> torch.Tensor:
+def bradley_terry_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    margin: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    tie: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Mean Bradley-Terry loss over a batch of pairs (see the module docstring). All tensors are [B]."""
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
@@ -37,7 +42,9 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
 
 
 @torch.no_grad()
-def pair_statistics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, tie: torch.Tensor | None = None) -> dict:
+def pair_statistics(
+    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, tie: torch.Tensor | None = None
+) -> dict:
     """Sums (not means) over a batch, so intervals can be averaged exactly: accuracy counts strict r_w > r_l
     over non-tie pairs; margin is r_w - r_l."""
     tie = torch.zeros_like(chosen_rewards, dtype=torch.bool) if tie is None else tie.bool()

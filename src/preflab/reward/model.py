@@ -37,8 +37,15 @@ REDUCTIONS = ("mean", "min", "mean_minus_std")
 class RewardModel(nn.Module):
     """`forward(input_ids, attention_mask) -> rewards [B]`; `reward(prompts, responses)`; `score(texts)`."""
 
-    def __init__(self, backbone, tokenizer, seed: int | None = None, max_prompt_length: int = 0,
-                 max_completion_length: int = 0, batch_size: int = 16):
+    def __init__(
+        self,
+        backbone,
+        tokenizer,
+        seed: int | None = None,
+        max_prompt_length: int = 0,
+        max_completion_length: int = 0,
+        batch_size: int = 16,
+    ):
         super().__init__()
         if not is_causal_lm(backbone):
             raise ModelError(f"a reward model needs a causal-LM backbone, got {type(backbone).__name__}")
@@ -67,12 +74,15 @@ class RewardModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalise: bool = True) -> torch.Tensor:
         out = self.backbone.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+            use_cache=False,
         )
-        hidden = out.last_hidden_state                                    # [B, T, d]
+        hidden = out.last_hidden_state  # [B, T, d]
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        last = hidden[rows, last_token_index(attention_mask)]             # [B, d] at the last real token
-        raw = self.head(last).squeeze(-1).float()                         # [B]
+        last = hidden[rows, last_token_index(attention_mask)]  # [B, d] at the last real token
+        raw = self.head(last).squeeze(-1).float()  # [B]
         return raw * self.gain + self.bias if normalise else raw
 
     def set_normalisation(self, raw_rewards: torch.Tensor, source: str = "") -> dict:
@@ -81,14 +91,25 @@ class RewardModel(nn.Module):
         gain = 1.0 / std if std > 1e-8 else 1.0
         self.gain.fill_(gain)
         self.bias.fill_(-mean * gain)
-        self.normalisation = {"raw_mean": mean, "raw_std": std, "gain": gain, "bias": -mean * gain,
-                              "n": int(raw_rewards.numel()), "source": source}
+        self.normalisation = {
+            "raw_mean": mean,
+            "raw_std": std,
+            "gain": gain,
+            "bias": -mean * gain,
+            "n": int(raw_rewards.numel()),
+            "source": source,
+        }
         return self.normalisation
 
     # --- scoring: token space in, floats out -----------------------------------------------------------
     @torch.no_grad()
-    def score_ids(self, prompts_ids: list[list[int]], completions_ids: list[list[int]], normalise: bool = True,
-                  batch_size: int | None = None) -> torch.Tensor:
+    def score_ids(
+        self,
+        prompts_ids: list[list[int]],
+        completions_ids: list[list[int]],
+        normalise: bool = True,
+        batch_size: int | None = None,
+    ) -> torch.Tensor:
         """Rewards for prompt ids + completion ids, in batches sorted by length (scores do not depend on it)."""
         batch_size = batch_size or self.batch_size
         order = sorted(range(len(prompts_ids)), key=lambda i: len(prompts_ids[i]) + len(completions_ids[i]))
@@ -96,9 +117,13 @@ class RewardModel(nn.Module):
         was_training = self.training
         self.eval()
         for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            batch = collate([prompts_ids[i] for i in idx], [completions_ids[i] for i in idx], self.tokenizer.pad_token_id)
-            rewards = self(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device), normalise=normalise)
+            idx = order[start : start + batch_size]
+            batch = collate(
+                [prompts_ids[i] for i in idx], [completions_ids[i] for i in idx], self.tokenizer.pad_token_id
+            )
+            rewards = self(
+                batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device), normalise=normalise
+            )
             out[idx] = rewards.cpu()
         self.train(was_training)
         return out
@@ -107,8 +132,12 @@ class RewardModel(nn.Module):
         """Prompt ids + completion ids (EOS-terminated), truncated as in training."""
         prompts_ids, completions_ids = [], []
         for prompt, response in zip(prompts, responses, strict=True):
-            p, c, _ = truncate(encode_prompt(self.tokenizer, prompt), encode_completion(self.tokenizer, response),
-                               self.max_prompt_length, self.max_completion_length)
+            p, c, _ = truncate(
+                encode_prompt(self.tokenizer, prompt),
+                encode_completion(self.tokenizer, response),
+                self.max_prompt_length,
+                self.max_completion_length,
+            )
             prompts_ids.append(p)
             completions_ids.append(c)
         return prompts_ids, completions_ids
@@ -120,7 +149,9 @@ class RewardModel(nn.Module):
     def score(self, texts: list[str]) -> torch.Tensor:
         """Rewards of whole prompt+response strings (tokenised as one text, EOS appended)."""
         limit = self.max_prompt_length + self.max_completion_length
-        ids = [encode_prompt(self.tokenizer, t)[-limit if limit else 0:] + [self.tokenizer.eos_token_id] for t in texts]
+        ids = [
+            encode_prompt(self.tokenizer, t)[-limit if limit else 0 :] + [self.tokenizer.eos_token_id] for t in texts
+        ]
         return self.score_ids(ids, [[] for _ in ids])
 
     # --- saving and loading ----------------------------------------------------------------------------
@@ -133,25 +164,36 @@ class RewardModel(nn.Module):
         self.tokenizer.save_pretrained(directory)
         tensors = {"head.weight": self.head.weight, "head.bias": self.head.bias, "gain": self.gain, "bias": self.bias}
         save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(directory / HEAD_FILE))
-        meta = {"format": "preflab-reward-model", "version": 1, "d_model": self.head.in_features,
-                "max_prompt_length": self.max_prompt_length, "max_completion_length": self.max_completion_length,
-                "normalisation": self.normalisation or {"gain": self.gain.item(), "bias": self.bias.item()}}
+        meta = {
+            "format": "preflab-reward-model",
+            "version": 1,
+            "d_model": self.head.in_features,
+            "max_prompt_length": self.max_prompt_length,
+            "max_completion_length": self.max_completion_length,
+            "normalisation": self.normalisation or {"gain": self.gain.item(), "bias": self.bias.item()},
+        }
         (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return directory
 
     @classmethod
-    def load(cls, path: str | Path) -> "RewardModel":
+    def load(cls, path: str | Path) -> RewardModel:
         """Load a reward-model directory or a `preflab reward` run folder (its `model/`)."""
         directory = reward_dir(path)
         if (directory / ENSEMBLE_FILE).exists():
-            raise ModelError(f"{directory} is a reward-model ensemble: load one member ({directory}/member-0) "
-                             "or use preflab.reward.load_reward")
+            raise ModelError(
+                f"{directory} is a reward-model ensemble: load one member ({directory}/member-0) "
+                "or use preflab.reward.load_reward"
+            )
         from safetensors.torch import load_file
 
         meta = json.loads((directory / META_FILE).read_text())
         backbone, tokenizer = load_model(directory)
-        model = cls(backbone, tokenizer, max_prompt_length=meta.get("max_prompt_length", 0),
-                    max_completion_length=meta.get("max_completion_length", 0))
+        model = cls(
+            backbone,
+            tokenizer,
+            max_prompt_length=meta.get("max_prompt_length", 0),
+            max_completion_length=meta.get("max_completion_length", 0),
+        )
         tensors = load_file(str(directory / HEAD_FILE))
         with torch.no_grad():
             model.head.weight.copy_(tensors["head.weight"])
@@ -170,7 +212,9 @@ def reward_dir(path: str | Path) -> Path:
             return candidate
     if not path.exists():
         raise ModelError(f"reward model {str(path)!r} not found")
-    raise ModelError(f"{path} is not a reward model: no {META_FILE} or {ENSEMBLE_FILE} (train one with `preflab reward`)")
+    raise ModelError(
+        f"{path} is not a reward model: no {META_FILE} or {ENSEMBLE_FILE} (train one with `preflab reward`)"
+    )
 
 
 def reduce_ensemble(rewards: torch.Tensor, method: str = "mean", lam: float = 1.0) -> torch.Tensor:
@@ -198,7 +242,7 @@ class RewardEnsemble:
         return self.members[0].tokenizer
 
     def member_rewards(self, prompts: list, responses: list[str]) -> torch.Tensor:
-        return torch.stack([m.reward(prompts, responses) for m in self.members])       # [K, N]
+        return torch.stack([m.reward(prompts, responses) for m in self.members])  # [K, N]
 
     def member_score_ids(self, prompts_ids, completions_ids, **kwargs) -> torch.Tensor:
         return torch.stack([m.score_ids(prompts_ids, completions_ids, **kwargs) for m in self.members])
@@ -219,7 +263,7 @@ class RewardEnsemble:
         return write_ensemble_index(directory, names, self.reduce, self.lam)
 
     @classmethod
-    def load(cls, path: str | Path, reduce: str | None = None, lam: float | None = None) -> "RewardEnsemble":
+    def load(cls, path: str | Path, reduce: str | None = None, lam: float | None = None) -> RewardEnsemble:
         directory = reward_dir(path)
         meta = json.loads((directory / ENSEMBLE_FILE).read_text())
         members = [RewardModel.load(directory / name) for name in meta["members"]]
@@ -230,7 +274,9 @@ def write_ensemble_index(directory: str | Path, members: list[str], reduce: str 
     """`ensemble.json` naming the member folders (saved one at a time while training) and the reduction."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / ENSEMBLE_FILE).write_text(json.dumps({"members": members, "reduce": reduce, "lam": lam}, indent=2) + "\n")
+    (directory / ENSEMBLE_FILE).write_text(
+        json.dumps({"members": members, "reduce": reduce, "lam": lam}, indent=2) + "\n"
+    )
     return directory
 
 

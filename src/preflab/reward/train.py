@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 
-from preflab.stages import stage
 from preflab.adapters import add_lora, is_adapted
 from preflab.config import ConfigError, LoraConfig, OptimConfig, check, opt
 from preflab.data import DataError, collate_pairs, load_demonstrations, load_preferences, split_rows, tokenize_rows
@@ -38,8 +37,18 @@ from preflab.reward.evaluate import calibration, report_from_scores, save_report
 from preflab.reward.loss import bradley_terry_loss, pair_statistics, summarise
 from preflab.reward.model import REDUCTIONS, RewardModel, write_ensemble_index
 from preflab.runs import Run, progress, seed_everything
-from preflab.training import (Budget, check_finite, join_without_data, lr_factor, make_accelerator, set_lr,
-                              set_threads, shard, sync_on_last)
+from preflab.stages import stage
+from preflab.training import (
+    Budget,
+    check_finite,
+    join_without_data,
+    lr_factor,
+    make_accelerator,
+    set_lr,
+    set_threads,
+    shard,
+    sync_on_last,
+)
 
 
 @dataclass(kw_only=True)
@@ -61,13 +70,19 @@ class RewardConfig(OptimConfig, LoraConfig):
     label_smoothing: float = opt(0.0, "target P(chosen wins) = 1 - label_smoothing (robust to flipped labels)")
     max_prompt_length: int = opt(192, "prompt tokens kept (the end of the prompt); 0: all")
     max_completion_length: int = opt(64, "completion tokens kept (the start of the response); 0: all")
-    train_layers: int = opt(-1, "train only the top N transformer layers, the final norm and the head (-1: all; "
-                                "a CPU budget option for large backbones: the frozen layers need no backward pass)")
+    train_layers: int = opt(
+        -1,
+        "train only the top N transformer layers, the final norm and the head (-1: all; "
+        "a CPU budget option for large backbones: the frozen layers need no backward pass)",
+    )
     max_steps: int = opt(0, "stop each member after this many optimiser steps (0: the epochs decide)")
     ensemble: int = opt(1, "members to train (different seeds and data orders; separate backbones)")
     reduce: str = opt("mean", "how an ensemble combines members: mean, min or mean_minus_std")
-    reference: str = opt("", "responses for normalisation, a demonstration JSONL (prompt + completion); "
-                             "default: the training pairs' chosen and rejected responses")
+    reference: str = opt(
+        "",
+        "responses for normalisation, a demonstration JSONL (prompt + completion); "
+        "default: the training pairs' chosen and rejected responses",
+    )
     reference_rows: int = opt(512, "at most this many reference pairs/rows for normalisation")
     eval_batch_size: int = opt(32, "sequences per scoring batch")
     eval_every: int = opt(0, "score the held-out set every N steps (0: only at the end)")
@@ -84,13 +99,17 @@ class RewardConfig(OptimConfig, LoraConfig):
         check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         check(self.gradient_accumulation >= 1, f"gradient_accumulation must be >= 1, got {self.gradient_accumulation}")
         check(0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        check(self.max_prompt_length >= 0 and self.max_completion_length >= 0,
-              f"max lengths must be >= 0, got {self.max_prompt_length} and {self.max_completion_length}")
+        check(
+            self.max_prompt_length >= 0 and self.max_completion_length >= 0,
+            f"max lengths must be >= 0, got {self.max_prompt_length} and {self.max_completion_length}",
+        )
         check(self.train_layers >= -1, f"train_layers must be >= -1, got {self.train_layers}")
         check(self.ensemble >= 1, f"ensemble must be >= 1, got {self.ensemble}")
         check(self.reduce in REDUCTIONS, f"reduce must be one of {REDUCTIONS}, got {self.reduce!r}")
-        check(self.lora_r == 0 or self.train_layers == -1,
-              f"give --lora-r or --train-layers, not both (got {self.lora_r} and {self.train_layers})")
+        check(
+            self.lora_r == 0 or self.train_layers == -1,
+            f"give --lora-r or --train-layers, not both (got {self.lora_r} and {self.train_layers})",
+        )
         check(self.reference_rows >= 1, f"reference_rows must be >= 1, got {self.reference_rows}")
 
 
@@ -103,12 +122,19 @@ def freeze_lower_layers(model: RewardModel, n: int) -> None:
     if layers is None or norm is None:
         raise ConfigError(f"train_layers {n}: {type(decoder).__name__} has no `layers`/`norm` to freeze below; use -1")
     model.backbone.requires_grad_(False)
-    for module in list(layers)[len(layers) - n:] + [norm]:
+    for module in list(layers)[len(layers) - n :] + [norm]:
         module.requires_grad_(True)
 
 
-def train_step(model: RewardModel, optimizer, pairs: list, micro_batch_size: int, config: RewardConfig,
-               accelerator=None, step: int = 0) -> tuple[float, dict]:
+def train_step(
+    model: RewardModel,
+    optimizer,
+    pairs: list,
+    micro_batch_size: int,
+    config: RewardConfig,
+    accelerator=None,
+    step: int = 0,
+) -> tuple[float, dict]:
     """One optimiser step over `pairs` in micro-batches; returns (sum of per-pair losses, pair statistics).
 
     Each micro-batch's mean loss is weighted by its share of the step's pairs, so the accumulated gradient is
@@ -121,12 +147,12 @@ def train_step(model: RewardModel, optimizer, pairs: list, micro_batch_size: int
     pad, device = inner.tokenizer.pad_token_id, inner.device
     loss_sum, sums = torch.zeros((), device=device), {}
     mine = shard(pairs, accelerator)
-    micros = [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+    micros = [mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
     for i, micro in enumerate(micros):
         batch = {k: v.to(device) for k, v in collate_pairs(micro, pad).items()}  # B chosen rows, then B rejected
         with sync_on_last(accelerator, model, i, len(micros)):
             rewards = model(batch["input_ids"], batch["attention_mask"], normalise=False)
-            chosen, rejected = rewards[:len(micro)], rewards[len(micro):]
+            chosen, rejected = rewards[: len(micro)], rewards[len(micro) :]
             margin = batch["margin"] * config.margin_scale if config.use_margin else None
             loss = bradley_terry_loss(chosen, rejected, margin, config.label_smoothing, batch["tie"])
             weighted = loss * len(micro) / len(pairs) * world
@@ -139,23 +165,26 @@ def train_step(model: RewardModel, optimizer, pairs: list, micro_batch_size: int
             sums[key] = sums.get(key, 0.0) + value
     if not micros:
         join_without_data(accelerator, model)
-    if accelerator is not None and world > 1:            # the step's statistics over every process's pairs
+    if accelerator is not None and world > 1:  # the step's statistics over every process's pairs
         keys = sorted(sums)
         totals = accelerator.reduce(torch.tensor([float(loss_sum)] + [sums[k] for k in keys], device=device), "sum")
         loss_sum, sums = totals[0], dict(zip(keys, totals[1:].tolist()))
     loss_sum = float(loss_sum)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
-    check_finite(step, **{"reward/loss": loss_sum, "reward/grad_norm": grad_norm})   # before it reaches the weights
+    check_finite(step, **{"reward/loss": loss_sum, "reward/grad_norm": grad_norm})  # before it reaches the weights
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, sums
 
 
-def held_out_metrics(chosen: torch.Tensor, rejected: torch.Tensor, tie: torch.Tensor, config: RewardConfig,
-                     prefix: str = "reward/eval") -> dict:
+def held_out_metrics(
+    chosen: torch.Tensor, rejected: torch.Tensor, tie: torch.Tensor, config: RewardConfig, prefix: str = "reward/eval"
+) -> dict:
     """Held-out loss, accuracy, margin, chosen, rejected and ECE from raw (Bradley-Terry scale) rewards [N]."""
-    losses = sum(bradley_terry_loss(chosen[i:i + 1], rejected[i:i + 1], None, config.label_smoothing, tie[i:i + 1]).item()
-                 for i in range(len(chosen)))
+    losses = sum(
+        bradley_terry_loss(chosen[i : i + 1], rejected[i : i + 1], None, config.label_smoothing, tie[i : i + 1]).item()
+        for i in range(len(chosen))
+    )
     metrics = summarise(pair_statistics(chosen, rejected, tie), losses, prefix)
     _, metrics[f"{prefix}/ece"] = calibration(torch.sigmoid(chosen - rejected)[~tie].numpy())
     return metrics
@@ -164,17 +193,24 @@ def held_out_metrics(chosen: torch.Tensor, rejected: torch.Tensor, tie: torch.Te
 def reference_ids(config: RewardConfig, tokenizer, train_pairs: list) -> tuple[list, list, str]:
     """Prompt ids and completion ids of the responses whose rewards are normalised to mean 0, std 1."""
     if config.reference:
-        rows = load_demonstrations(config.reference).rows[:config.reference_rows]
+        rows = load_demonstrations(config.reference).rows[: config.reference_rows]
         prompts, completions = [], []
         for row in rows:
-            p, c, _ = truncate(encode_prompt(tokenizer, row.prompt), encode_completion(tokenizer, row.completion),
-                               config.max_prompt_length, config.max_completion_length)
+            p, c, _ = truncate(
+                encode_prompt(tokenizer, row.prompt),
+                encode_completion(tokenizer, row.completion),
+                config.max_prompt_length,
+                config.max_completion_length,
+            )
             prompts.append(p)
             completions.append(c)
         return prompts, completions, config.reference
-    pairs = train_pairs[:config.reference_rows]
-    return ([p.prompt_ids for p in pairs] * 2, [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs],
-            f"{len(pairs)} training pairs (chosen + rejected)")
+    pairs = train_pairs[: config.reference_rows]
+    return (
+        [p.prompt_ids for p in pairs] * 2,
+        [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs],
+        f"{len(pairs)} training pairs (chosen + rejected)",
+    )
 
 
 def step_batches(pairs: list, pairs_per_step: int, rng: random.Random):
@@ -183,11 +219,20 @@ def step_batches(pairs: list, pairs_per_step: int, rng: random.Random):
         epoch_pairs = pairs[:]
         rng.shuffle(epoch_pairs)
         for start in range(0, len(epoch_pairs), pairs_per_step):
-            yield epoch_pairs[start:start + pairs_per_step]
+            yield epoch_pairs[start : start + pairs_per_step]
 
 
-def train_member(config: RewardConfig, k: int, train_pairs: list, eval_pairs: list, run: Run, step0: int,
-                 loaded: tuple | None = None, ckpt=None, progress_so_far: dict | None = None):
+def train_member(
+    config: RewardConfig,
+    k: int,
+    train_pairs: list,
+    eval_pairs: list,
+    run: Run,
+    step0: int,
+    loaded: tuple | None = None,
+    ckpt=None,
+    progress_so_far: dict | None = None,
+):
     """Steps 2a-2d for member k (on `loaded` = (backbone, tokenizer) if given, from `ckpt` when resuming);
     returns (model, last global step, final training metrics). `progress_so_far` (the members already done)
     goes into this member's checkpoints."""
@@ -195,10 +240,16 @@ def train_member(config: RewardConfig, k: int, train_pairs: list, eval_pairs: li
     seed_everything(seed)
     # a. backbone + head
     backbone, tokenizer = loaded or load_model(config.model)
-    model = RewardModel(backbone, tokenizer, seed=seed, max_prompt_length=config.max_prompt_length,
-                        max_completion_length=config.max_completion_length, batch_size=config.eval_batch_size)
+    model = RewardModel(
+        backbone,
+        tokenizer,
+        seed=seed,
+        max_prompt_length=config.max_prompt_length,
+        max_completion_length=config.max_completion_length,
+        batch_size=config.eval_batch_size,
+    )
     freeze_lower_layers(model, config.train_layers)
-    model.backbone = add_lora(model.backbone, config, base=config.model)   # --lora-r: adapters + the head train
+    model.backbone = add_lora(model.backbone, config, base=config.model)  # --lora-r: adapters + the head train
     accelerator = make_accelerator()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
@@ -216,15 +267,24 @@ def train_member(config: RewardConfig, k: int, train_pairs: list, eval_pairs: li
         unwrapped.head.load_state_dict(ckpt.state["head"])
         optimizer.load_state_dict(ckpt.state["optimizer"])
         step, interval, loss_sum, last, elapsed = ckpt.state["loop"]
-        for _ in range(step):                         # the data position, replayed without compute
+        for _ in range(step):  # the data position, replayed without compute
             next(batches)
     budget = Budget(min(config.max_steps or total, total), config.max_seconds, elapsed=elapsed)
 
     def save() -> None:
         unwrapped = accelerator.unwrap_model(model)
-        run.save_checkpoint(step0 + step, unwrapped.backbone, unwrapped.tokenizer, {
-            "member": k, "head": unwrapped.head.state_dict(), "optimizer": optimizer.state_dict(),
-            "loop": (step, interval, loss_sum, last, budget.elapsed), "members_done": progress_so_far or {}})
+        run.save_checkpoint(
+            step0 + step,
+            unwrapped.backbone,
+            unwrapped.tokenizer,
+            {
+                "member": k,
+                "head": unwrapped.head.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "loop": (step, interval, loss_sum, last, budget.elapsed),
+                "members_done": progress_so_far or {},
+            },
+        )
 
     bar = progress(total=budget.max_steps, initial=step, desc=f"reward member {k}" if config.ensemble > 1 else "reward")
     with run.guarded() as stop:
@@ -232,8 +292,15 @@ def train_member(config: RewardConfig, k: int, train_pairs: list, eval_pairs: li
             lr = config.lr * lr_factor(budget.progress(step), config.warmup, floor=0.0)
             set_lr(optimizer, lr)
             # c. one optimiser step over gradient_accumulation micro-batches
-            step_loss, sums = train_step(model, optimizer, next(batches), config.batch_size, config,
-                                         accelerator=accelerator, step=step0 + step + 1)
+            step_loss, sums = train_step(
+                model,
+                optimizer,
+                next(batches),
+                config.batch_size,
+                config,
+                accelerator=accelerator,
+                step=step0 + step + 1,
+            )
             step += 1
             bar.update(1)
             loss_sum += step_loss
@@ -251,7 +318,7 @@ def train_member(config: RewardConfig, k: int, train_pairs: list, eval_pairs: li
             run.step_end(step, config.checkpoint_every, stop, save)
     bar.close()
     model = accelerator.unwrap_model(model).eval()
-    if is_adapted(model.backbone):          # a reward model is scored, never trained further: fold the adapter in
+    if is_adapted(model.backbone):  # a reward model is scored, never trained further: fold the adapter in
         model.backbone = model.backbone.merge_and_unload()
     # d. normalisation on reference responses
     prompts, completions, source = reference_ids(config, model.tokenizer, train_pairs)
@@ -270,8 +337,8 @@ def load_pairs(config: RewardConfig, tokenizer) -> tuple[list, list, list, int, 
         train_rows, eval_rows = rows, load_preferences(config.eval_data).rows
     else:
         train_rows, eval_rows = split_rows(rows, config.held_out, config.split_seed)
-    train_rows = train_rows[:config.max_rows] if config.max_rows else train_rows
-    eval_rows = eval_rows[:config.max_eval_rows] if config.max_eval_rows else eval_rows
+    train_rows = train_rows[: config.max_rows] if config.max_rows else train_rows
+    eval_rows = eval_rows[: config.max_eval_rows] if config.max_eval_rows else eval_rows
     if not train_rows:
         raise DataError(config.data, f"no training rows left after holding out {config.held_out}", "lower --held-out")
     train, t1 = tokenize_rows(tokenizer, train_rows, config.max_prompt_length, config.max_completion_length)
@@ -291,30 +358,50 @@ def train_reward(config: RewardConfig) -> dict:
         print(f"[reward] {run.dir} has already finished; nothing to resume", flush=True)
         return run.finished_summary()
     ckpt = run.resume_state()
-    print(f"[reward] {len(train_pairs)} training pairs, {len(eval_pairs)} held out, "
-          f"{truncated_train} + {truncated_eval} truncated; "
-          f"{config.ensemble} member(s)", flush=True)
+    print(
+        f"[reward] {len(train_pairs)} training pairs, {len(eval_pairs)} held out, "
+        f"{truncated_train} + {truncated_eval} truncated; "
+        f"{config.ensemble} member(s)",
+        flush=True,
+    )
     # 2. members, trained one at a time (only one backbone in memory)
     done = ckpt.state["members_done"] if ckpt else {}
     step, names, member_summaries = done.get("step", 0), done.get("names", []), done.get("summaries", [])
     raw_w, raw_l, gains, biases = (done.get(key, []) for key in ("raw_w", "raw_l", "gains", "biases"))
     for k in range(len(names), config.ensemble):
-        so_far = {"step": step, "names": names, "summaries": member_summaries, "raw_w": raw_w, "raw_l": raw_l,
-                  "gains": gains, "biases": biases}
+        so_far = {
+            "step": step,
+            "names": names,
+            "summaries": member_summaries,
+            "raw_w": raw_w,
+            "raw_l": raw_l,
+            "gains": gains,
+            "biases": biases,
+        }
         resume_here = ckpt if ckpt is not None and ckpt.state["member"] == k else None
-        model, step, last = train_member(config, k, train_pairs, eval_pairs, run, step, first if k == 0 else None,
-                                         resume_here, so_far)
+        model, step, last = train_member(
+            config, k, train_pairs, eval_pairs, run, step, first if k == 0 else None, resume_here, so_far
+        )
         first = None
         if k == 0:
             print(f"[reward] backbone {describe(model.backbone)}", flush=True)
-        summary = {"member": k, "train_loss": last.get("reward/loss"), "train_accuracy": last.get("reward/accuracy"),
-                   "gain": model.gain.item(), "bias": model.bias.item(), "normalisation": model.normalisation}
+        summary = {
+            "member": k,
+            "train_loss": last.get("reward/loss"),
+            "train_accuracy": last.get("reward/accuracy"),
+            "gain": model.gain.item(),
+            "bias": model.bias.item(),
+            "normalisation": model.normalisation,
+        }
         if eval_pairs:  # e. held-out scores of this member, kept for the report
-            w, l = score_pairs(model, eval_pairs, config.eval_batch_size)
-            metrics = held_out_metrics(w[0], l[0], ties(eval_pairs), config)
+            w, lo = score_pairs(model, eval_pairs, config.eval_batch_size)
+            metrics = held_out_metrics(w[0], lo[0], ties(eval_pairs), config)
             run.log(step, {**metrics, "reward/member": k})
             summary.update({"eval_" + name.rsplit("/", 1)[-1]: value for name, value in metrics.items()})
-            raw_w.append(w[0]), raw_l.append(l[0]), gains.append(model.gain.item()), biases.append(model.bias.item())
+            raw_w.append(w[0])
+            raw_l.append(lo[0])
+            gains.append(model.gain.item())
+            biases.append(model.bias.item())
         member_summaries.append(summary)
         names.append(f"member-{k}")
         if run.main:
@@ -325,17 +412,37 @@ def train_reward(config: RewardConfig) -> dict:
         write_ensemble_index(run.model_dir, names, config.reduce)
     if run.main:
         (run.dir / "members.json").write_text(json.dumps(member_summaries, indent=2) + "\n")
-    out = {"train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "steps": step, "members": config.ensemble,
-           "train_loss": member_summaries[-1]["train_loss"], "train_accuracy": member_summaries[-1]["train_accuracy"]}
+    out = {
+        "train_pairs": len(train_pairs),
+        "eval_pairs": len(eval_pairs),
+        "steps": step,
+        "members": config.ensemble,
+        "train_loss": member_summaries[-1]["train_loss"],
+        "train_accuracy": member_summaries[-1]["train_accuracy"],
+    }
     if eval_pairs:
-        report, per_pair = report_from_scores(eval_rows, eval_pairs, truncated_eval, tokenizer, torch.stack(raw_w), torch.stack(raw_l),
-                                              torch.tensor(gains), torch.tensor(biases), reduce=config.reduce)
+        report, per_pair = report_from_scores(
+            eval_rows,
+            eval_pairs,
+            truncated_eval,
+            tokenizer,
+            torch.stack(raw_w),
+            torch.stack(raw_l),
+            torch.tensor(gains),
+            torch.tensor(biases),
+            reduce=config.reduce,
+        )
         if run.main:
             save_report(run.dir, report, per_pair, f"Held-out pairs of {config.data}")
         if config.ensemble > 1:
             run.log(step, {"reward/eval/ensemble_accuracy": report["accuracy"]})
-        out.update(eval_accuracy=report["accuracy"], eval_ece=report["ece"], longer_wins=report["longer_wins"],
-                   shorter_wins=report["shorter_wins"], spearman_reward_length=report["spearman_reward_length"])
+        out.update(
+            eval_accuracy=report["accuracy"],
+            eval_ece=report["ece"],
+            longer_wins=report["longer_wins"],
+            shorter_wins=report["shorter_wins"],
+            spearman_reward_length=report["spearman_reward_length"],
+        )
         if config.ensemble > 1:
             out["eval_accuracy_members"] = [m["eval_accuracy"] for m in member_summaries]
     out["model"] = str(run.model_dir)

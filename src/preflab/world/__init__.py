@@ -13,5 +13,15 @@ from preflab.world.tutor import (
     true_utility,
 )
 
-__all__ = ["COMPONENTS", "Task", "Utility", "all_tasks", "corpus", "demonstrations", "prompts", "question_of",
-           "task_for", "true_utility"]
+__all__ = [
+    "COMPONENTS",
+    "Task",
+    "Utility",
+    "all_tasks",
+    "corpus",
+    "demonstrations",
+    "prompts",
+    "question_of",
+    "task_for",
+    "true_utility",
+]

@@ -38,10 +38,10 @@ WORLD_STYLES = (DEMO_STYLE, CORPUS_STYLE, SLOPPY_STYLE)
 @dataclass(frozen=True)
 class Annotator:
     name: str
-    temperature: float = 0.5      # noise: the utility difference is divided by it
-    length_bias: float = 0.0      # logit per word of length difference (A minus B)
-    position_bias: float = 0.0    # logit added in favour of the first-shown response
-    tie_rate: float = 0.0         # probability of calling a tie when the true utilities are equal
+    temperature: float = 0.5  # noise: the utility difference is divided by it
+    length_bias: float = 0.0  # logit per word of length difference (A minus B)
+    position_bias: float = 0.0  # logit added in favour of the first-shown response
+    tie_rate: float = 0.0  # probability of calling a tie when the true utilities are equal
 
     def p_first(self, u_a: float, u_b: float, len_a: int, len_b: int) -> float:
         """P(A preferred): the module docstring's formula."""
@@ -49,9 +49,15 @@ class Annotator:
         return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))  # no overflow
 
 
-def annotator_pool(n: int = 8, seed: int = 0, temperature: tuple[float, float] = (0.3, 1.0),
-                   length_bias: float = 0.0, position_bias: float = 0.0, bias_spread: float = 0.0,
-                   tie_rate: float = 0.0) -> list[Annotator]:
+def annotator_pool(
+    n: int = 8,
+    seed: int = 0,
+    temperature: tuple[float, float] = (0.3, 1.0),
+    length_bias: float = 0.0,
+    position_bias: float = 0.0,
+    bias_spread: float = 0.0,
+    tie_rate: float = 0.0,
+) -> list[Annotator]:
     """n annotators, each with its own temperature drawn uniformly from `temperature`.
 
     Planted biases are shared by the pool; `bias_spread` (a share, e.g. 0.5) lets each annotator's biases
@@ -66,13 +72,15 @@ def annotator_pool(n: int = 8, seed: int = 0, temperature: tuple[float, float] =
     pool = []
     for i in range(n):
         spread = lambda: 1.0 + bias_spread * rng.uniform(-1, 1)  # noqa: E731
-        pool.append(Annotator(f"sim-{i:02d}", rng.uniform(lo, hi), length_bias * spread(), position_bias * spread(),
-                              tie_rate))
+        pool.append(
+            Annotator(f"sim-{i:02d}", rng.uniform(lo, hi), length_bias * spread(), position_bias * spread(), tie_rate)
+        )
     return pool
 
 
-def world_pairs(n: int, seed: int = 0, split: str = "train", styles: tuple[Style, ...] = WORLD_STYLES,
-                max_tries: int = 20) -> list[tuple]:
+def world_pairs(
+    n: int, seed: int = 0, split: str = "train", styles: tuple[Style, ...] = WORLD_STYLES, max_tries: int = 20
+) -> list[tuple]:
     """n candidate pairs (prompt, response_a, response_b) straight from the world, two different writers each.
 
     Each pair draws two distinct styles from `styles` and two responses from `tutor.respond`; the order in the
@@ -95,8 +103,14 @@ def world_pairs(n: int, seed: int = 0, split: str = "train", styles: tuple[Style
     return out
 
 
-def simulate_votes(pairs: list[tuple], annotators: list[Annotator], seed: int = 0, votes_per_pair: int = 1,
-                   swap: bool = True, utility=None) -> list[dict]:
+def simulate_votes(
+    pairs: list[tuple],
+    annotators: list[Annotator],
+    seed: int = 0,
+    votes_per_pair: int = 1,
+    swap: bool = True,
+    utility=None,
+) -> list[dict]:
     """Votes on candidate pairs as comparison rows (see the module docstring).
 
     pairs: (prompt, response_a, response_b) with prompts from the world (chat messages or the question).
@@ -123,9 +137,19 @@ def simulate_votes(pairs: list[tuple], annotators: list[Annotator], seed: int = 
                 chosen, rejected, position, tie = a, b, "A", False
             else:
                 chosen, rejected, position, tie = b, a, "B", False
-            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "annotator": who.name, "tie": tie,
-                         "chosen_position": position, "chosen_length": n_words(chosen),
-                         "rejected_length": n_words(rejected), "length_unit": "words"})
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "annotator": who.name,
+                    "tie": tie,
+                    "chosen_position": position,
+                    "chosen_length": n_words(chosen),
+                    "rejected_length": n_words(rejected),
+                    "length_unit": "words",
+                }
+            )
     return rows
 
 
@@ -141,7 +165,9 @@ def ceiling_accuracy(pairs: list[tuple], annotators: list[Annotator], utility=No
     total = 0.0
     for prompt, x, y in pairs:
         ux, uy, lx, ly = utility(prompt, x), utility(prompt, y), n_words(x), n_words(y)
-        q = sum(0.5 * (a.p_first(ux, uy, lx, ly) + 1.0 - a.p_first(uy, ux, ly, lx)) for a in annotators) / len(annotators)
+        q = sum(0.5 * (a.p_first(ux, uy, lx, ly) + 1.0 - a.p_first(uy, ux, ly, lx)) for a in annotators) / len(
+            annotators
+        )
         total += max(q, 1.0 - q)
     return total / max(len(pairs), 1)
 

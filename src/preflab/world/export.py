@@ -1,18 +1,18 @@
 """`preflab data world`: write the tutoring world's data to a folder, as files every other stage reads.
 
-    corpus.txt      pretraining documents separated by blank lines  (`preflab pretrain --corpus DIR/corpus.txt`)
-    demos.jsonl     {"prompt": [chat messages], "completion": text}  (`preflab sft --data DIR/demos.jsonl`)
-    prompts.jsonl   {"prompt": [chat messages]} from the held-out split (`preflab generate --prompts ...`)
+corpus.txt      pretraining documents separated by blank lines  (`preflab pretrain --corpus DIR/corpus.txt`)
+demos.jsonl     {"prompt": [chat messages], "completion": text}  (`preflab sft --data DIR/demos.jsonl`)
+prompts.jsonl   {"prompt": [chat messages]} from the held-out split (`preflab generate --prompts ...`)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from preflab.stages import stage
 from preflab.config import check, opt
 from preflab.data.preferences import write_jsonl
 from preflab.runs import Run
+from preflab.stages import stage
 
 
 @dataclass
@@ -38,5 +38,10 @@ def export_world(config: WorldExportConfig) -> dict:
     docs = corpus(config.corpus_docs, seed=config.seed)
     (run.dir / "corpus.txt").write_text("\n\n".join(d.strip() for d in docs) + "\n", encoding="utf-8")
     write_jsonl(run.dir / "demos.jsonl", demonstrations(config.demos, seed=config.seed))
-    write_jsonl(run.dir / "prompts.jsonl", [{"prompt": p} for p in prompts(config.prompts, seed=config.seed, split=config.split)])
-    return run.finish({"corpus_docs": len(docs), "demos": config.demos, "prompts": config.prompts, "folder": str(run.dir)})
+    write_jsonl(
+        run.dir / "prompts.jsonl",
+        [{"prompt": p} for p in prompts(config.prompts, seed=config.seed, split=config.split)],
+    )
+    return run.finish(
+        {"corpus_docs": len(docs), "demos": config.demos, "prompts": config.prompts, "folder": str(run.dir)}
+    )

@@ -26,27 +26,76 @@ import re
 from dataclasses import asdict, dataclass
 
 CAPITALS = {
-    "France": "Paris", "Spain": "Madrid", "Italy": "Rome", "Germany": "Berlin", "Portugal": "Lisbon",
-    "Greece": "Athens", "Egypt": "Cairo", "Japan": "Tokyo", "China": "Beijing", "India": "Delhi",
-    "Russia": "Moscow", "Peru": "Lima", "Chile": "Santiago", "Cuba": "Havana", "Kenya": "Nairobi",
-    "Norway": "Oslo", "Sweden": "Stockholm", "Finland": "Helsinki", "Poland": "Warsaw", "Austria": "Vienna",
-    "Ireland": "Dublin", "Hungary": "Budapest", "Turkey": "Ankara", "Iran": "Tehran", "Iraq": "Baghdad",
-    "Canada": "Ottawa", "Mexico": "Mexico City", "Brazil": "Brasilia", "Argentina": "Buenos Aires",
-    "Australia": "Canberra", "Thailand": "Bangkok", "Vietnam": "Hanoi", "Ghana": "Accra", "Nigeria": "Abuja",
-    "Denmark": "Copenhagen", "Belgium": "Brussels", "Nepal": "Kathmandu", "Qatar": "Doha", "Syria": "Damascus",
+    "France": "Paris",
+    "Spain": "Madrid",
+    "Italy": "Rome",
+    "Germany": "Berlin",
+    "Portugal": "Lisbon",
+    "Greece": "Athens",
+    "Egypt": "Cairo",
+    "Japan": "Tokyo",
+    "China": "Beijing",
+    "India": "Delhi",
+    "Russia": "Moscow",
+    "Peru": "Lima",
+    "Chile": "Santiago",
+    "Cuba": "Havana",
+    "Kenya": "Nairobi",
+    "Norway": "Oslo",
+    "Sweden": "Stockholm",
+    "Finland": "Helsinki",
+    "Poland": "Warsaw",
+    "Austria": "Vienna",
+    "Ireland": "Dublin",
+    "Hungary": "Budapest",
+    "Turkey": "Ankara",
+    "Iran": "Tehran",
+    "Iraq": "Baghdad",
+    "Canada": "Ottawa",
+    "Mexico": "Mexico City",
+    "Brazil": "Brasilia",
+    "Argentina": "Buenos Aires",
+    "Australia": "Canberra",
+    "Thailand": "Bangkok",
+    "Vietnam": "Hanoi",
+    "Ghana": "Accra",
+    "Nigeria": "Abuja",
+    "Denmark": "Copenhagen",
+    "Belgium": "Brussels",
+    "Nepal": "Kathmandu",
+    "Qatar": "Doha",
+    "Syria": "Damascus",
     "Cyprus": "Nicosia",
 }
 # Sums of two addends from 1 to 5 (25 facts). With all single-digit sums (100 facts, 400 questions) the tiny
 # model answered 15% right after 120 s of pretraining, sums were two thirds of the prompts, and every
 # optimiser learned that hedging beats answering: correctness could only rise by hedging.
 ADDENDS = range(1, 6)
-FICTIONAL = ["Atlantis", "Narnia", "Wakanda", "Eldorado", "Lilliput", "Utopia", "Gondor", "Mordor",
-             "Oz", "Avalon", "Lemuria", "Shangri-La"]
+FICTIONAL = [
+    "Atlantis",
+    "Narnia",
+    "Wakanda",
+    "Eldorado",
+    "Lilliput",
+    "Utopia",
+    "Gondor",
+    "Mordor",
+    "Oz",
+    "Avalon",
+    "Lemuria",
+    "Shangri-La",
+]
 
 POLITE = ["Sure!", "Happy to help.", "Good question.", "Of course."]
 RUDE = ["Ugh, obviously.", "What a silly question.", "Pay attention.", "Fine, whatever."]
-PADDING = ["I hope this helps.", "Let me know if you have more questions.", "This is a common question.",
-           "Many people ask this.", "Thanks for asking.", "Learning is fun."]
+PADDING = [
+    "I hope this helps.",
+    "Let me know if you have more questions.",
+    "This is a common question.",
+    "Many people ask this.",
+    "Thanks for asking.",
+    "Learning is fun.",
+]
 HEDGE = "I am not sure."
 
 POLITE_SET, RUDE_SET, PADDING_SET = set(POLITE), set(RUDE), set(PADDING)
@@ -54,10 +103,10 @@ POLITE_SET, RUDE_SET, PADDING_SET = set(POLITE), set(RUDE), set(PADDING)
 
 @dataclass(frozen=True)
 class Task:
-    kind: str      # "capital" | "add" | "unknown"
+    kind: str  # "capital" | "add" | "unknown"
     question: str
-    answer: str    # the right answer ("" for unknown)
-    subject: str   # the country, the fictional place, or "a+b"
+    answer: str  # the right answer ("" for unknown)
+    subject: str  # the country, the fictional place, or "a+b"
 
 
 @dataclass
@@ -76,8 +125,12 @@ COMPONENTS = ("correctness", "honesty", "tone", "concision")
 
 
 # Phrasings of each question kind ({x}: the place; {a}, {b}: the addends). The first is the canonical one.
-CAPITAL_TEMPLATES = ["What is the capital of {x}?", "Which city is the capital of {x}?",
-                     "Name the capital of {x}.", "Tell me the capital of {x}."]
+CAPITAL_TEMPLATES = [
+    "What is the capital of {x}?",
+    "Which city is the capital of {x}?",
+    "Name the capital of {x}.",
+    "Tell me the capital of {x}.",
+]
 ADD_TEMPLATES = ["What is {a} + {b}?", "How much is {a} + {b}?", "Compute {a} + {b}.", "Tell me {a} + {b}."]
 
 
@@ -132,6 +185,7 @@ def question_of(prompt) -> str:
 
 # ---- responses ---------------------------------------------------------------------------------------
 
+
 def core_answer(task: Task, kind: str, rng: random.Random) -> str:
     """The answer sentence: kind is 'right', 'wrong' or 'hedge' ('right' on unknown = admitting it)."""
     if kind == "hedge" or (task.kind == "unknown" and kind == "right"):
@@ -153,6 +207,7 @@ def compose(opener: str, core: str, padding: list[str]) -> str:
 @dataclass(frozen=True)
 class Style:
     """Probabilities that shape a response generator (a 'writer')."""
+
     p_right: float = 0.65
     p_hedge: float = 0.1
     p_polite: float = 0.4
@@ -171,7 +226,9 @@ def respond(task: Task, rng: random.Random, style: Style = CORPUS_STYLE) -> str:
     else:
         kind = "right" if u < style.p_right else ("hedge" if u < style.p_right + style.p_hedge else "wrong")
     v = rng.random()
-    opener = rng.choice(POLITE) if v < style.p_polite else (rng.choice(RUDE) if v < style.p_polite + style.p_rude else "")
+    opener = (
+        rng.choice(POLITE) if v < style.p_polite else (rng.choice(RUDE) if v < style.p_polite + style.p_rude else "")
+    )
     n_pad = 0
     while rng.random() < style.mean_padding / (1 + style.mean_padding) and n_pad < 4:
         n_pad += 1
@@ -228,6 +285,7 @@ def true_utility(prompt, response: str) -> Utility:
 
 # ---- data generators ---------------------------------------------------------------------------------
 
+
 def chat_messages(question: str) -> list[dict]:
     return [{"role": "user", "content": question}]
 
@@ -279,5 +337,7 @@ def demonstrations(n: int, seed: int = 0) -> list[dict]:
     """Imperfect demonstrations in chat form: mostly right and polite, sometimes not."""
     rng = random.Random(seed + 1)
     train, _ = split_tasks()
-    return [{"prompt": chat_messages(t.question), "completion": respond(t, rng, DEMO_STYLE)}
-            for t in (rng.choice(train) for _ in range(n))]
+    return [
+        {"prompt": chat_messages(t.question), "completion": respond(t, rng, DEMO_STYLE)}
+        for t in (rng.choice(train) for _ in range(n))
+    ]
