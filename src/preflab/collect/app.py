@@ -7,8 +7,11 @@ traceback) and security headers (no framing, a content-security policy allowing 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
+
+import anyio
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,6 +27,13 @@ from preflab.collect.routes import admin, authored, pages, pairs, votes
 
 HERE = Path(__file__).parent
 MAX_BODY = 64 * 1024  # bytes: a vote or an authored comparison is far smaller
+# A request's dependencies and its handler run in separate worker-thread calls, and a SQLite transaction holds
+# the process's writer lock from its begin to its commit. With no free worker thread, a request holding the lock
+# could never reach its commit (found by bench/collect_soak.py: 50 clients against 40 threads stalled). So the
+# pool is larger than the server's concurrency limit (`preflab collect serve` passes MAX_CONCURRENT to uvicorn,
+# which answers 503 beyond it): a lock holder always finds a thread.
+MAX_CONCURRENT = 200
+WORKER_THREADS = MAX_CONCURRENT + 56
 log = logging.getLogger("preflab.collect")
 
 
@@ -70,9 +80,15 @@ async def _too_large(send, limit: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI):
+    anyio.to_thread.current_default_thread_limiter().total_tokens = WORKER_THREADS
+    yield
+
+
 def create_app(project: Project, sessions=None) -> FastAPI:
     """The app for `project`; `sessions` (a sessionmaker) defaults to the project's database, migrated."""
-    app = FastAPI(title="preflab collect", version="1",
+    app = FastAPI(title="preflab collect", version="1", lifespan=lifespan,
                   description="Pairwise comparisons: GET /api/next, POST /api/votes, GET /api/votes, GET /api/stats. "
                               "Authenticate with `Authorization: Bearer TOKEN` (from `preflab collect annotator`).")
     if sessions is None:

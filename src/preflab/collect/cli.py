@@ -157,13 +157,14 @@ class ServeConfig:
 def serve(config: ServeConfig) -> None:
     import uvicorn
 
-    from preflab.collect.app import create_app
+    from preflab.collect.app import MAX_CONCURRENT, create_app
 
     project, sessions = _open(config.dir, config.db)
     app = create_app(project, sessions)
     print(f"serving {config.dir} on http://{config.host}:{config.port} (database {project.db_url.split('@')[-1]})",
           flush=True)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=5,
+                limit_concurrency=MAX_CONCURRENT)
 
 
 @dataclass
