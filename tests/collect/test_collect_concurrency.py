@@ -7,14 +7,16 @@ from __future__ import annotations
 import threading
 
 import httpx
-
+import pytest
 from conftest import bearer, new_project
+
 from preflab.collect import store
 from preflab.collect.db import open_database
 
-CLIENTS = 60        # above anyio's default of 40 worker threads
+CLIENTS = 60  # above anyio's default of 40 worker threads
 
 
+@pytest.mark.slow
 def test_more_concurrent_clients_than_default_worker_threads_all_get_answers(tmp_path, db_url, server_factory):
     project = new_project(tmp_path / "p", db_url, n_pairs=2 * CLIENTS, overlap=1)
     engine, sessions = open_database(project.db_url)
