@@ -209,18 +209,19 @@ def train(config: TrainConfig) -> dict:
 
     from preflab.collect import live
 
+    from preflab.collect.db import TrainJob
+
     project, sessions = _open(config.dir, config.db)
     with sessions() as session:
         try:
             job = live.start_job(session, project=project)
         except live.TrainBusy as err:
             raise DataError(config.dir, str(err), "wait for it, or watch the admin page") from None
-        print(f"training job {job.id} started (log: {project.dir / 'live' / f'job-{job.id}.log'})", flush=True)
-        while config.wait and job.status == "running":
-            time.sleep(1)
-            session.expire_all()
-            session.rollback()
-            job = live.latest_job(session)
+    print(f"training job {job.id} started (log: {project.dir / 'live' / f'job-{job.id}.log'})", flush=True)
+    while config.wait and job.status == "running":
+        time.sleep(1)
+        with sessions() as session:  # a short session per look: on SQLite an open one would block the worker
+            job = session.get(TrainJob, job.id)
     result = {"job": job.id, "status": job.status, "accuracy": job.accuracy, "held_out": job.held_out,
               "message": job.message}
     if job.status == "done":
