@@ -84,7 +84,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             group.add_argument(f"_{field.name}_positional", nargs="?", type=_converter(tp), default=None,
                                help=help_text, metavar=field.name.upper())
         extra = {"nargs": "?", "const": True} if tp is bool else {}  # `--flag` alone means `--flag true`
-        group.add_argument(flag, dest=field.name, type=_converter(tp), default=None, help=help_text,
+        flags = [flag, "-" + field.name] if len(field.name) == 1 else [flag]  # `-k 4` as well as `--k 4`
+        group.add_argument(*flags, dest=field.name, type=_converter(tp), default=None, help=help_text,
                            metavar=field.name.upper(), **extra)
 
 

@@ -155,3 +155,17 @@ def test_the_schema_matches_the_models_and_old_databases_migrate(tmp_path, db_ur
     with pytest.raises(SchemaError, match="newer than this preflab"):
         migrate(engine)
     engine.dispose()
+
+
+def test_init_with_a_model_generates_the_pairs(tmp_path, model_dir):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?"}) + "\n" for i in range(3)))
+    assert main(["collect", "init", str(tmp_path / "p"), "--model", str(model_dir), "--prompts", str(prompts),
+                 "-k", "3"]) == 0
+    responses = [json.loads(line) for line in (tmp_path / "p" / "generate" / "responses.jsonl").read_text().splitlines()]
+    assert [len(r["responses"]) for r in responses] == [3, 3, 3]
+    _, sessions = open_database(load_project(tmp_path / "p").db_url)
+    with sessions() as s:
+        pairs = s.scalars(select(Pair)).all()
+    expected = sum(len(set(r["responses"])) * (len(set(r["responses"])) - 1) // 2 for r in responses)
+    assert len(pairs) == expected and all(p.source.startswith(str(tmp_path / "p" / "generate" / "pairs.jsonl")) for p in pairs)
