@@ -10,7 +10,7 @@ import time
 import pytest
 from sqlalchemy import select
 
-from conftest import bearer, new_project
+from .support import bearer, new_project
 from preflab.cli import main
 from preflab.collect import store
 from preflab.collect.agreement import summary

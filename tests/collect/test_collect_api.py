@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from conftest import XSS, bearer
+from .support import XSS, bearer
 from preflab.collect.db import Annotator, Assignment, Vote
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from conftest import XSS, new_project
+from .support import XSS, new_project
 
 try:
     from playwright.sync_api import expect

@@ -9,7 +9,7 @@ import json
 import pytest
 from sqlalchemy import inspect, select, text
 
-from conftest import write_pairs
+from .support import write_pairs
 from preflab.cli import main
 from preflab.collect import store
 from preflab.collect.db import (Base, MIGRATIONS, SCHEMA_VERSION, Assignment, Pair, SchemaError, Vote, make_engine,
@@ -27,7 +27,8 @@ def test_init_from_pairs_and_annotator_json(tmp_path, capsys, db_url):
     assert init(tmp_path, "--pairs", str(write_pairs(tmp_path / "pairs.jsonl", 4)), "--overlap", "3", db_url=db_url) == 0
     project = load_project(tmp_path / "p")
     assert project.overlap == 3 and project.db == db_url and (tmp_path / "p" / "guidelines.md").is_file()
-    capsys.readouterr()
+    printed = capsys.readouterr().out
+    assert "4 pairs from" in printed and (not db_url or ":***@" in printed and db_url not in printed)  # no password
     assert main(["collect", "annotator", str(tmp_path / "p"), "ana", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"name", "token", "link"} and out["link"] == f"http://127.0.0.1:8000/login/{out['token']}"

@@ -12,7 +12,7 @@ import time
 import httpx
 from sqlalchemy import func, select
 
-from conftest import bearer, new_project
+from .support import bearer, new_project
 from preflab.collect import store
 from preflab.collect.db import Vote, open_database
 
