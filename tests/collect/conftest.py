@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 
 from preflab.collect import store
 from preflab.collect.db import open_database
 
-from .support import Server, make_pairs, new_project  # noqa: F401
+from .support import Server, new_project
 
 POSTGRES = os.environ.get("PREFLAB_TEST_POSTGRES", "")
 

@@ -3,10 +3,13 @@ and that malformed or hostile requests get a 4xx JSON answer, never a 500."""
 
 from __future__ import annotations
 
+import json
+import re
+
 from sqlalchemy import select
 
 from .support import XSS, bearer
-from preflab.collect.db import Annotator, Assignment, Vote
+from preflab.collect.db import Annotator, Assignment, Pair, Vote
 
 
 def next_pair(client, token):
@@ -33,7 +36,6 @@ def test_next_vote_stats_and_own_votes(client, people, sessions):
         stored = s.scalar(select(Vote))
         shown = s.scalar(select(Assignment).where(Assignment.pair_id == first["pair_id"]))
         assert (stored.pair_id, stored.choice, stored.left_is_a) == (first["pair_id"], "right", shown.left_is_a)
-    from preflab.collect.db import Pair
     with sessions() as s:
         pair = s.get(Pair, first["pair_id"])
     assert first["left"] == (pair.response_a if shown.left_is_a else pair.response_b)
@@ -133,8 +135,6 @@ def login(client, token):
 
 
 def test_page_escapes_text_and_cookie_posts_need_the_csrf_token(client, people, sessions):
-    import re
-
     page = login(client, people["ana"])
     csrf = re.search(r'name="csrf-token" content="([0-9a-f]+)"', page).group(1)
     assert "prefs collected" in page and "Guidelines" in page
@@ -179,8 +179,6 @@ def test_authored_comparison_is_stored_with_what_it_teaches(client, people):
     assert r.status_code == 201 and r.json()["id"] == 1
     assert client.get("/api/stats", headers=bearer(people["bob"])).json()["authored"] == 1
     lines = client.get("/api/admin/export", headers=bearer(people["root"])).text.splitlines()
-    import json
-
     row = json.loads(lines[-1])
     assert (row["chosen"], row["rejected"], row["authored"], row["teaches"], row["bias"], row["annotator"]) == \
         ("Paris.", f"Lyon {XSS}", True, "be correct", "prefers short answers", "bob")
