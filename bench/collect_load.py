@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "collect"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "collect"))  # support.py
 
 
 def matmul_gflops(n: int = 512, seconds: float = 2.0) -> float:
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--annotators", type=int, default=20)
     parser.add_argument("--votes", type=int, default=50, help="votes per annotator")
     args = parser.parse_args()
-    from conftest import Server, new_project  # the tests' project and server helpers
+    from support import Server, new_project  # the tests' project and server helpers
 
     from preflab.collect import store
     from preflab.collect.db import open_database

@@ -80,8 +80,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=20000, help="pairs in the project (overlap 1)")
     args = parser.parse_args()
     from collect_load import matmul_gflops
-    from conftest import Server, new_project
     from sqlalchemy import func, select
+    from support import Server, new_project
 
     from preflab.collect import store
     from preflab.collect.db import Vote, open_database

@@ -179,8 +179,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                 metavar=field.name.upper(),
             )
         extra = {"nargs": "?", "const": True} if tp is bool else {}  # `--flag` alone means `--flag true`
+        flags = [flag, "-" + field.name] if len(field.name) == 1 else [flag]  # `-k 4` as well as `--k 4`
         group.add_argument(
-            flag,
+            *flags,
             dest=field.name,
             type=_converter(tp),
             default=None,

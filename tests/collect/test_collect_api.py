@@ -3,10 +3,14 @@ and that malformed or hostile requests get a 4xx JSON answer, never a 500."""
 
 from __future__ import annotations
 
+import json
+import re
+
 from sqlalchemy import select
 
-from conftest import XSS, bearer
-from preflab.collect.db import Annotator, Assignment, Vote
+from preflab.collect.db import Annotator, Assignment, Pair, Vote
+
+from .support import XSS, bearer
 
 
 def next_pair(client, token):
@@ -33,7 +37,6 @@ def test_next_vote_stats_and_own_votes(client, people, sessions):
         stored = s.scalar(select(Vote))
         shown = s.scalar(select(Assignment).where(Assignment.pair_id == first["pair_id"]))
         assert (stored.pair_id, stored.choice, stored.left_is_a) == (first["pair_id"], "right", shown.left_is_a)
-    from preflab.collect.db import Pair
     with sessions() as s:
         pair = s.get(Pair, first["pair_id"])
     assert first["left"] == (pair.response_a if shown.left_is_a else pair.response_b)
@@ -100,6 +103,7 @@ def test_malformed_requests_get_4xx_json(client, people):
         ("POST", "/api/votes", {"content": b"pair_id=1&choice=left",
                                 "headers": {**bearer(ana), "Content-Type": "application/x-www-form-urlencoded"}}, 422),
         ("POST", "/api/votes", {"content": b"x" * 70_000, "headers": h}, 413),
+        ("POST", "/api/votes", {"content": iter([b"x" * 40_000] * 2), "headers": h}, 413),  # chunked, no length
         ("POST", "/api/votes", {"json": {"pair_id": p["pair_id"], "choice": "left"}}, 401),
         ("POST", "/api/votes", {"json": {"pair_id": p["pair_id"], "choice": "left"},
                                 "headers": {"Authorization": "Basic abc"}}, 401),
@@ -113,7 +117,7 @@ def test_malformed_requests_get_4xx_json(client, people):
     ]
     for method, path, kwargs, status in cases:
         r = client.request(method, path, **kwargs)
-        assert r.status_code == status, (method, path, kwargs.get("json") or kwargs.get("content", b"")[:30], r.text)
+        assert r.status_code == status, (method, path, str(kwargs.get("json") or kwargs.get("content"))[:60], r.text)
         assert r.headers["content-type"].startswith("application/json") and "detail" in r.json()
 
 
@@ -132,8 +136,6 @@ def login(client, token):
 
 
 def test_page_escapes_text_and_cookie_posts_need_the_csrf_token(client, people, sessions):
-    import re
-
     page = login(client, people["ana"])
     csrf = re.search(r'name="csrf-token" content="([0-9a-f]+)"', page).group(1)
     assert "prefs collected" in page and "Guidelines" in page
@@ -168,6 +170,7 @@ def test_pages_need_sign_in_and_admin_page_an_admin(client, people):
     login(client, people["root"])
     admin = client.get("/admin")
     assert admin.status_code == 200 and "Krippendorff" in admin.text and "/api/admin/export" in admin.text
+    assert "script-src 'self'" in admin.headers["content-security-policy"] and admin.headers["x-frame-options"] == "DENY"
 
 
 def test_authored_comparison_is_stored_with_what_it_teaches(client, people):
@@ -177,8 +180,6 @@ def test_authored_comparison_is_stored_with_what_it_teaches(client, people):
     assert r.status_code == 201 and r.json()["id"] == 1
     assert client.get("/api/stats", headers=bearer(people["bob"])).json()["authored"] == 1
     lines = client.get("/api/admin/export", headers=bearer(people["root"])).text.splitlines()
-    import json
-
     row = json.loads(lines[-1])
     assert (row["chosen"], row["rejected"], row["authored"], row["teaches"], row["bias"], row["annotator"]) == \
         ("Paris.", f"Lyon {XSS}", True, "be correct", "prefers short answers", "bob")
@@ -189,3 +190,15 @@ def test_openapi_documents_the_api(client):
     assert {"/api/next", "/api/votes", "/api/stats"} <= set(paths)
     assert set(paths["/api/votes"]) == {"get", "post"}
     assert "client_id" in str(client.get("/openapi.json").json()["components"]["schemas"]["VoteCreate"])
+
+
+def test_guidelines_markdown_is_rendered_with_raw_html_escaped(project, sessions, people):
+    from fastapi.testclient import TestClient
+
+    from preflab.collect.app import create_app
+
+    project.guidelines.write_text("# Rules\n\nPrefer **correct** answers. <script>window.__g = 1</script>\n")
+    with TestClient(create_app(project, sessions)) as client:
+        page = login(client, people["ana"])
+    assert "<h1>Rules</h1>" in page and "<strong>correct</strong>" in page
+    assert "<script>window.__g" not in page and "&lt;script&gt;window.__g = 1&lt;/script&gt;" in page

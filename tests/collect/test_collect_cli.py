@@ -9,13 +9,25 @@ import json
 import pytest
 from sqlalchemy import inspect, select, text
 
-from conftest import write_pairs
 from preflab.cli import main
 from preflab.collect import store
-from preflab.collect.db import (Base, MIGRATIONS, SCHEMA_VERSION, Assignment, Pair, SchemaError, Vote, make_engine,
-                                migrate, open_database, schema_version)
+from preflab.collect.db import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    Assignment,
+    Base,
+    Pair,
+    SchemaError,
+    Vote,
+    make_engine,
+    migrate,
+    open_database,
+    schema_version,
+)
 from preflab.collect.project import load_project
 from preflab.data import load_preferences
+
+from .support import write_pairs
 
 
 def init(tmp_path, *args, db_url=""):
@@ -27,7 +39,8 @@ def test_init_from_pairs_and_annotator_json(tmp_path, capsys, db_url):
     assert init(tmp_path, "--pairs", str(write_pairs(tmp_path / "pairs.jsonl", 4)), "--overlap", "3", db_url=db_url) == 0
     project = load_project(tmp_path / "p")
     assert project.overlap == 3 and project.db == db_url and (tmp_path / "p" / "guidelines.md").is_file()
-    capsys.readouterr()
+    printed = capsys.readouterr().out
+    assert "4 pairs from" in printed and (not db_url or ":***@" in printed and db_url not in printed)  # no password
     assert main(["collect", "annotator", str(tmp_path / "p"), "ana", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"name", "token", "link"} and out["link"] == f"http://127.0.0.1:8000/login/{out['token']}"
@@ -155,3 +168,17 @@ def test_the_schema_matches_the_models_and_old_databases_migrate(tmp_path, db_ur
     with pytest.raises(SchemaError, match="newer than this preflab"):
         migrate(engine)
     engine.dispose()
+
+
+def test_init_with_a_model_generates_the_pairs(tmp_path, model_dir):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?"}) + "\n" for i in range(3)))
+    assert main(["collect", "init", str(tmp_path / "p"), "--model", str(model_dir), "--prompts", str(prompts),
+                 "-k", "3"]) == 0
+    responses = [json.loads(line) for line in (tmp_path / "p" / "generate" / "responses.jsonl").read_text().splitlines()]
+    assert [len(r["responses"]) for r in responses] == [3, 3, 3]
+    _, sessions = open_database(load_project(tmp_path / "p").db_url)
+    with sessions() as s:
+        pairs = s.scalars(select(Pair)).all()
+    expected = sum(len(set(r["responses"])) * (len(set(r["responses"])) - 1) // 2 for r in responses)
+    assert len(pairs) == expected and all(p.source.startswith(str(tmp_path / "p" / "generate" / "pairs.jsonl")) for p in pairs)

@@ -8,10 +8,11 @@ import threading
 
 import httpx
 import pytest
-from conftest import bearer, new_project
 
 from preflab.collect import store
 from preflab.collect.db import open_database
+
+from .support import bearer, new_project
 
 CLIENTS = 60  # above anyio's default of 40 worker threads
 

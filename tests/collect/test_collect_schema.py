@@ -6,10 +6,11 @@ from __future__ import annotations
 import os
 
 import schemathesis
-from conftest import bearer
 from hypothesis import HealthCheck, given, settings
 
 from preflab.collect.app import create_app
+
+from .support import bearer
 
 EXAMPLES = int(os.environ.get("PREFLAB_FUZZ_EXAMPLES", "15"))  # more with PREFLAB_FUZZ_EXAMPLES=500
 

@@ -12,9 +12,10 @@ import time
 import httpx
 from sqlalchemy import func, select
 
-from conftest import bearer, new_project
 from preflab.collect import store
 from preflab.collect.db import Vote, open_database
+
+from .support import bearer, new_project
 
 ANNOTATORS, VOTES_EACH = 20, 50
 

@@ -1,8 +1,8 @@
 """The app factory: `create_app(project)` builds the FastAPI app of one collection project.
 
-Beyond the routers it adds what every request needs: a body-size limit (413 before a large body is read),
-JSON errors for every failure (a 4xx names what was wrong; an unexpected error is a JSON 500 that logs its
-traceback) and security headers (no framing, a content-security policy allowing only this server's scripts).
+Beyond the routers it adds what every request needs: a body-size limit (413), JSON errors for every failure
+(a 4xx names what was wrong; an unexpected error is a JSON 500 that logs its traceback) and security headers
+(no framing, a content-security policy allowing only this server's scripts), in one plain ASGI middleware.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import logging
 from pathlib import Path
 
 import anyio
-
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -37,8 +36,16 @@ WORKER_THREADS = MAX_CONCURRENT + 56
 log = logging.getLogger("preflab.collect")
 
 
-class BodyLimit:
-    """ASGI middleware: refuse request bodies over `limit` bytes with 413 (by Content-Length, or while reading)."""
+SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                    (b"referrer-policy", b"no-referrer")]
+CSP = (b"content-security-policy",
+       b"default-src 'self'; script-src 'self'; style-src 'self'; frame-ancestors 'none'")
+
+
+class Guard:
+    """ASGI middleware: refuse request bodies over `limit` bytes with 413 (by Content-Length up front, or while
+    a chunked body is read), and add security headers to every response (FastAPI's own /docs pages load
+    their scripts from elsewhere, so they get no content-security policy)."""
 
     def __init__(self, app, limit: int = MAX_BODY):
         self.app, self.limit = app, limit
@@ -59,18 +66,18 @@ class BodyLimit:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise BodyTooLarge()
+            if seen > self.limit:  # a chunked body with no Content-Length: stop reading it
+                raise HTTPException(413, f"request body over {self.limit} bytes")
             return message
 
-        try:
-            await self.app(scope, limited, send)
-        except BodyTooLarge:
-            await _too_large(send, self.limit)
+        headers = SECURITY_HEADERS + ([] if scope["path"] in ("/docs", "/redoc") else [CSP])
 
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": list(message.get("headers", [])) + headers}
+            await send(message)
 
-class BodyTooLarge(Exception):
-    pass
+        await self.app(scope, limited, send_with_headers)
 
 
 async def _too_large(send, limit: int) -> None:
@@ -118,16 +125,5 @@ def create_app(project: Project, sessions=None) -> FastAPI:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return JSONResponse({"detail": "internal error (see the server log)"}, status_code=500)
 
-    @app.middleware("http")
-    async def headers(request: Request, call_next):
-        response = await call_next(request)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        if request.url.path not in ("/docs", "/redoc"):  # FastAPI's own docs pages load their scripts elsewhere
-            response.headers.setdefault("Content-Security-Policy", "default-src 'self'; script-src 'self'; "
-                                        "style-src 'self'; frame-ancestors 'none'")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
-        return response
-
-    app.add_middleware(BodyLimit)
+    app.add_middleware(Guard)
     return app

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +77,11 @@ class InitConfig:
         check(self.live_ensemble >= 1, f"live_ensemble must be >= 1, got {self.live_ensemble}")
 
 
+def shown_url(url: str) -> str:
+    """A database URL without its password, for printing."""
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
 def _open(directory: str, db: str = ""):
     from preflab.collect.db import open_database
     from preflab.collect.project import load_project
@@ -106,7 +112,7 @@ def init(config: InitConfig) -> dict:
     _, sessions = open_database(project.db_url)
     with sessions() as session:
         n = store.add_pairs(session, pairs=pairs)
-    print(f"{config.dir}: {n} pairs from {pairs_file}, each for {config.overlap} annotator(s); database {project.db_url}\n"
+    print(f"{config.dir}: {n} pairs from {pairs_file}, each for {config.overlap} annotator(s); database {shown_url(project.db_url)}\n"
           f"next: preflab collect annotator {config.dir} NAME", flush=True)
     return {"pairs": n, "db": project.db_url}
 
@@ -161,7 +167,7 @@ def serve(config: ServeConfig) -> None:
 
     project, sessions = _open(config.dir, config.db)
     app = create_app(project, sessions)
-    print(f"serving {config.dir} on http://{config.host}:{config.port} (database {project.db_url.split('@')[-1]})",
+    print(f"serving {config.dir} on http://{config.host}:{config.port} (database {shown_url(project.db_url)})",
           flush=True)
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=5,
                 limit_concurrency=MAX_CONCURRENT)
@@ -210,18 +216,19 @@ def train(config: TrainConfig) -> dict:
 
     from preflab.collect import live
 
+    from preflab.collect.db import TrainJob
+
     project, sessions = _open(config.dir, config.db)
     with sessions() as session:
         try:
             job = live.start_job(session, project=project)
         except live.TrainBusy as err:
             raise DataError(config.dir, str(err), "wait for it, or watch the admin page") from None
-        print(f"training job {job.id} started (log: {project.dir / 'live' / f'job-{job.id}.log'})", flush=True)
-        while config.wait and job.status == "running":
-            time.sleep(1)
-            session.expire_all()
-            session.rollback()
-            job = live.latest_job(session)
+    print(f"training job {job.id} started (log: {project.dir / 'live' / f'job-{job.id}.log'})", flush=True)
+    while config.wait and job.status == "running":
+        time.sleep(1)
+        with sessions() as session:  # a short session per look: on SQLite an open one would block the worker
+            job = session.get(TrainJob, job.id)
     result = {"job": job.id, "status": job.status, "accuracy": job.accuracy, "held_out": job.held_out,
               "message": job.message}
     if job.status == "done":

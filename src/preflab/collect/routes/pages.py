@@ -3,8 +3,6 @@ autoescaping (and by `textContent` in app.js), so a response holding `<script>` 
 
 from __future__ import annotations
 
-import json
-
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
@@ -47,8 +45,7 @@ def vote_page(request: Request, db: DB) -> HTMLResponse:
     prompt = pair.prompt
     messages = prompt if isinstance(prompt, list) else None
     return render(request, "vote.html", person, pair=pair, messages=messages,
-                  collected=store.count_votes(db), mine=store.count_votes(db, annotator_id=person.id),
-                  pair_json=json.dumps(pair.model_dump()))
+                  collected=store.count_votes(db), mine=store.count_votes(db, annotator_id=person.id))
 
 
 @router.get("/author", response_class=HTMLResponse)
