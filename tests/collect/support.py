@@ -23,9 +23,15 @@ XSS = "<script>window.__xss = 1</script>"
 
 def make_pairs(n: int) -> list[dict]:
     """n pairs of a short and a long response; pair 2 (index 1) holds a <script> to check escaping."""
-    pairs = [{"prompt": f"What is {i} + {i}?", "response_a": f"{2 * i}.",
-              "response_b": f"I think it is {2 * i}, but let me explain at some length why that is so.",
-              "source": f"pairs.jsonl:{i + 1}"} for i in range(n)]
+    pairs = [
+        {
+            "prompt": f"What is {i} + {i}?",
+            "response_a": f"{2 * i}.",
+            "response_b": f"I think it is {2 * i}, but let me explain at some length why that is so.",
+            "source": f"pairs.jsonl:{i + 1}",
+        }
+        for i in range(n)
+    ]
     for p in pairs[2::3]:  # the longer response is not always response_b (nor first in sorted order)
         p["response_a"], p["response_b"] = p["response_b"], p["response_a"]
     pairs[1]["response_b"] = f"Here: {XSS} done"

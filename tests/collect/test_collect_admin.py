@@ -35,9 +35,11 @@ def test_agreement_and_bias_match_known_answers_and_the_audit_of_the_export(tmp_
     _, sessions = open_database(project.db_url)
     truthful = lambda pid, left_is_a: "left" if a_wins(pid) == bool(left_is_a) else "right"  # noqa: E731
     with sessions() as s:
-        for name, decide in (("ana", truthful), ("bob", truthful),
-                             ("cat", lambda pid, left_is_a: "right" if truthful(pid, left_is_a) == "left" else "left"),
-                             ):
+        for name, decide in (
+            ("ana", truthful),
+            ("bob", truthful),
+            ("cat", lambda pid, left_is_a: "right" if truthful(pid, left_is_a) == "left" else "left"),
+        ):
             vote_by_truth(s, store.create_annotator(s, name=name)[0], 3, decide)
         result = summary(s, overlap=3)
         assert result["progress"]["votes"] == 36 and result["progress"]["done"] == 1.0
@@ -80,8 +82,14 @@ def wait_job(sessions, seconds: float = 240) -> TrainJob:
 
 @pytest.mark.parametrize("backend", ["sqlite"])
 def test_live_reward_model_trains_in_the_background_while_people_vote(tmp_path, db_url, model_dir):
-    project = new_project(tmp_path / "p", db_url, n_pairs=30, overlap=1, reward_model=str(model_dir),
-                          live_options={"ensemble": 2, "max_steps": 2, "batch_size": 4, "threads": 1})
+    project = new_project(
+        tmp_path / "p",
+        db_url,
+        n_pairs=30,
+        overlap=1,
+        reward_model=str(model_dir),
+        live_options={"ensemble": 2, "max_steps": 2, "batch_size": 4, "threads": 1},
+    )
     _, sessions = open_database(project.db_url)
     with sessions() as s:
         person, _ = store.create_annotator(s, name="ana")
@@ -101,7 +109,12 @@ def test_live_reward_model_trains_in_the_background_while_people_vote(tmp_path, 
         # voting is not blocked while the worker trains
         pair = client.get("/api/next", headers=bearer(bob)).json()
         t0 = time.monotonic()
-        assert client.post("/api/votes", headers=bearer(bob), json={"pair_id": pair["pair_id"], "choice": "tie"}).status_code == 201
+        assert (
+            client.post(
+                "/api/votes", headers=bearer(bob), json={"pair_id": pair["pair_id"], "choice": "tie"}
+            ).status_code
+            == 201
+        )
         assert time.monotonic() - t0 < 5
         job = wait_job(sessions)
         assert job.status == "done", job.message
@@ -120,8 +133,14 @@ def test_live_reward_model_trains_in_the_background_while_people_vote(tmp_path, 
 
 
 def test_collect_train_command_reports_held_out_agreement(tmp_path, model_dir, capsys):
-    project = new_project(tmp_path / "p", "", n_pairs=12, overlap=1, reward_model=str(model_dir),
-                          live_options={"max_steps": 2, "batch_size": 4, "threads": 1})
+    project = new_project(
+        tmp_path / "p",
+        "",
+        n_pairs=12,
+        overlap=1,
+        reward_model=str(model_dir),
+        live_options={"max_steps": 2, "batch_size": 4, "threads": 1},
+    )
     _, sessions = open_database(project.db_url)
     assert main(["collect", "train", str(project.dir)]) == 2  # no votes yet: a clear failure
     assert "needs at least 8" in capsys.readouterr().err

@@ -55,8 +55,14 @@ def test_overlap_and_nobody_sees_a_pair_twice(client, people, sessions):
             seen[name].append(p["pair_id"])
             assert vote(client, people[name], p["pair_id"], "tie").status_code == 201
     assert sorted(seen["ana"]) == sorted(seen["bob"]) == [1, 2, 3, 4, 5, 6]
-    assert next_pair(client, people["root"]) == {"done": True, "pair_id": None, "prompt": None, "left": None,
-                                                 "right": None, "rule": None}
+    assert next_pair(client, people["root"]) == {
+        "done": True,
+        "pair_id": None,
+        "prompt": None,
+        "left": None,
+        "right": None,
+        "rule": None,
+    }
     with sessions() as s:
         sides = [a.left_is_a for a in s.scalars(select(Assignment))]
     assert len(sides) == 12 and 0 < sum(sides) < 12  # sides are randomised (P(all same) = 2^-11)
@@ -95,23 +101,49 @@ def test_malformed_requests_get_4xx_json(client, people):
         ("POST", "/api/votes", {"json": {"pair_id": p["pair_id"], "choice": "middle"}, "headers": h}, 422),
         ("POST", "/api/votes", {"json": {"pair_id": "x", "choice": "left"}, "headers": h}, 422),
         ("POST", "/api/votes", {"json": {"pair_id": -3, "choice": "left"}, "headers": h}, 422),
-        ("POST", "/api/votes", {"json": {"pair_id": 10 ** 30, "choice": "left"}, "headers": h}, 422),
+        ("POST", "/api/votes", {"json": {"pair_id": 10**30, "choice": "left"}, "headers": h}, 422),
         ("POST", "/api/votes", {"json": {"choice": "left"}, "headers": h}, 422),
         ("POST", "/api/votes", {"json": {"pair_id": p["pair_id"], "choice": "left", "admin": True}, "headers": h}, 422),
-        ("POST", "/api/votes", {"json": {"pair_id": p["pair_id"], "choice": "left", "rationale": "x" * 5000}, "headers": h}, 422),
+        (
+            "POST",
+            "/api/votes",
+            {"json": {"pair_id": p["pair_id"], "choice": "left", "rationale": "x" * 5000}, "headers": h},
+            422,
+        ),
         ("POST", "/api/votes", {"content": b"\xff\xfe\x00", "headers": h}, 400),
-        ("POST", "/api/votes", {"content": b"pair_id=1&choice=left",
-                                "headers": {**bearer(ana), "Content-Type": "application/x-www-form-urlencoded"}}, 422),
+        (
+            "POST",
+            "/api/votes",
+            {
+                "content": b"pair_id=1&choice=left",
+                "headers": {**bearer(ana), "Content-Type": "application/x-www-form-urlencoded"},
+            },
+            422,
+        ),
         ("POST", "/api/votes", {"content": b"x" * 70_000, "headers": h}, 413),
         ("POST", "/api/votes", {"content": iter([b"x" * 40_000] * 2), "headers": h}, 413),  # chunked, no length
         ("POST", "/api/votes", {"json": {"pair_id": p["pair_id"], "choice": "left"}}, 401),
-        ("POST", "/api/votes", {"json": {"pair_id": p["pair_id"], "choice": "left"},
-                                "headers": {"Authorization": "Basic abc"}}, 401),
+        (
+            "POST",
+            "/api/votes",
+            {"json": {"pair_id": p["pair_id"], "choice": "left"}, "headers": {"Authorization": "Basic abc"}},
+            401,
+        ),
         ("GET", "/api/next", {"headers": bearer("not-a-token")}, 401),
         ("GET", "/api/nothing-here", {"headers": h}, 404),
         ("DELETE", "/api/votes", {"headers": h}, 405),
-        ("POST", "/api/authored", {"json": {"prompt": "p", "better": "a", "worse": "a", "teaches": "t"}, "headers": h}, 422),
-        ("POST", "/api/authored", {"json": {"prompt": "", "better": "a", "worse": "b", "teaches": "t"}, "headers": h}, 422),
+        (
+            "POST",
+            "/api/authored",
+            {"json": {"prompt": "p", "better": "a", "worse": "a", "teaches": "t"}, "headers": h},
+            422,
+        ),
+        (
+            "POST",
+            "/api/authored",
+            {"json": {"prompt": "", "better": "a", "worse": "b", "teaches": "t"}, "headers": h},
+            422,
+        ),
         ("GET", "/api/admin/summary", {"headers": h}, 403),
         ("POST", "/api/admin/train", {"headers": h}, 403),
     ]
@@ -144,8 +176,12 @@ def test_page_escapes_text_and_cookie_posts_need_the_csrf_token(client, people, 
         pair_id = int(re.search(r'data-pair-id="(\d+)"', page).group(1))
         if pair_id == 2:
             break
-        assert client.post("/api/votes", json={"pair_id": pair_id, "choice": "tie"},
-                           headers={"X-CSRF-Token": csrf}).status_code == 201
+        assert (
+            client.post(
+                "/api/votes", json={"pair_id": pair_id, "choice": "tie"}, headers={"X-CSRF-Token": csrf}
+            ).status_code
+            == 201
+        )
         page = client.get("/").text
     assert pair_id == 2 and XSS not in page
     assert "&lt;script&gt;window.__xss = 1&lt;/script&gt;" in page
@@ -170,19 +206,32 @@ def test_pages_need_sign_in_and_admin_page_an_admin(client, people):
     login(client, people["root"])
     admin = client.get("/admin")
     assert admin.status_code == 200 and "Krippendorff" in admin.text and "/api/admin/export" in admin.text
-    assert "script-src 'self'" in admin.headers["content-security-policy"] and admin.headers["x-frame-options"] == "DENY"
+    assert (
+        "script-src 'self'" in admin.headers["content-security-policy"] and admin.headers["x-frame-options"] == "DENY"
+    )
 
 
 def test_authored_comparison_is_stored_with_what_it_teaches(client, people):
-    body = {"prompt": "Capital of France?", "better": "Paris.", "worse": f"Lyon {XSS}", "teaches": "be correct",
-            "bias": "prefers short answers"}
+    body = {
+        "prompt": "Capital of France?",
+        "better": "Paris.",
+        "worse": f"Lyon {XSS}",
+        "teaches": "be correct",
+        "bias": "prefers short answers",
+    }
     r = client.post("/api/authored", headers=bearer(people["bob"]), json=body)
     assert r.status_code == 201 and r.json()["id"] == 1
     assert client.get("/api/stats", headers=bearer(people["bob"])).json()["authored"] == 1
     lines = client.get("/api/admin/export", headers=bearer(people["root"])).text.splitlines()
     row = json.loads(lines[-1])
-    assert (row["chosen"], row["rejected"], row["authored"], row["teaches"], row["bias"], row["annotator"]) == \
-        ("Paris.", f"Lyon {XSS}", True, "be correct", "prefers short answers", "bob")
+    assert (row["chosen"], row["rejected"], row["authored"], row["teaches"], row["bias"], row["annotator"]) == (
+        "Paris.",
+        f"Lyon {XSS}",
+        True,
+        "be correct",
+        "prefers short answers",
+        "bob",
+    )
 
 
 def test_openapi_documents_the_api(client):

@@ -23,8 +23,15 @@ from preflab.collect import store
 from preflab.collect.db import Assignment, Authored, Vote, now, open_database
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 @pytest.fixture
@@ -53,7 +60,9 @@ def simulated_votes(sessions, n_pairs: int) -> None:
                 better_is_left = (pair.id % 2 == 1) == bool(assignment.left_is_a)
                 right_answer = "left" if better_is_left else "right"
                 wrong_answer = "right" if better_is_left else "left"
-                choice = "left" if rng.random() < p_left else (right_answer if rng.random() < accuracy else wrong_answer)
+                choice = (
+                    "left" if rng.random() < p_left else (right_answer if rng.random() < accuracy else wrong_answer)
+                )
                 choice = "tie" if rng.random() < 0.05 else choice
                 store.record_vote(s, annotator_id=person.id, pair_id=pair.id, choice=choice)
 
@@ -91,7 +100,12 @@ def test_vote_author_and_admin_in_chromium(tmp_path, browser, server_factory):
     assert page.locator("#pair").get_attribute("data-pair-id") != "2"  # the next pair is shown
     with sessions() as s:
         vote = s.scalar(select(Vote).where(Vote.annotator_id == ana.id))
-        assert (vote.pair_id, vote.choice, vote.left_is_a, vote.rationale) == (2, "left", 0, "the short answer is right")
+        assert (vote.pair_id, vote.choice, vote.left_is_a, vote.rationale) == (
+            2,
+            "left",
+            0,
+            "the short answer is right",
+        )
 
     # 2. author mode
     page.goto(f"{server.url}/author")
@@ -105,7 +119,11 @@ def test_vote_author_and_admin_in_chromium(tmp_path, browser, server_factory):
     expect(page.locator("#author-status")).to_have_text("saved", timeout=15000)
     with sessions() as s:
         row = s.scalar(select(Authored))
-        assert (row.annotator_id, row.chosen, row.teaches) == (ana.id, "Lima.", "a short correct answer beats a long wrong one")
+        assert (row.annotator_id, row.chosen, row.teaches) == (
+            ana.id,
+            "Lima.",
+            "a short correct answer beats a long wrong one",
+        )
     assert page.locator("#authored").inner_text() == "1"
 
     # 3. the admin page needs the admin's link

@@ -108,7 +108,9 @@ def test_retried_post_is_stored_once_over_http(tmp_path, db_url, server_factory)
         pair_id = http.get("/api/next").json()["pair_id"]
         body = {"pair_id": pair_id, "choice": "tie", "client_id": "retry-me"}
         results = []
-        threads = [threading.Thread(target=lambda: results.append(http.post("/api/votes", json=body))) for _ in range(5)]
+        threads = [
+            threading.Thread(target=lambda: results.append(http.post("/api/votes", json=body))) for _ in range(5)
+        ]
         for t in threads:
             t.start()
         for t in threads:

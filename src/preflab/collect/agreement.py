@@ -44,15 +44,23 @@ def summary(session: Session, *, overlap: int) -> dict:
     people = {}
     for name, mine in sorted(by_person.items()):
         decided = [v for v in mine if v.winner != -1]
-        people[name] = {"votes": len(mine), "ties": len(mine) - len(decided),
-                        "prefer_left": bias.wilson(sum(v.winner == 1 for v in decided), len(decided)),
-                        "prefer_longer": bias.prefer_longer(decided, None, True, config.clear_length_diff)}
+        people[name] = {
+            "votes": len(mine),
+            "ties": len(mine) - len(decided),
+            "prefer_left": bias.wilson(sum(v.winner == 1 for v in decided), len(decided)),
+            "prefer_longer": bias.prefer_longer(decided, None, True, config.clear_length_diff),
+        }
     decided = [v for v in votes if v.winner != -1]
     regression = None
     if len(decided) >= 10:
         audit = bias.audit_votes(votes, True, config)
         regression = {"position": audit["position_bias"], "length": audit["length_bias"]}
-    return {"progress": store.progress(session, overlap=overlap), "annotators": people,
-            "agreement": bias.agreement(votes, MIN_SHARED), "regression": regression,
-            "both_bad": sum(1 for v, _, _ in store.all_votes(session) if v.choice == "both_bad"),
-            "authored": store.count_authored(session), "clear_length_diff": config.clear_length_diff}
+    return {
+        "progress": store.progress(session, overlap=overlap),
+        "annotators": people,
+        "agreement": bias.agreement(votes, MIN_SHARED),
+        "regression": regression,
+        "both_bad": sum(1 for v, _, _ in store.all_votes(session) if v.choice == "both_bad"),
+        "authored": store.count_authored(session),
+        "clear_length_diff": config.clear_length_diff,
+    }

@@ -36,10 +36,12 @@ WORKER_THREADS = MAX_CONCURRENT + 56
 log = logging.getLogger("preflab.collect")
 
 
-SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
-                    (b"referrer-policy", b"no-referrer")]
-CSP = (b"content-security-policy",
-       b"default-src 'self'; script-src 'self'; style-src 'self'; frame-ancestors 'none'")
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+]
+CSP = (b"content-security-policy", b"default-src 'self'; script-src 'self'; style-src 'self'; frame-ancestors 'none'")
 
 
 class Guard:
@@ -82,8 +84,13 @@ class Guard:
 
 async def _too_large(send, limit: int) -> None:
     body = f'{{"detail":"request body over {limit} bytes"}}'.encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -95,9 +102,13 @@ async def lifespan(app: FastAPI):
 
 def create_app(project: Project, sessions=None) -> FastAPI:
     """The app for `project`; `sessions` (a sessionmaker) defaults to the project's database, migrated."""
-    app = FastAPI(title="preflab collect", version="1", lifespan=lifespan,
-                  description="Pairwise comparisons: GET /api/next, POST /api/votes, GET /api/votes, GET /api/stats. "
-                              "Authenticate with `Authorization: Bearer TOKEN` (from `preflab collect annotator`).")
+    app = FastAPI(
+        title="preflab collect",
+        version="1",
+        lifespan=lifespan,
+        description="Pairwise comparisons: GET /api/next, POST /api/votes, GET /api/votes, GET /api/stats. "
+        "Authenticate with `Authorization: Bearer TOKEN` (from `preflab collect annotator`).",
+    )
     if sessions is None:
         _, sessions = open_database(project.db_url)
     app.state.project, app.state.sessions = project, sessions

@@ -1,9 +1,9 @@
 """`preflab collect init | annotator | serve | export | train`: the collection app's commands.
 
-    preflab collect init DIR --pairs runs/generate-x/pairs.jsonl --overlap 3
-    preflab collect annotator DIR ana            # prints ana's personal link
-    preflab collect serve DIR                    # http://127.0.0.1:8000
-    preflab collect export DIR --out votes.jsonl # then: preflab reward --data votes.jsonl ...
+preflab collect init DIR --pairs runs/generate-x/pairs.jsonl --overlap 3
+preflab collect annotator DIR ana            # prints ana's personal link
+preflab collect serve DIR                    # http://127.0.0.1:8000
+preflab collect export DIR --out votes.jsonl # then: preflab reward --data votes.jsonl ...
 """
 
 from __future__ import annotations
@@ -36,8 +36,11 @@ def parse_pair_row(row, src: str, notes=None) -> list[dict]:
     else:
         for name in ("response_a", "response_b"):
             if not isinstance(row.get(name), str) or not row[name].strip():
-                raise DataError(src, f"field '{name}': expected a non-empty string, got {row.get(name)!r:.60}",
-                                "rows need response_a and response_b (pairs.jsonl) or responses (responses.jsonl)")
+                raise DataError(
+                    src,
+                    f"field '{name}': expected a non-empty string, got {row.get(name)!r:.60}",
+                    "rows need response_a and response_b (pairs.jsonl) or responses (responses.jsonl)",
+                )
         if row["response_a"] == row["response_b"]:
             raise DataError(src, "response_a and response_b are identical: nothing to compare")
         pairs = [{"prompt": prompt, "response_a": row["response_a"], "response_b": row["response_b"]}]
@@ -68,8 +71,11 @@ class InitConfig:
 
     def __post_init__(self):
         check(bool(self.dir), "give the project folder: `preflab collect init DIR --pairs FILE`")
-        check(bool(self.pairs) != bool(self.model), "give exactly one of --pairs FILE or --model M --prompts FILE, "
-              f"got pairs={self.pairs!r}, model={self.model!r}")
+        check(
+            bool(self.pairs) != bool(self.model),
+            "give exactly one of --pairs FILE or --model M --prompts FILE, "
+            f"got pairs={self.pairs!r}, model={self.model!r}",
+        )
         check(not self.model or bool(self.prompts), "--model needs --prompts (a JSONL of prompts, or 'world')")
         check(self.k >= 2, f"k must be >= 2 (a pair needs two responses), got {self.k}")
         check(self.overlap >= 1, f"overlap must be >= 1, got {self.overlap}")
@@ -100,20 +106,39 @@ def init(config: InitConfig) -> dict:
     if config.model:
         from preflab.generate import GenerateConfig, generate_stage
 
-        summary = generate_stage(GenerateConfig(model=config.model, prompts=config.prompts, n=config.k, pairs=True,
-                                                n_prompts=config.n_prompts, out=str(Path(config.dir) / "generate")))
+        summary = generate_stage(
+            GenerateConfig(
+                model=config.model,
+                prompts=config.prompts,
+                n=config.k,
+                pairs=True,
+                n_prompts=config.n_prompts,
+                out=str(Path(config.dir) / "generate"),
+            )
+        )
         pairs_file = str(Path(summary["responses_file"]).parent / "pairs.jsonl")
     else:
         pairs_file = config.pairs
     pairs = read_pairs(pairs_file)
     live = {"ensemble": config.live_ensemble, **({"max_steps": config.live_max_steps} if config.live_max_steps else {})}
-    project = create_project(config.dir, db=config.db, overlap=config.overlap, base_url=config.base_url.rstrip("/"),
-                             random_share=config.random_share, reward_model=config.reward_model, live_options=live)
+    project = create_project(
+        config.dir,
+        db=config.db,
+        overlap=config.overlap,
+        base_url=config.base_url.rstrip("/"),
+        random_share=config.random_share,
+        reward_model=config.reward_model,
+        live_options=live,
+    )
     _, sessions = open_database(project.db_url)
     with sessions() as session:
         n = store.add_pairs(session, pairs=pairs)
-    print(f"{config.dir}: {n} pairs from {pairs_file}, each for {config.overlap} annotator(s); database {shown_url(project.db_url)}\n"
-          f"next: preflab collect annotator {config.dir} NAME", flush=True)
+    print(
+        f"{config.dir}: {n} pairs from {pairs_file}, each for {config.overlap} annotator(s); "
+        f"database {shown_url(project.db_url)}\n"
+        f"next: preflab collect annotator {config.dir} NAME",
+        flush=True,
+    )
     return {"pairs": n, "db": project.db_url}
 
 
@@ -122,13 +147,15 @@ class AnnotatorConfig:
     dir: str = opt("", "the project folder", positional=True)
     name: str = opt("", "the person's name (unique in the project)", positional=True)
     admin: bool = opt(False, "may open the admin page")
-    json: bool = opt(False, "print {\"name\", \"token\", \"link\"} as JSON")
+    json: bool = opt(False, 'print {"name", "token", "link"} as JSON')
     db: str = opt("", "database URL (default: the project's)")
 
     def __post_init__(self):
         check(bool(self.dir) and bool(self.name), "usage: preflab collect annotator DIR NAME [--admin] [--json]")
-        check(len(self.name) <= 100 and self.name.strip() == self.name,
-              f"name must be at most 100 characters without surrounding spaces, got {self.name!r}")
+        check(
+            len(self.name) <= 100 and self.name.strip() == self.name,
+            f"name must be at most 100 characters without surrounding spaces, got {self.name!r}",
+        )
 
 
 @stage(AnnotatorConfig)
@@ -142,8 +169,10 @@ def annotator(config: AnnotatorConfig) -> dict:
         except store.VoteError as err:
             raise DataError(config.dir, str(err), "choose another name") from None
     out = {"name": config.name, "token": token, "link": f"{project.base_url}/login/{token}"}
-    print(json.dumps(out) if config.json else f"{config.name}{' (admin)' if config.admin else ''}: {out['link']}",
-          flush=True)
+    print(
+        json.dumps(out) if config.json else f"{config.name}{' (admin)' if config.admin else ''}: {out['link']}",
+        flush=True,
+    )
     return out
 
 
@@ -167,10 +196,17 @@ def serve(config: ServeConfig) -> None:
 
     project, sessions = _open(config.dir, config.db)
     app = create_app(project, sessions)
-    print(f"serving {config.dir} on http://{config.host}:{config.port} (database {shown_url(project.db_url)})",
-          flush=True)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=5,
-                limit_concurrency=MAX_CONCURRENT)
+    print(
+        f"serving {config.dir} on http://{config.host}:{config.port} (database {shown_url(project.db_url)})", flush=True
+    )
+    uvicorn.run(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level="warning",
+        timeout_graceful_shutdown=5,
+        limit_concurrency=MAX_CONCURRENT,
+    )
 
 
 @dataclass
@@ -195,8 +231,10 @@ def export(config: ExportConfig) -> dict:
     Path(config.out).parent.mkdir(parents=True, exist_ok=True)
     Path(config.out).write_text(to_jsonl(rows))
     ties = sum(r["tie"] for r in rows)
-    print(f"{config.out}: {len(rows)} comparisons ({ties} ties, {sum(bool(r.get('authored')) for r in rows)} authored)",
-          flush=True)
+    print(
+        f"{config.out}: {len(rows)} comparisons ({ties} ties, {sum(bool(r.get('authored')) for r in rows)} authored)",
+        flush=True,
+    )
     return {"rows": len(rows), "ties": ties}
 
 
@@ -215,7 +253,6 @@ def train(config: TrainConfig) -> dict:
     import time
 
     from preflab.collect import live
-
     from preflab.collect.db import TrainJob
 
     project, sessions = _open(config.dir, config.db)
@@ -229,11 +266,18 @@ def train(config: TrainConfig) -> dict:
         time.sleep(1)
         with sessions() as session:  # a short session per look: on SQLite an open one would block the worker
             job = session.get(TrainJob, job.id)
-    result = {"job": job.id, "status": job.status, "accuracy": job.accuracy, "held_out": job.held_out,
-              "message": job.message}
+    result = {
+        "job": job.id,
+        "status": job.status,
+        "accuracy": job.accuracy,
+        "held_out": job.held_out,
+        "message": job.message,
+    }
     if job.status == "done":
         acc = "n/a" if job.accuracy is None else f"{job.accuracy:.3f}"
-        print(f"done: held-out agreement {acc} on {job.held_out} votes; {job.message}; model in {job.run_dir}", flush=True)
+        print(
+            f"done: held-out agreement {acc} on {job.held_out} votes; {job.message}; model in {job.run_dir}", flush=True
+        )
     elif job.status == "failed":
         raise DataError(config.dir, f"training job {job.id} failed: {job.message}")
     return result

@@ -39,12 +39,13 @@ class Meta(Base):
 class Pair(Base):
     """Two responses to one prompt, to be compared by `overlap` annotators. `assigned` counts the annotators
     who were given the pair (checked and raised in one UPDATE, so concurrent requests never exceed overlap)."""
+
     __tablename__ = "pairs"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    prompt: Mapped[str] = mapped_column(Text)          # JSON: a string or a list of chat messages
+    prompt: Mapped[str] = mapped_column(Text)  # JSON: a string or a list of chat messages
     response_a: Mapped[str] = mapped_column(Text)
     response_b: Mapped[str] = mapped_column(Text)
-    source: Mapped[str] = mapped_column(String(200))   # file:line the pair came from
+    source: Mapped[str] = mapped_column(String(200))  # file:line the pair came from
     assigned: Mapped[int] = mapped_column(Integer, default=0)
     score: Mapped[float | None] = mapped_column(Float, nullable=True)  # v2: active-sampling disagreement (BALD)
     created_at: Mapped[float] = mapped_column(Float)
@@ -61,11 +62,12 @@ class Annotator(Base):
 
 class Assignment(Base):
     """A pair given to an annotator, with the sides it is shown in (randomised per annotator and pair)."""
+
     __tablename__ = "assignments"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"))
     pair_id: Mapped[int] = mapped_column(ForeignKey("pairs.id"))
-    left_is_a: Mapped[int] = mapped_column(Integer)    # 1: response_a shown on the left
+    left_is_a: Mapped[int] = mapped_column(Integer)  # 1: response_a shown on the left
     rule: Mapped[str] = mapped_column(String(16), default="random")  # v2: how the pair was picked
     created_at: Mapped[float] = mapped_column(Float)
 
@@ -75,7 +77,7 @@ class Vote(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"))
     pair_id: Mapped[int] = mapped_column(ForeignKey("pairs.id"))
-    choice: Mapped[str] = mapped_column(String(16))    # left, right, tie, both_bad (as the annotator saw it)
+    choice: Mapped[str] = mapped_column(String(16))  # left, right, tie, both_bad (as the annotator saw it)
     left_is_a: Mapped[int] = mapped_column(Integer)
     rationale: Mapped[str] = mapped_column(Text, default="")
     client_id: Mapped[str | None] = mapped_column(String(100), nullable=True)
@@ -86,6 +88,7 @@ class Vote(Base):
 
 class Authored(Base):
     """A comparison written by a person (author mode): the prompt, both responses, the label and why."""
+
     __tablename__ = "authored"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"))
@@ -99,9 +102,10 @@ class Authored(Base):
 
 class TrainJob(Base):
     """A live reward-model training run in a background process."""
+
     __tablename__ = "train_jobs"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    status: Mapped[str] = mapped_column(String(16))    # running, done, failed
+    status: Mapped[str] = mapped_column(String(16))  # running, done, failed
     votes: Mapped[int] = mapped_column(Integer, default=0)
     held_out: Mapped[int] = mapped_column(Integer, default=0)
     accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -125,12 +129,15 @@ def _v1(dialect: str) -> list[str]:
         "UNIQUE (annotator_id, pair_id))",
         f"CREATE TABLE votes (id {pk}, annotator_id INTEGER NOT NULL REFERENCES annotators(id), "
         "pair_id INTEGER NOT NULL REFERENCES pairs(id), choice VARCHAR(16) NOT NULL, left_is_a INTEGER NOT NULL, "
-        f"rationale TEXT NOT NULL DEFAULT '', client_id VARCHAR(100), shown_at {real} NOT NULL, created_at {real} NOT NULL, "
+        f"rationale TEXT NOT NULL DEFAULT '', client_id VARCHAR(100), shown_at {real} NOT NULL, "
+        f"created_at {real} NOT NULL, "
         "UNIQUE (annotator_id, pair_id), UNIQUE (annotator_id, client_id))",
-        f"CREATE TABLE authored (id {pk}, annotator_id INTEGER NOT NULL REFERENCES annotators(id), prompt TEXT NOT NULL, "
-        f"chosen TEXT NOT NULL, rejected TEXT NOT NULL, teaches TEXT NOT NULL, bias TEXT NOT NULL, created_at {real} NOT NULL)",
+        f"CREATE TABLE authored (id {pk}, annotator_id INTEGER NOT NULL REFERENCES annotators(id), "
+        "prompt TEXT NOT NULL, chosen TEXT NOT NULL, rejected TEXT NOT NULL, teaches TEXT NOT NULL, "
+        f"bias TEXT NOT NULL, created_at {real} NOT NULL)",
         f"CREATE TABLE train_jobs (id {pk}, status VARCHAR(16) NOT NULL, votes INTEGER NOT NULL DEFAULT 0, "
-        f"held_out INTEGER NOT NULL DEFAULT 0, accuracy {real}, run_dir TEXT NOT NULL DEFAULT '', message TEXT NOT NULL DEFAULT '', "
+        f"held_out INTEGER NOT NULL DEFAULT 0, accuracy {real}, run_dir TEXT NOT NULL DEFAULT '', "
+        "message TEXT NOT NULL DEFAULT '', "
         f"created_at {real} NOT NULL, finished_at {real})",
         "CREATE INDEX votes_pair ON votes (pair_id)",
     ]
@@ -139,12 +146,14 @@ def _v1(dialect: str) -> list[str]:
 def _v2(dialect: str) -> list[str]:
     """Active sampling: a disagreement score per pair, and the rule that picked each pair recorded."""
     real = "REAL" if dialect == "sqlite" else "DOUBLE PRECISION"
-    return [f"ALTER TABLE pairs ADD COLUMN score {real}",
-            "ALTER TABLE assignments ADD COLUMN rule VARCHAR(16) NOT NULL DEFAULT 'random'",
-            "ALTER TABLE votes ADD COLUMN rule VARCHAR(16) NOT NULL DEFAULT 'random'"]
+    return [
+        f"ALTER TABLE pairs ADD COLUMN score {real}",
+        "ALTER TABLE assignments ADD COLUMN rule VARCHAR(16) NOT NULL DEFAULT 'random'",
+        "ALTER TABLE votes ADD COLUMN rule VARCHAR(16) NOT NULL DEFAULT 'random'",
+    ]
 
 
-MIGRATIONS = [_v1, _v2]   # step i takes the schema from version i to i + 1
+MIGRATIONS = [_v1, _v2]  # step i takes the schema from version i to i + 1
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -162,8 +171,10 @@ def migrate(engine: Engine, target: int = SCHEMA_VERSION) -> int:
     """Apply the missing steps up to `target`, one transaction each; returns the version reached."""
     current = schema_version(engine)
     if current > SCHEMA_VERSION:
-        raise SchemaError(f"the database is at schema version {current}, newer than this preflab knows "
-                          f"({SCHEMA_VERSION}): upgrade preflab")
+        raise SchemaError(
+            f"the database is at schema version {current}, newer than this preflab knows "
+            f"({SCHEMA_VERSION}): upgrade preflab"
+        )
     for version in range(current, target):
         with engine.begin() as conn:
             for statement in MIGRATIONS[version](engine.dialect.name):
@@ -182,10 +193,11 @@ def sqlite_url(project_dir: str | Path) -> str:
 def make_engine(url: str) -> Engine:
     """An engine for `url`; SQLite gets WAL, full sync, a busy timeout, foreign keys and BEGIN IMMEDIATE."""
     if url.startswith("postgresql://"):
-        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=32,
-                               max_overflow=32)
+        engine = create_engine(
+            url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=32, max_overflow=32
+        )
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record):

@@ -56,7 +56,7 @@ def current_annotator(request: Request, db: DB) -> Annotator:
         if scheme.lower() != "bearer" or not token.strip():
             raise HTTPException(401, "Authorization must be 'Bearer TOKEN'")
         person = store.annotator_by_token(db, token=token.strip())
-        db.commit()          # end the lookup's transaction here: the handler runs in another worker-thread call
+        db.commit()  # end the lookup's transaction here: the handler runs in another worker-thread call
         if person is None:
             raise HTTPException(401, "unknown token")
         return person

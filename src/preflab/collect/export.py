@@ -34,27 +34,51 @@ def vote_row(vote, pair, person) -> dict:
         chosen, rejected, position = right, left, "B"
     else:  # left, and ties / both bad in the shown order
         chosen, rejected, position = left, right, "A"
-    row = {"prompt": json.loads(pair.prompt), "chosen": chosen, "rejected": rejected,
-           "tie": vote.choice in ("tie", "both_bad"), "annotator": person.name, "chosen_position": position,
-           "choice": vote.choice, "left": "a" if vote.left_is_a else "b", "rule": vote.rule,
-           "rationale": vote.rationale, "pair_id": pair.id, "vote_id": vote.id, "shown_at": vote.shown_at,
-           "voted_at": vote.created_at, "chosen_length": words(chosen), "rejected_length": words(rejected),
-           "length_unit": "words", "source": pair.source}
+    row = {
+        "prompt": json.loads(pair.prompt),
+        "chosen": chosen,
+        "rejected": rejected,
+        "tie": vote.choice in ("tie", "both_bad"),
+        "annotator": person.name,
+        "chosen_position": position,
+        "choice": vote.choice,
+        "left": "a" if vote.left_is_a else "b",
+        "rule": vote.rule,
+        "rationale": vote.rationale,
+        "pair_id": pair.id,
+        "vote_id": vote.id,
+        "shown_at": vote.shown_at,
+        "voted_at": vote.created_at,
+        "chosen_length": words(chosen),
+        "rejected_length": words(rejected),
+        "length_unit": "words",
+        "source": pair.source,
+    }
     if vote.choice == "both_bad":
         row["both_bad"] = True
     return row
 
 
 def authored_row(row, person) -> dict:
-    return {"prompt": json.loads(row.prompt), "chosen": row.chosen, "rejected": row.rejected, "tie": False,
-            "annotator": person.name, "authored": True, "teaches": row.teaches, "bias": row.bias,
-            "authored_id": row.id, "voted_at": row.created_at, "chosen_length": words(row.chosen),
-            "rejected_length": words(row.rejected), "length_unit": "words"}
+    return {
+        "prompt": json.loads(row.prompt),
+        "chosen": row.chosen,
+        "rejected": row.rejected,
+        "tie": False,
+        "annotator": person.name,
+        "authored": True,
+        "teaches": row.teaches,
+        "bias": row.bias,
+        "authored_id": row.id,
+        "voted_at": row.created_at,
+        "chosen_length": words(row.chosen),
+        "rejected_length": words(row.rejected),
+        "length_unit": "words",
+    }
 
 
 def export_rows(session: Session, *, include_both_bad: bool = False, authored: bool = True) -> list[dict]:
-    rows = [vote_row(v, p, a) for v, p, a in store.all_votes(session)
-            if include_both_bad or v.choice != "both_bad"]
+    rows = [vote_row(v, p, a) for v, p, a in store.all_votes(session) if include_both_bad or v.choice != "both_bad"]
     if authored:
         rows += [authored_row(r, a) for r, a in store.all_authored(session)]
     return rows

@@ -52,7 +52,11 @@ def start_job(session: Session, *, project: Project) -> TrainJob:
         pid = int(running.message.split()[-1]) if running.message.startswith("pid ") else 0
         if pid and _alive(pid):
             raise TrainBusy(f"training job {running.id} is still running")
-        running.status, running.message, running.finished_at = "failed", "the worker process ended without a result", now()
+        running.status, running.message, running.finished_at = (
+            "failed",
+            "the worker process ended without a result",
+            now(),
+        )
     job = TrainJob(status="running", created_at=now(), run_dir="", message="")
     session.add(job)
     session.commit()
@@ -62,8 +66,14 @@ def start_job(session: Session, *, project: Project) -> TrainJob:
     cmd = [sys.executable, "-m", "preflab.collect.live", str(project.dir), str(job.id)]
     if project.db:
         cmd += ["--db", project.db]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    proc = subprocess.Popen(
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+    )
     log.close()
     job.message = f"pid {proc.pid}"
     session.commit()
@@ -92,8 +102,10 @@ def score_pairs(session: Session, model_dir: Path) -> int:
     pairs = list(session.scalars(select(Pair)))
     session.rollback()
     prompts = [json.loads(p.prompt) for p in pairs]
-    scores = bald(model.member_rewards(prompts, [p.response_a for p in pairs]),
-                  model.member_rewards(prompts, [p.response_b for p in pairs]))
+    scores = bald(
+        model.member_rewards(prompts, [p.response_a for p in pairs]),
+        model.member_rewards(prompts, [p.response_b for p in pairs]),
+    )
     for pair, s in zip(pairs, scores.tolist()):
         session.execute(update(Pair).where(Pair.id == pair.id).values(score=float(s)))
     session.commit()
@@ -117,22 +129,39 @@ def run_job(project: Project, sessions, job_id: int) -> dict:
         data = out / "votes.jsonl"
         data.write_text(to_jsonl(rows))
         options = {"held_out": 0.2, "epochs": 1, **project.live_options}
-        summary = train_reward(RewardConfig(model=project.reward_model, data=str(data), out=str(out / "run"), **options))
-        result.update(status="done", accuracy=summary.get("eval_accuracy"), held_out=summary.get("eval_pairs", 0),
-                      run_dir=str(out / "run"))
+        summary = train_reward(
+            RewardConfig(model=project.reward_model, data=str(data), out=str(out / "run"), **options)
+        )
+        result.update(
+            status="done",
+            accuracy=summary.get("eval_accuracy"),
+            held_out=summary.get("eval_pairs", 0),
+            run_dir=str(out / "run"),
+        )
         with sessions() as session:
             scored = score_pairs(session, Path(summary["model"]))
-        result["message"] = f"{summary['train_pairs']} training pairs" + (f"; {scored} pairs scored for active sampling" if scored else "")
+        result["message"] = f"{summary['train_pairs']} training pairs" + (
+            f"; {scored} pairs scored for active sampling" if scored else ""
+        )
     except Exception as exc:  # the job row must say why; the log has the traceback
         import traceback
 
         traceback.print_exc()
         result["message"] = f"{type(exc).__name__}: {exc}"[:2000]
     with sessions() as session:
-        session.execute(update(TrainJob).where(TrainJob.id == job_id).values(
-            status=result["status"], votes=result["votes"], held_out=result.get("held_out", 0),
-            accuracy=result.get("accuracy"), run_dir=result.get("run_dir", ""), message=result["message"],
-            finished_at=now()))
+        session.execute(
+            update(TrainJob)
+            .where(TrainJob.id == job_id)
+            .values(
+                status=result["status"],
+                votes=result["votes"],
+                held_out=result.get("held_out", 0),
+                accuracy=result.get("accuracy"),
+                run_dir=result.get("run_dir", ""),
+                message=result["message"],
+                finished_at=now(),
+            )
+        )
         session.commit()
     return result
 

@@ -27,13 +27,13 @@ Keys: `1` left is better, `2` right is better, `3` tie, `4` both bad.
 @dataclass
 class Project:
     dir: Path
-    db: str = ""                  # database URL; "" means SQLite in the folder
-    overlap: int = 1              # annotators per pair
+    db: str = ""  # database URL; "" means SQLite in the folder
+    overlap: int = 1  # annotators per pair
     base_url: str = "http://127.0.0.1:8000"
-    random_share: float = 1.0     # share of pairs picked at random (the rest by reward-ensemble disagreement)
-    reward_model: str = ""        # backbone for the live reward model ("" disables it)
+    random_share: float = 1.0  # share of pairs picked at random (the rest by reward-ensemble disagreement)
+    reward_model: str = ""  # backbone for the live reward model ("" disables it)
     live_options: dict = field(default_factory=dict)  # extra RewardConfig fields for live training
-    secret: str = ""              # HMAC key of the CSRF tokens
+    secret: str = ""  # HMAC key of the CSRF tokens
 
     @property
     def db_url(self) -> str:
@@ -67,8 +67,11 @@ def load_project(directory: str | Path, db: str = "") -> Project:
     path = Path(directory)
     config = path / "project.json"
     if not config.is_file():
-        raise DataError(str(path), "not a collection project (no project.json)",
-                        f"create it with `preflab collect init {path} --pairs FILE`")
+        raise DataError(
+            str(path),
+            "not a collection project (no project.json)",
+            f"create it with `preflab collect init {path} --pairs FILE`",
+        )
     try:
         data = json.loads(config.read_text())
     except json.JSONDecodeError as exc:

@@ -3,11 +3,11 @@ client sends, public schemas for what it gets back. Unknown fields are refused, 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-Prompt = Union[str, list[dict]]
+Prompt = str | list[dict]
 
 
 def storable(text: str) -> str:
@@ -31,6 +31,7 @@ class Strict(BaseModel):
 
 class NextPair(BaseModel):
     """The caller's next pair, sides as they are to be shown. `done` is true when nothing is left."""
+
     done: bool = False
     pair_id: int | None = None
     prompt: Prompt | None = None
@@ -43,8 +44,12 @@ class VoteCreate(Strict):
     pair_id: int = Field(ge=1, le=2**31 - 1)
     choice: Literal["left", "right", "tie", "both_bad"]
     rationale: Text = Field("", max_length=4000)
-    client_id: Text | None = Field(None, min_length=1, max_length=100,
-                                  description="any id unique to this submission: a retry with it is stored once")
+    client_id: Text | None = Field(
+        None,
+        min_length=1,
+        max_length=100,
+        description="any id unique to this submission: a retry with it is stored once",
+    )
 
 
 class VotePublic(BaseModel):

@@ -36,9 +36,19 @@ def hash_token(token: str) -> str:
 def add_pairs(session: Session, *, pairs: list[dict]) -> int:
     """Insert pairs ({prompt, response_a, response_b, source}); returns how many."""
     t = now()
-    session.add_all([Pair(prompt=json.dumps(p["prompt"], ensure_ascii=False), response_a=p["response_a"],
-                          response_b=p["response_b"], source=p.get("source", "")[:200], assigned=0, created_at=t)
-                     for p in pairs])
+    session.add_all(
+        [
+            Pair(
+                prompt=json.dumps(p["prompt"], ensure_ascii=False),
+                response_a=p["response_a"],
+                response_b=p["response_b"],
+                source=p.get("source", "")[:200],
+                assigned=0,
+                created_at=t,
+            )
+            for p in pairs
+        ]
+    )
     session.commit()
     return len(pairs)
 
@@ -63,13 +73,17 @@ def annotator_by_token(session: Session, *, token: str) -> Annotator | None:
 def _open_assignment(session: Session, annotator_id: int):
     voted = select(Vote.pair_id).where(Vote.annotator_id == annotator_id)
     return session.execute(
-        select(Assignment, Pair).join(Pair, Pair.id == Assignment.pair_id)
+        select(Assignment, Pair)
+        .join(Pair, Pair.id == Assignment.pair_id)
         .where(Assignment.annotator_id == annotator_id, Assignment.pair_id.not_in(voted))
-        .order_by(Assignment.id).limit(1)).first()
+        .order_by(Assignment.id)
+        .limit(1)
+    ).first()
 
 
-def next_assignment(session: Session, *, annotator_id: int, overlap: int, random_share: float = 1.0,
-                    rng: random.Random | None = None) -> tuple[Assignment, Pair] | None:
+def next_assignment(
+    session: Session, *, annotator_id: int, overlap: int, random_share: float = 1.0, rng: random.Random | None = None
+) -> tuple[Assignment, Pair] | None:
     """The caller's next pair with its sides, or None when nothing is left for them.
 
     An assignment not yet voted on is returned again (a reload shows the same pair). Otherwise a pair is
@@ -96,13 +110,19 @@ def next_assignment(session: Session, *, annotator_id: int, overlap: int, random
         if not candidates:
             return None
         for pair_id in candidates:
-            taken = session.execute(update(Pair).where(Pair.id == pair_id, Pair.assigned < overlap)
-                                    .values(assigned=Pair.assigned + 1))
+            taken = session.execute(
+                update(Pair).where(Pair.id == pair_id, Pair.assigned < overlap).values(assigned=Pair.assigned + 1)
+            )
             if taken.rowcount != 1:
                 session.rollback()
                 continue
-            assignment = Assignment(annotator_id=annotator_id, pair_id=pair_id, left_is_a=int(rng.random() < 0.5),
-                                    rule=rule, created_at=now())
+            assignment = Assignment(
+                annotator_id=annotator_id,
+                pair_id=pair_id,
+                left_is_a=int(rng.random() < 0.5),
+                rule=rule,
+                created_at=now(),
+            )
             session.add(assignment)
             try:
                 session.commit()
@@ -113,8 +133,9 @@ def next_assignment(session: Session, *, annotator_id: int, overlap: int, random
     return None
 
 
-def record_vote(session: Session, *, annotator_id: int, pair_id: int, choice: str, rationale: str = "",
-                client_id: str | None = None) -> tuple[Vote, bool]:
+def record_vote(
+    session: Session, *, annotator_id: int, pair_id: int, choice: str, rationale: str = "", client_id: str | None = None
+) -> tuple[Vote, bool]:
     """Store a vote and commit; (vote, created). A repeated `client_id` returns the stored vote (created False)."""
     if choice not in CHOICES:
         raise VoteError(422, f"choice must be one of {list(CHOICES)}, got {choice!r}")
@@ -124,20 +145,31 @@ def record_vote(session: Session, *, annotator_id: int, pair_id: int, choice: st
             if earlier.pair_id != pair_id:
                 raise VoteError(409, f"client_id {client_id!r} was already used for pair {earlier.pair_id}")
             return earlier, False
-    assignment = session.scalar(select(Assignment).where(Assignment.annotator_id == annotator_id,
-                                                         Assignment.pair_id == pair_id))
+    assignment = session.scalar(
+        select(Assignment).where(Assignment.annotator_id == annotator_id, Assignment.pair_id == pair_id)
+    )
     if assignment is None:
         exists = session.get(Pair, pair_id) is not None
-        raise VoteError(409 if exists else 404, f"pair {pair_id} was not given to you: GET /api/next first"
-                        if exists else f"no pair {pair_id}")
+        raise VoteError(
+            409 if exists else 404,
+            f"pair {pair_id} was not given to you: GET /api/next first" if exists else f"no pair {pair_id}",
+        )
     earlier = session.scalar(select(Vote).where(Vote.annotator_id == annotator_id, Vote.pair_id == pair_id))
     if earlier is not None:
         if client_id and earlier.client_id == client_id:  # a concurrent retry committed first
             return earlier, False
         raise VoteError(409, f"you already voted on pair {pair_id}")
-    vote = Vote(annotator_id=annotator_id, pair_id=pair_id, choice=choice, left_is_a=assignment.left_is_a,
-                rationale=rationale or "", client_id=client_id or None, rule=assignment.rule,
-                shown_at=assignment.created_at, created_at=now())
+    vote = Vote(
+        annotator_id=annotator_id,
+        pair_id=pair_id,
+        choice=choice,
+        left_is_a=assignment.left_is_a,
+        rationale=rationale or "",
+        client_id=client_id or None,
+        rule=assignment.rule,
+        shown_at=assignment.created_at,
+        created_at=now(),
+    )
     session.add(vote)
     try:
         session.commit()
@@ -169,12 +201,20 @@ def count_authored(session: Session, *, annotator_id: int | None = None) -> int:
     return session.scalar(query) or 0
 
 
-def add_authored(session: Session, *, annotator_id: int, prompt: str, chosen: str, rejected: str, teaches: str,
-                 bias: str) -> Authored:
+def add_authored(
+    session: Session, *, annotator_id: int, prompt: str, chosen: str, rejected: str, teaches: str, bias: str
+) -> Authored:
     if chosen.strip() == rejected.strip():
         raise VoteError(422, "the two responses are identical: the comparison would teach nothing")
-    row = Authored(annotator_id=annotator_id, prompt=json.dumps(prompt, ensure_ascii=False), chosen=chosen,
-                   rejected=rejected, teaches=teaches, bias=bias, created_at=now())
+    row = Authored(
+        annotator_id=annotator_id,
+        prompt=json.dumps(prompt, ensure_ascii=False),
+        chosen=chosen,
+        rejected=rejected,
+        teaches=teaches,
+        bias=bias,
+        created_at=now(),
+    )
     session.add(row)
     session.commit()
     return row
@@ -182,28 +222,52 @@ def add_authored(session: Session, *, annotator_id: int, prompt: str, chosen: st
 
 def all_votes(session: Session) -> list[tuple[Vote, Pair, Annotator]]:
     """Every vote with its pair and annotator, oldest first (the export and the admin page read this)."""
-    return list(session.execute(select(Vote, Pair, Annotator).join(Pair, Pair.id == Vote.pair_id)
-                                .join(Annotator, Annotator.id == Vote.annotator_id).order_by(Vote.id)).all())
+    return list(
+        session.execute(
+            select(Vote, Pair, Annotator)
+            .join(Pair, Pair.id == Vote.pair_id)
+            .join(Annotator, Annotator.id == Vote.annotator_id)
+            .order_by(Vote.id)
+        ).all()
+    )
 
 
 def all_authored(session: Session) -> list[tuple[Authored, Annotator]]:
-    return list(session.execute(select(Authored, Annotator).join(Annotator, Annotator.id == Authored.annotator_id)
-                                .order_by(Authored.id)).all())
+    return list(
+        session.execute(
+            select(Authored, Annotator).join(Annotator, Annotator.id == Authored.annotator_id).order_by(Authored.id)
+        ).all()
+    )
 
 
 def progress(session: Session, *, overlap: int) -> dict:
     """Pairs, votes wanted (pairs x overlap), votes so far, and votes / authored pairs per annotator."""
     pairs = session.scalar(select(func.count(Pair.id))) or 0
-    per = session.execute(select(Annotator.name, Annotator.is_admin, func.count(Vote.id))
-                          .outerjoin(Vote, Vote.annotator_id == Annotator.id)
-                          .group_by(Annotator.id, Annotator.name, Annotator.is_admin).order_by(Annotator.name)).all()
-    authored = dict(session.execute(select(Annotator.name, func.count(Authored.id))
-                                    .join(Authored, Authored.annotator_id == Annotator.id).group_by(Annotator.name)).all())
+    per = session.execute(
+        select(Annotator.name, Annotator.is_admin, func.count(Vote.id))
+        .outerjoin(Vote, Vote.annotator_id == Annotator.id)
+        .group_by(Annotator.id, Annotator.name, Annotator.is_admin)
+        .order_by(Annotator.name)
+    ).all()
+    authored = dict(
+        session.execute(
+            select(Annotator.name, func.count(Authored.id))
+            .join(Authored, Authored.annotator_id == Annotator.id)
+            .group_by(Annotator.name)
+        ).all()
+    )
     votes = sum(n for _, _, n in per)
-    return {"pairs": pairs, "overlap": overlap, "wanted": pairs * overlap, "votes": votes,
-            "done": votes / (pairs * overlap) if pairs else 0.0,
-            "annotators": [{"name": name, "admin": bool(admin), "votes": n, "authored": authored.get(name, 0)}
-                           for name, admin, n in per]}
+    return {
+        "pairs": pairs,
+        "overlap": overlap,
+        "wanted": pairs * overlap,
+        "votes": votes,
+        "done": votes / (pairs * overlap) if pairs else 0.0,
+        "annotators": [
+            {"name": name, "admin": bool(admin), "votes": n, "authored": authored.get(name, 0)}
+            for name, admin, n in per
+        ],
+    }
 
 
 def pair_sides(pair: Pair, left_is_a: int) -> tuple[str, str]:

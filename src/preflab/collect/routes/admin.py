@@ -24,15 +24,24 @@ def get_summary(request: Request, db: DB, admin: Admin) -> dict:
 def get_export(db: DB, admin: Admin, include_both_bad: bool = False) -> PlainTextResponse:
     """The comparison JSONL (as `preflab collect export` writes it)."""
     body = to_jsonl(export_rows(db, include_both_bad=include_both_bad))
-    return PlainTextResponse(body, media_type="application/jsonl",
-                             headers={"Content-Disposition": 'attachment; filename="comparisons.jsonl"'})
+    return PlainTextResponse(
+        body,
+        media_type="application/jsonl",
+        headers={"Content-Disposition": 'attachment; filename="comparisons.jsonl"'},
+    )
 
 
 def status(job) -> TrainStatus:
     if job is None:
         return TrainStatus()
-    return TrainStatus(id=job.id, status=job.status, votes=job.votes, held_out=job.held_out, accuracy=job.accuracy,
-                       message="" if job.message.startswith("pid ") else job.message)
+    return TrainStatus(
+        id=job.id,
+        status=job.status,
+        votes=job.votes,
+        held_out=job.held_out,
+        accuracy=job.accuracy,
+        message="" if job.message.startswith("pid ") else job.message,
+    )
 
 
 @router.get("/train", response_model=TrainStatus)

@@ -23,9 +23,16 @@ def _person(request: Request, db):
 
 def render(request: Request, name: str, person, **context) -> HTMLResponse:
     app = request.app
-    return app.state.templates.TemplateResponse(request, name, {
-        "person": person, "csrf": csrf_token(app.state.project.secret, person.token_hash),
-        "guidelines": app.state.guidelines_html, **context})
+    return app.state.templates.TemplateResponse(
+        request,
+        name,
+        {
+            "person": person,
+            "csrf": csrf_token(app.state.project.secret, person.token_hash),
+            "guidelines": app.state.guidelines_html,
+            **context,
+        },
+    )
 
 
 @router.get("/login/{token}")
@@ -44,8 +51,15 @@ def vote_page(request: Request, db: DB) -> HTMLResponse:
     pair = next_pair(request, db, person)
     prompt = pair.prompt
     messages = prompt if isinstance(prompt, list) else None
-    return render(request, "vote.html", person, pair=pair, messages=messages,
-                  collected=store.count_votes(db), mine=store.count_votes(db, annotator_id=person.id))
+    return render(
+        request,
+        "vote.html",
+        person,
+        pair=pair,
+        messages=messages,
+        collected=store.count_votes(db),
+        mine=store.count_votes(db, annotator_id=person.id),
+    )
 
 
 @router.get("/author", response_class=HTMLResponse)
@@ -62,5 +76,11 @@ def admin_page(request: Request, db: DB) -> HTMLResponse:
     from preflab.collect import live
     from preflab.collect.routes.admin import status
 
-    return render(request, "admin.html", person, s=summary(db, overlap=request.app.state.project.overlap),
-                  job=status(live.latest_job(db)), live_enabled=bool(request.app.state.project.reward_model))
+    return render(
+        request,
+        "admin.html",
+        person,
+        s=summary(db, overlap=request.app.state.project.overlap),
+        job=status(live.latest_job(db)),
+        live_enabled=bool(request.app.state.project.reward_model),
+    )

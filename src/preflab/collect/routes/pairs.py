@@ -15,8 +15,9 @@ router = APIRouter(prefix="/api", tags=["pairs"])
 
 def next_pair(request: Request, db, person) -> NextPair:
     project = request.app.state.project
-    found = store.next_assignment(db, annotator_id=person.id, overlap=project.overlap,
-                                  random_share=project.random_share)
+    found = store.next_assignment(
+        db, annotator_id=person.id, overlap=project.overlap, random_share=project.random_share
+    )
     if found is None:
         return NextPair(done=True)
     assignment, pair = found

@@ -12,9 +12,17 @@ router = APIRouter(prefix="/api", tags=["votes"])
 
 
 def public(vote, stored: bool = True) -> VotePublic:
-    return VotePublic(id=vote.id, pair_id=vote.pair_id, choice=vote.choice, left_is_a=bool(vote.left_is_a),
-                      rationale=vote.rationale, client_id=vote.client_id, rule=vote.rule,
-                      created_at=vote.created_at, stored=stored)
+    return VotePublic(
+        id=vote.id,
+        pair_id=vote.pair_id,
+        choice=vote.choice,
+        left_is_a=bool(vote.left_is_a),
+        rationale=vote.rationale,
+        client_id=vote.client_id,
+        rule=vote.rule,
+        created_at=vote.created_at,
+        stored=stored,
+    )
 
 
 @router.post("/votes", response_model=VotePublic, responses={201: {"model": VotePublic}, 404: {}, 409: {}})
@@ -23,8 +31,14 @@ def post_vote(body: VoteCreate, db: DB, person: Caller, response: Response) -> V
     200 when the same `client_id` was stored before (the earlier vote is returned), 409 for a second vote on
     the same pair, 404 for an unknown pair."""
     try:
-        vote, created = store.record_vote(db, annotator_id=person.id, pair_id=body.pair_id, choice=body.choice,
-                                          rationale=body.rationale, client_id=body.client_id)
+        vote, created = store.record_vote(
+            db,
+            annotator_id=person.id,
+            pair_id=body.pair_id,
+            choice=body.choice,
+            rationale=body.rationale,
+            client_id=body.client_id,
+        )
     except store.VoteError as err:
         raise HTTPException(err.status, str(err)) from None
     response.status_code = 201 if created else 200
@@ -39,5 +53,8 @@ def get_votes(db: DB, person: Caller) -> list[VotePublic]:
 
 @router.get("/stats", response_model=Stats)
 def get_stats(db: DB, person: Caller) -> Stats:
-    return Stats(collected=store.count_votes(db), mine=store.count_votes(db, annotator_id=person.id),
-                 authored=store.count_authored(db))
+    return Stats(
+        collected=store.count_votes(db),
+        mine=store.count_votes(db, annotator_id=person.id),
+        authored=store.count_authored(db),
+    )
