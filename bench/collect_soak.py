@@ -42,6 +42,10 @@ def vote_until(url: str, token: str, deadline: float, out: dict, lock: threading
                 down += 1
                 time.sleep(0.05)
                 continue
+            if pair.status_code == 503:                      # the database was busy: retried, as after a restart
+                down += 1
+                time.sleep(0.1)
+                continue
             if pair.status_code != 200 or pair.json().get("done"):
                 errors.append(f"next: {pair.status_code} {pair.text[:200]}")
                 break
@@ -57,6 +61,10 @@ def vote_until(url: str, token: str, deadline: float, out: dict, lock: threading
                 except httpx.TransportError:
                     down += 1
                     time.sleep(0.05)
+                    continue
+                if r.status_code == 503:
+                    down += 1
+                    time.sleep(0.1)
                     continue
                 if r.status_code in (200, 201):
                     acked.append(r.json()["id"])
@@ -120,6 +128,9 @@ def main() -> None:
             stored = s.scalar(select(func.count()).select_from(Vote))
             stored_ids = set(s.scalars(select(Vote.id)))
         engine.dispose()
+        if out["errors"]:                               # the server's own account of what went wrong
+            for log in sorted(project.dir.glob("server-*.log")):
+                print(f"--- {log.name}", *log.read_text().splitlines()[-40:], sep="\n", file=sys.stderr)
     if admin is not None:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

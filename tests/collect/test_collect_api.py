@@ -251,3 +251,18 @@ def test_guidelines_markdown_is_rendered_with_raw_html_escaped(project, sessions
         page = login(client, people["ana"])
     assert "<h1>Rules</h1>" in page and "<strong>correct</strong>" in page
     assert "<script>window.__g" not in page and "&lt;script&gt;window.__g = 1&lt;/script&gt;" in page
+
+
+def test_a_database_that_refuses_connections_is_a_503_and_stores_nothing(client, people, sessions, monkeypatch):
+    """PostgreSQL answers 'too many clients' when its max_connections is reached by others: a 503 to retry, not
+    a 500."""
+    from sqlalchemy.exc import OperationalError
+
+    from preflab.collect import store
+
+    def refuse(*args, **kwargs):
+        raise OperationalError("SELECT 1", {}, Exception("FATAL: sorry, too many clients already"))
+
+    monkeypatch.setattr(store, "annotator_by_token", refuse)
+    r = client.get("/api/next", headers=bearer(people["ana"]))
+    assert r.status_code == 503 and r.headers["retry-after"] == "1" and "nothing was stored" in r.json()["detail"]
