@@ -42,7 +42,7 @@ def vote_until(url: str, token: str, deadline: float, out: dict, lock: threading
                 down += 1
                 time.sleep(0.05)
                 continue
-            if pair.status_code == 503:                      # the database was busy: retried, as after a restart
+            if pair.status_code == 503:  # the database was busy: retried, as after a restart
                 down += 1
                 time.sleep(0.1)
                 continue
@@ -128,7 +128,7 @@ def main() -> None:
             stored = s.scalar(select(func.count()).select_from(Vote))
             stored_ids = set(s.scalars(select(Vote.id)))
         engine.dispose()
-        if out["errors"]:                               # the server's own account of what went wrong
+        if out["errors"]:  # the server's own account of what went wrong
             for log in sorted(project.dir.glob("server-*.log")):
                 print(f"--- {log.name}", *log.read_text().splitlines()[-40:], sep="\n", file=sys.stderr)
     if admin is not None:

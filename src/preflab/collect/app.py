@@ -140,8 +140,11 @@ def create_app(project: Project, sessions=None) -> FastAPI:
         # pool had none free: nothing was stored, so say so and let the client retry (its client_id keeps a
         # retried vote single)
         log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
-        return JSONResponse({"detail": "the database is busy or unreachable: nothing was stored, retry shortly"},
-                            status_code=503, headers={"Retry-After": "1"})
+        return JSONResponse(
+            {"detail": "the database is busy or unreachable: nothing was stored, retry shortly"},
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
