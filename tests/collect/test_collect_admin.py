@@ -80,6 +80,7 @@ def wait_job(sessions, seconds: float = 240) -> TrainJob:
     raise AssertionError("the training job did not finish in time")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite"])
 def test_live_reward_model_trains_in_the_background_while_people_vote(tmp_path, db_url, model_dir):
     project = new_project(
@@ -132,6 +133,7 @@ def test_live_reward_model_trains_in_the_background_while_people_vote(tmp_path, 
         assert (found[0].rule, found[1].id) == ("active", best)
 
 
+@pytest.mark.slow
 def test_collect_train_command_reports_held_out_agreement(tmp_path, model_dir, capsys):
     project = new_project(
         tmp_path / "p",

@@ -67,6 +67,7 @@ def simulated_votes(sessions, n_pairs: int) -> None:
                 store.record_vote(s, annotator_id=person.id, pair_id=pair.id, choice=choice)
 
 
+@pytest.mark.slow
 def test_vote_author_and_admin_in_chromium(tmp_path, browser, server_factory):
     shots = Path(os.environ.get("PREFLAB_SCREENSHOTS") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ import threading
 import time
 
 import httpx
+import pytest
 from sqlalchemy import func, select
 
 from preflab.collect import store
@@ -73,6 +74,7 @@ def stored(sessions) -> dict:
         return {v.id: v for v in s.scalars(select(Vote))}
 
 
+@pytest.mark.slow
 def test_1000_votes_from_20_annotators_through_a_kill_9_lose_nothing(tmp_path, db_url, server_factory):
     project, engine, sessions, tokens = setup_load(tmp_path, db_url)
     server = server_factory(project.dir, db_url).start()
@@ -98,6 +100,7 @@ def test_1000_votes_from_20_annotators_through_a_kill_9_lose_nothing(tmp_path, d
     engine.dispose()
 
 
+@pytest.mark.slow
 def test_retried_post_is_stored_once_over_http(tmp_path, db_url, server_factory):
     project = new_project(tmp_path / "retry", db_url, n_pairs=3, overlap=1)
     engine, sessions = open_database(project.db_url)
