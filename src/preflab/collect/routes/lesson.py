@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -113,12 +113,14 @@ def _simulated_count():
 
 
 @router.post("/api/lesson/reward", status_code=202)
-def post_reward(request: Request, db: DB, person: Caller, body: RewardStart | None = None) -> dict:
-    """Retrain the live reward model on the votes so far, in the background (409 while one is running)."""
+def post_reward(request: Request, db: DB, person: Caller, response: Response, body: RewardStart | None = None) -> dict:
+    """Retrain the live reward model on the votes so far, in the background: 202 started, 409 while one is
+    running; with `auto`, 200 and `started: false` unless `every` new votes (and enough votes) have arrived."""
     lesson = _lesson(request)
     state = reward_state(db, lesson)
     if body is not None and body.auto and (lesson.every == 0 or state["new_votes"] < lesson.every
                                            or store.count_votes(db) < live.MIN_VOTES or state["status"] == "running"):
+        response.status_code = 200
         return {**state, "started": False}
     try:
         job = live.start_job(db, project=request.app.state.project)
