@@ -39,7 +39,7 @@ function renderReward(r) {
   if (r.status === "never") s.textContent = `not trained yet (${r.new_votes} votes so far)`;
   else s.textContent = `job ${r.id}: ${r.status}` + (r.status === "running" ? "…" : ` on ${r.votes} votes`) +
     (r.message ? ` (${r.message})` : "") + ` · ${r.new_votes} new votes since`;
-  $("reward-agreement").textContent = r.agreement ? rate(r.agreement) : "n/a";
+  $("reward-agreement").textContent = r.agreement ? rate(r.agreement) + " (a coin: 50%)" : "n/a";
 }
 
 function renderBiases(b) {
@@ -54,7 +54,7 @@ function renderBiases(b) {
   row(t, ["position (left)", coef(c.position), `left answer won ${rate(b.prefer_left)}`]).id = "bias-position";
   row(t, ["confidence", coef(c.confidence), `confident answer won ${rate(sure)}` +
     (sure.truth_prefers !== undefined ? `; the truth prefers it ${pct(sure.truth_prefers)}` : "")]).id = "bias-confidence";
-  row(t, ["true utility", coef(c.utility), `you picked the truly better answer ${rate(b.agree_with_truth)}`]).id = "bias-utility";
+  row(t, ["true utility (slope)", coef(c.utility), `you picked the truly better answer ${rate(b.agree_with_truth)}`]).id = "bias-utility";
 }
 
 function renderPolicy(jobs) {
@@ -120,6 +120,7 @@ function setupLesson() {
       const r = await lessonApi("POST", "/api/lesson/simulate", body);
       $("simulate-status").textContent = `added ${r.votes} votes from ${r.annotators.length} simulated annotators (sim${r.batch}-*), length bias ${r.length_bias}, position bias ${r.position_bias}`;
     } catch (err) { $("simulate-status").textContent = "not added: " + err.message; }
+    try { await lessonApi("POST", "/api/lesson/reward", {auto: true}); } catch (err) { /* busy: asked again later */ }
     refresh();
   });
   // after each of the person's votes (app.js updates the counter), the server retrains when `every` votes are new
