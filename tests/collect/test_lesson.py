@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import bearer
 from sqlalchemy import func, select
 
-from conftest import bearer
 from preflab.collect import store
 from preflab.collect.db import Annotator, Assignment, Pair, Vote, open_database
 from preflab.collect.lesson import Lesson, load_lesson
@@ -83,7 +83,8 @@ def world_project(directory: Path, n_pairs: int, overlap: int, sft: str = "unuse
     project = create_project(directory, db=db, overlap=overlap, reward_model="" if sft == "unused" else sft,
                              live_options=live)
     engine, sessions = open_database(project.db_url)
-    pairs = [{"prompt": p, "response_a": a, "response_b": b, "source": "world"} for p, a, b in world_pairs(n_pairs, seed=1)]
+    pairs = [{"prompt": p, "response_a": a, "response_b": b, "source": "world"}
+             for p, a, b in world_pairs(n_pairs, seed=1)]
     with sessions() as s:
         store.add_pairs(s, pairs=pairs)
     Lesson(sft=sft, link="http://test/lesson/login/x", every=10).save(directory)
@@ -101,7 +102,8 @@ def test_simulated_votes_are_stored_like_peoples(tmp_path, db_url):
                for a in s.scalars(select(Annotator))}
         assert per == {"sim1-00": 5, "sim1-01": 5}
         for v in votes:  # each vote has its assignment with the same sides, and no pair is over its overlap
-            a = s.scalar(select(Assignment).where(Assignment.annotator_id == v.annotator_id, Assignment.pair_id == v.pair_id))
+            a = s.scalar(select(Assignment).where(Assignment.annotator_id == v.annotator_id,
+                                                  Assignment.pair_id == v.pair_id))
             assert a.left_is_a == v.left_is_a
         assigned = {p.id: p.assigned for p in s.scalars(select(Pair))}
         counted = {p: s.scalar(select(func.count(Vote.id)).where(Vote.pair_id == p)) for p in assigned}
@@ -151,7 +153,8 @@ def test_before_after_by_hand():
 def test_longer_but_not_better_is_the_lessons_warning():
     prompts = [chat_messages(f"What is {a} + {b}?") for a in range(1, 5) for b in range(1, 5)]
     samples = [sample("before", p, "Sure! It is.", 0.0) for p in prompts]
-    samples += [sample("after", p, "Sure! It is. I hope this helps.", -0.25 if i % 2 else 0.25) for i, p in enumerate(prompts)]
+    samples += [sample("after", p, "Sure! It is. I hope this helps.", -0.25 if i % 2 else 0.25)
+                for i, p in enumerate(prompts)]
     r = policy_jobs.before_after(samples)
     assert r["words_change"]["low"] == 4.0 and r["utility_change"]["mean"] == 0.0
     assert r["length_warning"] is True
@@ -177,7 +180,8 @@ def lesson_client(tmp_path, model_dir):
 def vote_n(client, headers, n, pick=lambda nxt: "left"):
     for _ in range(n):
         nxt = client.get("/api/next", headers=headers).json()
-        assert client.post("/api/votes", headers=headers, json={"pair_id": nxt["pair_id"], "choice": pick(nxt)}).status_code == 201
+        body = {"pair_id": nxt["pair_id"], "choice": pick(nxt)}
+        assert client.post("/api/votes", headers=headers, json=body).status_code == 201
 
 
 def test_lesson_routes_only_in_a_lesson_project(client, people):
@@ -226,7 +230,8 @@ def test_simulate_route_and_auto_retraining(lesson_client):
     assert r.status_code == 202 and r.json()["started"] is True
     assert c.post("/api/lesson/reward", headers=you, json={"auto": False}).status_code == 409  # one at a time
     deadline = time.monotonic() + 120
-    while c.get("/api/lesson/state", headers=you).json()["reward"]["status"] == "running" and time.monotonic() < deadline:
+    while c.get("/api/lesson/state", headers=you).json()["reward"]["status"] == "running" \
+            and time.monotonic() < deadline:
         time.sleep(0.5)
     reward = c.get("/api/lesson/state", headers=you).json()["reward"]
     assert reward["status"] == "done", reward

@@ -90,7 +90,8 @@ def test_vote_train_and_compare_in_chromium(tmp_path, chromium, server_factory, 
     expect(page.locator("#reward-status")).to_have_text(re.compile(r"done on 30 votes"))
     expect(page.locator("#reward-agreement")).to_have_text(re.compile(r"^\d+% \[\d+%, \d+%\] of \d+ \(a coin: 50%\)$"))
     # the biases panel: a coefficient with its interval per bias, the person agreeing with the truth
-    expect(page.locator("#bias-length td").nth(1)).to_have_text(re.compile(r"^[+-]\d\.\d{3} \[[+-]\d+\.\d{3}, [+-]\d+\.\d{3}\]"))
+    interval = re.compile(r"^[+-]\d\.\d{3} \[[+-]\d+\.\d{3}, [+-]\d+\.\d{3}\]")
+    expect(page.locator("#bias-length td").nth(1)).to_have_text(interval)
     assert page.locator("#bias-utility td").nth(2).inner_text().startswith("you picked the truly better answer 100%")
     page.screenshot(path=str(shots / "lesson-2-reward-and-biases.png"), full_page=True)
 

@@ -51,7 +51,8 @@ def regression(X: np.ndarray, y: np.ndarray) -> dict:
             out[name] = None
             continue
         low, high = w[j] - bias.Z95 * se[j], w[j] + bias.Z95 * se[j]
-        out[name] = {"coef": float(w[j]), "low": float(low), "high": float(high), "excludes_zero": bool(low > 0 or high < 0)}
+        out[name] = {"coef": float(w[j]), "low": float(low), "high": float(high),
+                     "excludes_zero": bool(low > 0 or high < 0)}
     return out
 
 

@@ -107,7 +107,8 @@ def start_policy_job(project_dir: Path, lesson: Lesson, *, algorithm: str, data:
               "max_steps": int(options["max_steps"]), "votes": 0, "message": "", "created_at": time.time()}
     write_status(job_dir, status)
     log = open(job_dir / "worker.log", "w")
-    cmd = [sys.executable, "-m", "preflab.collect.lesson.policy", str(project_dir), str(job_id)] + (["--db", db] if db else [])
+    cmd = [sys.executable, "-m", "preflab.collect.lesson.policy", str(project_dir), str(job_id)]
+    cmd += ["--db", db] if db else []
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     log.close()
@@ -190,7 +191,8 @@ def run_job(project_dir: Path, job_id: int, db: str = "") -> dict:
             from preflab.policy.dpo import dpo
 
             options = {"held_out": 0.0, "eval_every": 0, "log_every": 1, "epochs": 1000.0, **lesson.dpo}
-            dpo(build_config(dpo.config_class, {**common, "data": str(job_dir / "votes.jsonl"), **options}, "lesson dpo"))
+            values = {**common, "data": str(job_dir / "votes.jsonl"), **options}
+            dpo(build_config(dpo.config_class, values, "lesson dpo"))
         else:
             from preflab.policy.ppo import ppo
 
@@ -200,16 +202,19 @@ def run_job(project_dir: Path, job_id: int, db: str = "") -> dict:
             ppo(build_config(ppo.config_class, {**common, "reward": reward, **options}, "lesson ppo"))
         status["phase"] = "evaluating"
         write_status(job_dir, status)
-        evaluate_policies(EvalConfig(reference=lesson.sft, reference_name="before", policies=[f"after={job_dir / 'run'}"],
+        evaluate_policies(EvalConfig(reference=lesson.sft, reference_name="before",
+                                     policies=[f"after={job_dir / 'run'}"],
                                      n_prompts=lesson.eval_prompts, max_new_tokens=lesson.max_new_tokens, threads=1,
                                      seed=lesson.seed, out=str(job_dir / "eval")))
         samples = [json.loads(x) for x in (job_dir / "eval" / "samples.jsonl").read_text().splitlines()]
-        status.update(status="done", phase="done", result=before_after(samples, seed=lesson.seed), finished_at=time.time())
+        result = before_after(samples, seed=lesson.seed)
+        status.update(status="done", phase="done", result=result, finished_at=time.time())
     except Exception as exc:  # the page must say why; the log has the traceback
         import traceback
 
         traceback.print_exc()
-        status.update(status="failed", phase="failed", message=f"{type(exc).__name__}: {exc}"[:2000], finished_at=time.time())
+        status.update(status="failed", phase="failed", message=f"{type(exc).__name__}: {exc}"[:2000],
+                      finished_at=time.time())
     write_status(job_dir, status)
     return status
 

@@ -126,7 +126,8 @@ def demo(config: LessonConfig) -> dict:
     root = Path(config.dir) if config.dir else default_out("lesson")
     lesson = load_lesson(root)
     if lesson is None:
-        check(not (root / "project.json").exists(), f"{root} is a collection project but not a lesson: give a new folder")
+        check(not (root / "project.json").exists(),
+              f"{root} is a collection project but not a lesson: give a new folder")
         lesson, times = create_lesson(config, root)
     else:
         times = {}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import secrets
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -53,7 +54,8 @@ def add_simulated_votes(session: Session, *, votes: int, annotators: int, overla
     t = now()
     people = []
     for sim in pool:
-        row = Annotator(name=f"sim{batch}-{sim.name[4:]}", token_hash=hash_token(f"simulated:{batch}:{sim.name}:{seed}"),
+        # a random token nobody is given: a simulated person cannot be signed in as
+        row = Annotator(name=f"sim{batch}-{sim.name[4:]}", token_hash=hash_token(secrets.token_urlsafe(32)),
                         is_admin=0, created_at=t)
         session.add(row)
         people.append((sim, row))
