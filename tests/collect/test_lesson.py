@@ -300,8 +300,8 @@ def test_collect_demo_command_with_a_model(tmp_path, model_dir, capsys):
     engine.dispose()
     project = json.loads((root / "project.json").read_text())
     assert project["reward_model"] == str(model_dir) and project["overlap"] == 3
-    main(["collect", "demo", str(root), "--serve", "false"])   # again: the same link, nothing rebuilt
-    assert lesson.link in capsys.readouterr().out
+    main(["collect", "demo", str(root), "--serve", "false", "--port", "8124"])   # again: nothing rebuilt
+    assert lesson.link.replace(":8123/", ":8124/") in capsys.readouterr().out  # the same token, this port
 
 
 def test_collect_demo_refuses_a_plain_project(tmp_path, capsys):

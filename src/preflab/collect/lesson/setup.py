@@ -65,7 +65,7 @@ def resolve_sft(spec: str) -> Path:
     path = Path(spec)
     if (path / "sft").is_dir() and not (path / "config.json").exists():
         path = path / "sft"
-    return resolve_model_path(path)[0]
+    return resolve_model_path(path)[0].resolve()  # absolute: the background workers may start elsewhere
 
 
 def build_sft(root: Path, preset: str, seed: int) -> tuple[Path, float]:
@@ -78,7 +78,7 @@ def build_sft(root: Path, preset: str, seed: int) -> tuple[Path, float]:
     p = Pipeline(root, config, n_stages=2)
     pretrain_cached(p, f"pretrain ({preset} preset; cached after the first time)")
     p.run("sft", "sft: imperfect demonstrations", model=str(root / "pretrain"))
-    return root / "sft" / "model", time.time() - p.started
+    return (root / "sft" / "model").resolve(), time.time() - p.started
 
 
 def create_lesson(config: LessonConfig, root: Path) -> tuple[Lesson, dict]:
@@ -132,13 +132,14 @@ def demo(config: LessonConfig) -> dict:
     else:
         times = {}
         print(f"[lesson] {root} exists: serving it again", flush=True)
-    print(f"\nOpen your link to vote and watch the models learn:\n  {lesson.link}\n", flush=True)
+    link = f"http://{config.host}:{config.port}/lesson/login/{lesson.link.rsplit('/', 1)[1]}"  # this server's
+    print(f"\nOpen your link to vote and watch the models learn:\n  {link}\n", flush=True)
     if config.browser:
         import webbrowser
 
-        webbrowser.open(lesson.link)
+        webbrowser.open(link)
     if config.serve:
         from preflab.collect.cli import ServeConfig, serve
 
         serve(ServeConfig(dir=str(root), host=config.host, port=config.port))
-    return {"dir": str(root), "link": lesson.link, **times}
+    return {"dir": str(root), "link": link, **times}
