@@ -122,16 +122,12 @@ def training_rows(rows: list[dict], lesson: Lesson, data: str) -> list[dict]:
 
 
 def newest_reward_model(session) -> str:
-    from preflab.collect import live
+    """The run folder of the newest finished live reward model ("" when none has finished)."""
+    from sqlalchemy import select
 
-    job = live.latest_job(session)
-    while job is not None and job.status != "done":
-        from sqlalchemy import select
+    from preflab.collect.db import TrainJob
 
-        from preflab.collect.db import TrainJob
-
-        job = session.scalar(select(TrainJob).where(TrainJob.status == "done", TrainJob.id < job.id)
-                             .order_by(TrainJob.id.desc()).limit(1))
+    job = session.scalar(select(TrainJob).where(TrainJob.status == "done").order_by(TrainJob.id.desc()).limit(1))
     return job.run_dir if job is not None else ""
 
 
