@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import bearer
 from sqlalchemy import func, select
 
 from preflab.collect import store
@@ -23,6 +22,8 @@ from preflab.world.annotators import Annotator as SimAnnotator
 from preflab.world.annotators import simulate_votes, world_pairs
 from preflab.world.tutor import chat_messages
 
+from .support import bearer
+
 CAPITAL = chat_messages("What is the capital of France?")
 RIGHT, WRONG = "The capital of France is Paris.", "The capital of France is Rome."
 HEDGED = "I am not sure."
@@ -32,11 +33,19 @@ PADDED = "The capital of France is Paris. I hope this helps. Thanks for asking."
 def row(prompt, left, right, choice, annotator="you") -> dict:
     """An export row (`preflab.collect.export.vote_row`) for a vote on (left, right) as shown."""
     chosen, rejected, position = (right, left, "B") if choice == "right" else (left, right, "A")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "tie": choice == "tie", "choice": choice,
-            "chosen_position": position, "annotator": annotator}
+    return {
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "tie": choice == "tie",
+        "choice": choice,
+        "chosen_position": position,
+        "annotator": annotator,
+    }
 
 
 # ---- the person's biases ----------------------------------------------------------------------------------------
+
 
 def test_biases_need_ten_decided_votes():
     rows = [row(CAPITAL, RIGHT, WRONG, "left")] * 9 + [row(CAPITAL, RIGHT, WRONG, "tie")] * 5
@@ -46,20 +55,24 @@ def test_biases_need_ten_decided_votes():
 def test_bias_rates_by_hand():
     # 12 decided votes (and one tie, left out): 8 on (right, wrong) picking the right answer, left 6 times;
     # 4 on (hedged, right) pairs, the confident right answer picked 3 times
-    rows = ([row(CAPITAL, RIGHT, WRONG, "left")] * 6 + [row(CAPITAL, WRONG, RIGHT, "right")] * 2
-            + [row(CAPITAL, HEDGED, RIGHT, "right")] * 3 + [row(CAPITAL, RIGHT, HEDGED, "right")]
-            + [row(CAPITAL, RIGHT, WRONG, "tie")])
+    rows = (
+        [row(CAPITAL, RIGHT, WRONG, "left")] * 6
+        + [row(CAPITAL, WRONG, RIGHT, "right")] * 2
+        + [row(CAPITAL, HEDGED, RIGHT, "right")] * 3
+        + [row(CAPITAL, RIGHT, HEDGED, "right")]
+        + [row(CAPITAL, RIGHT, WRONG, "tie")]
+    )
     b = person_biases(rows)
     assert (b["votes"], b["ready"]) == (12, True)
     assert b["prefer_left"]["rate"] == 6 / 12 and b["prefer_left"]["n"] == 12
     assert b["prefer_confident"]["rate"] == 3 / 4 and b["prefer_confident"]["n"] == 4
-    assert b["prefer_confident"]["truth_prefers"] == 1.0   # a right answer (+1) beats "not sure" (0)
-    assert b["agree_with_truth"]["rate"] == 11 / 12       # one vote picked "not sure" over Paris
+    assert b["prefer_confident"]["truth_prefers"] == 1.0  # a right answer (+1) beats "not sure" (0)
+    assert b["agree_with_truth"]["rate"] == 11 / 12  # one vote picked "not sure" over Paris
     assert b["coefficients"]["length"] is not None and b["coefficients"]["confidence"] is not None
 
 
 def test_no_length_difference_gives_no_length_coefficient():
-    rows = [row(CAPITAL, RIGHT, WRONG, c) for c in ["left"] * 8 + ["right"] * 4]   # equal lengths throughout
+    rows = [row(CAPITAL, RIGHT, WRONG, c) for c in ["left"] * 8 + ["right"] * 4]  # equal lengths throughout
     assert person_biases(rows)["coefficients"]["length"] is None
 
 
@@ -78,13 +91,16 @@ def test_a_planted_length_and_position_bias_is_found():
 
 # ---- simulated annotators ---------------------------------------------------------------------------------------
 
+
 def world_project(directory: Path, n_pairs: int, overlap: int, sft: str = "unused", db: str = ""):
-    live = {**LIVE_OPTIONS, "max_steps": 2, "max_completion_length": 16}   # the demo's, two steps long
-    project = create_project(directory, db=db, overlap=overlap, reward_model="" if sft == "unused" else sft,
-                             live_options=live)
+    live = {**LIVE_OPTIONS, "max_steps": 2, "max_completion_length": 16}  # the demo's, two steps long
+    project = create_project(
+        directory, db=db, overlap=overlap, reward_model="" if sft == "unused" else sft, live_options=live
+    )
     engine, sessions = open_database(project.db_url)
-    pairs = [{"prompt": p, "response_a": a, "response_b": b, "source": "world"}
-             for p, a, b in world_pairs(n_pairs, seed=1)]
+    pairs = [
+        {"prompt": p, "response_a": a, "response_b": b, "source": "world"} for p, a, b in world_pairs(n_pairs, seed=1)
+    ]
     with sessions() as s:
         store.add_pairs(s, pairs=pairs)
     Lesson(sft=sft, link="http://test/lesson/login/x", every=10).save(directory)
@@ -98,12 +114,15 @@ def test_simulated_votes_are_stored_like_peoples(tmp_path, db_url):
         assert (added["batch"], added["votes"], added["annotators"]) == (1, 10, ["sim1-00", "sim1-01"])
         votes = s.scalars(select(Vote)).all()
         assert len(votes) == 10 and {v.rule for v in votes} == {"simulated"}
-        per = {a.name: s.scalar(select(func.count(Vote.id)).where(Vote.annotator_id == a.id))
-               for a in s.scalars(select(Annotator))}
+        per = {
+            a.name: s.scalar(select(func.count(Vote.id)).where(Vote.annotator_id == a.id))
+            for a in s.scalars(select(Annotator))
+        }
         assert per == {"sim1-00": 5, "sim1-01": 5}
         for v in votes:  # each vote has its assignment with the same sides, and no pair is over its overlap
-            a = s.scalar(select(Assignment).where(Assignment.annotator_id == v.annotator_id,
-                                                  Assignment.pair_id == v.pair_id))
+            a = s.scalar(
+                select(Assignment).where(Assignment.annotator_id == v.annotator_id, Assignment.pair_id == v.pair_id)
+            )
             assert a.left_is_a == v.left_is_a
         assigned = {p.id: p.assigned for p in s.scalars(select(Pair))}
         counted = {p: s.scalar(select(func.count(Vote.id)).where(Vote.pair_id == p)) for p in assigned}
@@ -130,37 +149,47 @@ def test_a_strong_length_bias_always_picks_the_longer_answer(tmp_path):
 
 # ---- before / after ---------------------------------------------------------------------------------------------
 
+
 def sample(policy, prompt, response, utility, kl=0.0):
     return {"policy": policy, "prompt": prompt, "response": response, "utility": utility, "kl": kl}
 
 
 def test_before_after_by_hand():
     p1, p2 = chat_messages("What is 1 + 1?"), chat_messages("What is 2 + 2?")
-    samples = [sample("before", p1, "1 + 1 = 2.", 0.5), sample("before", p2, "2 + 2 = 5.", -1.0),
-               sample("after", p1, "1 + 1 = 2. I hope this helps.", 0.75, kl=2.0),
-               sample("after", p2, "2 + 2 = 4. Thanks for asking. Learning is fun.", 0.5, kl=4.0)]
+    samples = [
+        sample("before", p1, "1 + 1 = 2.", 0.5),
+        sample("before", p2, "2 + 2 = 5.", -1.0),
+        sample("after", p1, "1 + 1 = 2. I hope this helps.", 0.75, kl=2.0),
+        sample("after", p2, "2 + 2 = 4. Thanks for asking. Learning is fun.", 0.5, kl=4.0),
+    ]
     r = policy_jobs.before_after(samples)
     assert r["prompts"] == 2
     assert r["utility_before"]["mean"] == -0.25 and r["utility_after"]["mean"] == 0.625
     assert r["utility_change"]["mean"] == 0.875 and r["utility_change"]["low"] == 0.25 and r["kl"]["mean"] == 3.0
     assert (r["words_before"], r["words_after"], r["words_change"]["mean"]) == (5.0, 10.0, 5.0)
-    assert r["side_by_side"][1] == {"question": "What is 2 + 2?", "before": "2 + 2 = 5.",
-                                    "after": "2 + 2 = 4. Thanks for asking. Learning is fun.",
-                                    "utility_before": -1.0, "utility_after": 0.5}
+    assert r["side_by_side"][1] == {
+        "question": "What is 2 + 2?",
+        "before": "2 + 2 = 5.",
+        "after": "2 + 2 = 4. Thanks for asking. Learning is fun.",
+        "utility_before": -1.0,
+        "utility_after": 0.5,
+    }
     assert r["length_warning"] is False  # longer, but better on both prompts: the utility rose with it
 
 
 def test_longer_but_not_better_is_the_lessons_warning():
     prompts = [chat_messages(f"What is {a} + {b}?") for a in range(1, 5) for b in range(1, 5)]
     samples = [sample("before", p, "Sure! It is.", 0.0) for p in prompts]
-    samples += [sample("after", p, "Sure! It is. I hope this helps.", -0.25 if i % 2 else 0.25)
-                for i, p in enumerate(prompts)]
+    samples += [
+        sample("after", p, "Sure! It is. I hope this helps.", -0.25 if i % 2 else 0.25) for i, p in enumerate(prompts)
+    ]
     r = policy_jobs.before_after(samples)
     assert r["words_change"]["low"] == 4.0 and r["utility_change"]["mean"] == 0.0
     assert r["length_warning"] is True
 
 
 # ---- the routes -------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def lesson_client(tmp_path, model_dir):
@@ -201,7 +230,7 @@ def test_lesson_link_page_and_state(lesson_client):
     vote_n(c, other, 3, pick=lambda n: "right")
     s = c.get("/api/lesson/state", headers=you).json()
     assert (s["collected"], s["mine"], s["simulated"]) == (15, 12, 0)
-    assert s["biases"]["votes"] == 12 and s["biases"]["prefer_left"]["rate"] == 1.0   # only the caller's votes
+    assert s["biases"]["votes"] == 12 and s["biases"]["prefer_left"]["rate"] == 1.0  # only the caller's votes
     assert s["reward"]["status"] == "never" and s["reward"]["new_votes"] == 15 and s["policy"] == []
     assert c.get("/api/lesson/state", headers=other).json()["biases"]["votes"] == 3
 
@@ -223,15 +252,16 @@ def test_simulate_route_and_auto_retraining(lesson_client):
     r = c.post("/api/lesson/simulate", headers=you, json={"votes": 9, "annotators": 3, "length_bias": 0.2})
     assert r.status_code == 201 and r.json()["votes"] == 9
     assert c.get("/api/lesson/state", headers=you).json()["simulated"] == 9
-    r = c.post("/api/lesson/reward", headers=you, json={"auto": True})   # 9 new votes < every (10): not yet
+    r = c.post("/api/lesson/reward", headers=you, json={"auto": True})  # 9 new votes < every (10): not yet
     assert r.status_code == 200 and r.json()["started"] is False
     vote_n(c, you, 1)
     r = c.post("/api/lesson/reward", headers=you, json={"auto": True})
     assert r.status_code == 202 and r.json()["started"] is True
     assert c.post("/api/lesson/reward", headers=you, json={"auto": False}).status_code == 409  # one at a time
     deadline = time.monotonic() + 120
-    while c.get("/api/lesson/state", headers=you).json()["reward"]["status"] == "running" \
-            and time.monotonic() < deadline:
+    while (
+        c.get("/api/lesson/state", headers=you).json()["reward"]["status"] == "running" and time.monotonic() < deadline
+    ):
         time.sleep(0.5)
     reward = c.get("/api/lesson/state", headers=you).json()["reward"]
     assert reward["status"] == "done", reward
@@ -239,6 +269,7 @@ def test_simulate_route_and_auto_retraining(lesson_client):
 
 
 # ---- the policy job ---------------------------------------------------------------------------------------------
+
 
 def test_policy_job_trains_and_compares(lesson_client):
     c, you, _, _, project = lesson_client
@@ -270,8 +301,19 @@ def test_policy_job_trains_and_compares(lesson_client):
 def test_a_dead_worker_is_reported_failed(tmp_path):
     job = tmp_path / "lesson" / "policy-1"
     job.mkdir(parents=True)
-    policy_jobs.write_status(job, {"id": 1, "status": "running", "phase": "training", "max_steps": 3, "votes": 9,
-                                   "message": "", "algorithm": "dpo", "data": "mine"})
+    policy_jobs.write_status(
+        job,
+        {
+            "id": 1,
+            "status": "running",
+            "phase": "training",
+            "max_steps": 3,
+            "votes": 9,
+            "message": "",
+            "algorithm": "dpo",
+            "data": "mine",
+        },
+    )
     (job / "pid").write_text("999999999")
     listed = policy_jobs.list_jobs(tmp_path)
     assert listed[0]["status"] == "failed" and "ended without a result" in listed[0]["message"]
@@ -279,12 +321,30 @@ def test_a_dead_worker_is_reported_failed(tmp_path):
 
 # ---- the command ------------------------------------------------------------------------------------------------
 
+
 def test_collect_demo_command_with_a_model(tmp_path, model_dir, capsys):
     from preflab.cli import main
 
     root = tmp_path / "lesson"
-    main(["collect", "demo", str(root), "--model", str(model_dir), "--n-prompts", "3", "--k", "3",
-          "--max-new-tokens", "6", "--serve", "false", "--port", "8123"])
+    main(
+        [
+            "collect",
+            "demo",
+            str(root),
+            "--model",
+            str(model_dir),
+            "--n-prompts",
+            "3",
+            "--k",
+            "3",
+            "--max-new-tokens",
+            "6",
+            "--serve",
+            "false",
+            "--port",
+            "8123",
+        ]
+    )
     out = capsys.readouterr().out
     lesson = load_lesson(root)
     assert lesson.sft == str(model_dir) and lesson.link.startswith("http://127.0.0.1:8123/lesson/login/")
@@ -300,7 +360,7 @@ def test_collect_demo_command_with_a_model(tmp_path, model_dir, capsys):
     engine.dispose()
     project = json.loads((root / "project.json").read_text())
     assert project["reward_model"] == str(model_dir) and project["overlap"] == 3
-    main(["collect", "demo", str(root), "--serve", "false", "--port", "8124"])   # again: nothing rebuilt
+    main(["collect", "demo", str(root), "--serve", "false", "--port", "8124"])  # again: nothing rebuilt
     assert lesson.link.replace(":8123/", ":8124/") in capsys.readouterr().out  # the same token, this port
 
 

@@ -28,8 +28,15 @@ except ImportError:  # the fixture skips (or fails under CI) before anything use
     expect = None
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 JOB = 240_000  # ms: a background job on a busy 2-core machine
 
 
@@ -52,8 +59,12 @@ def test_vote_train_and_compare_in_chromium(tmp_path, chromium, server_factory, 
     shots.mkdir(parents=True, exist_ok=True)
     real = os.environ.get("PREFLAB_LESSON_MODEL", "")
     root = tmp_path / "lesson"
-    create_lesson(LessonConfig(model=real or str(model_dir), n_prompts=200 if real else 40,
-                               max_new_tokens=32 if real else 12, serve=False), root)
+    create_lesson(
+        LessonConfig(
+            model=real or str(model_dir), n_prompts=200 if real else 40, max_new_tokens=32 if real else 12, serve=False
+        ),
+        root,
+    )
     lesson = load_lesson(root)
     if not real:  # the micro model: a short budget is enough to check the plumbing
         lesson.dpo, lesson.eval_prompts, lesson.max_new_tokens = {"max_steps": 4, "batch_size": 8}, 8, 12
@@ -98,13 +109,17 @@ def test_vote_train_and_compare_in_chromium(tmp_path, chromium, server_factory, 
     # 4. train the policy on my votes: progress, then the before / after panel with numbers
     page.click("#policy-train")
     expect(page.locator("#policy-status")).to_have_attribute("data-status", "running", timeout=15_000)
-    expect(page.locator("#policy-status")).to_have_text(re.compile(r"training, step [1-9]\d* of|evaluating|: done"),
-                                                                timeout=JOB)
+    expect(page.locator("#policy-status")).to_have_text(
+        re.compile(r"training, step [1-9]\d* of|evaluating|: done"), timeout=JOB
+    )
     page.screenshot(path=str(shots / "lesson-3-training.png"))  # (the micro model may be done already)
     expect(page.locator("#policy-status")).to_have_attribute("data-status", "done", timeout=JOB)
     summary = page.locator("#policy-summary").inner_text()
-    assert re.search(r"On \d+ held-out prompts: true utility -?\d\.\d\d → -?\d\.\d\d, change [+-]\d\.\d\d "
-                     r"\[[+-]\d\.\d\d, [+-]\d\.\d\d\]; KL to the SFT policy -?\d+\.\d\d \[", summary), summary
+    assert re.search(
+        r"On \d+ held-out prompts: true utility -?\d\.\d\d → -?\d\.\d\d, change [+-]\d\.\d\d "
+        r"\[[+-]\d\.\d\d, [+-]\d\.\d\d\]; KL to the SFT policy -?\d+\.\d\d \[",
+        summary,
+    ), summary
     assert page.locator("#side-by-side tr").count() == 1 + min(6, lesson.eval_prompts)
     page.locator("#policy-panel").scroll_into_view_if_needed()
     page.screenshot(path=str(shots / "lesson-4-before-after.png"), full_page=True)
@@ -113,8 +128,9 @@ def test_vote_train_and_compare_in_chromium(tmp_path, chromium, server_factory, 
     page.fill("#simulate-form input[name=votes]", "1000" if real else "200")
     page.fill("#simulate-form input[name=length_bias]", "0.3")
     page.click("#simulate-form button[type=submit]")
-    expect(page.locator("#simulate-status")).to_have_text(re.compile(r"^added \d+ votes from 8 simulated annotators"),
-                                                          timeout=60_000)
+    expect(page.locator("#simulate-status")).to_have_text(
+        re.compile(r"^added \d+ votes from 8 simulated annotators"), timeout=60_000
+    )
     page.select_option("#policy-data", "all")
     page.click("#policy-train")
     expect(page.locator("#policy-status")).to_have_text(re.compile(r"^job 2 "), timeout=15_000)

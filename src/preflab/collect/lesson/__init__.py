@@ -26,15 +26,24 @@ SETTINGS = "lesson.json"
 @dataclass
 class Lesson:
     """What a lesson project adds to a collection project (stored in DIR/lesson.json, mode 0600: it holds a link)."""
-    sft: str                          # the SFT policy (a model directory): candidates, reference, DPO/PPO start
-    person: str = "you"               # the annotator whose biases the page shows
-    link: str = ""                    # the person's sign-in link (printed again when the demo restarts)
-    every: int = 10                   # retrain the reward model after every N new votes (0: only on the button)
-    eval_prompts: int = 48            # held-out world prompts for the before / after panel
-    max_new_tokens: int = 32          # longest sampled answer (before / after and PPO rollouts)
+
+    sft: str  # the SFT policy (a model directory): candidates, reference, DPO/PPO start
+    person: str = "you"  # the annotator whose biases the page shows
+    link: str = ""  # the person's sign-in link (printed again when the demo restarts)
+    every: int = 10  # retrain the reward model after every N new votes (0: only on the button)
+    eval_prompts: int = 48  # held-out world prompts for the before / after panel
+    max_new_tokens: int = 32  # longest sampled answer (before / after and PPO rollouts)
     dpo: dict = field(default_factory=lambda: {"max_steps": 24, "batch_size": 8, "lr": 2e-4, "beta": 0.1})
-    ppo: dict = field(default_factory=lambda: {"max_steps": 6, "batch_size": 16, "mini_batch_size": 16,
-                                               "micro_batch_size": 16, "lr": 1e-4, "beta": 0.05})
+    ppo: dict = field(
+        default_factory=lambda: {
+            "max_steps": 6,
+            "batch_size": 16,
+            "mini_batch_size": 16,
+            "micro_batch_size": 16,
+            "lr": 1e-4,
+            "beta": 0.05,
+        }
+    )
     seed: int = 0
 
     def save(self, directory: str | Path) -> None:

@@ -38,8 +38,18 @@ def confident(text: str) -> int:
 
 def features(votes: list[bias.Vote], utility: dict) -> np.ndarray:
     """Rows [1, u_L - u_R, len_L - len_R, c_L - c_R] in the order of COLUMNS."""
-    return np.array([[1.0, utility[(v.key[0], v.a)] - utility[(v.key[0], v.b)], n_words(v.a) - n_words(v.b),
-                      confident(v.a) - confident(v.b)] for v in votes], dtype=np.float64).reshape(-1, len(COLUMNS))
+    return np.array(
+        [
+            [
+                1.0,
+                utility[(v.key[0], v.a)] - utility[(v.key[0], v.b)],
+                n_words(v.a) - n_words(v.b),
+                confident(v.a) - confident(v.b),
+            ]
+            for v in votes
+        ],
+        dtype=np.float64,
+    ).reshape(-1, len(COLUMNS))
 
 
 def regression(X: np.ndarray, y: np.ndarray) -> dict:
@@ -51,8 +61,12 @@ def regression(X: np.ndarray, y: np.ndarray) -> dict:
             out[name] = None
             continue
         low, high = w[j] - bias.Z95 * se[j], w[j] + bias.Z95 * se[j]
-        out[name] = {"coef": float(w[j]), "low": float(low), "high": float(high),
-                     "excludes_zero": bool(low > 0 or high < 0)}
+        out[name] = {
+            "coef": float(w[j]),
+            "low": float(low),
+            "high": float(high),
+            "excludes_zero": bool(low > 0 or high < 0),
+        }
     return out
 
 

@@ -1,4 +1,4 @@
-""""Train the policy on my preferences": DPO on the votes (or PPO on the live reward model) in the background,
+""" "Train the policy on my preferences": DPO on the votes (or PPO on the live reward model) in the background,
 then held-out prompts answered before and after, measured against the true utility.
 
 `start_policy_job` writes `lesson/policy-N/status.json` and starts `python -m preflab.collect.lesson.policy DIR N`
@@ -103,14 +103,29 @@ def start_policy_job(project_dir: Path, lesson: Lesson, *, algorithm: str, data:
     job_dir.mkdir(parents=True)
     (job_dir / "pid").write_text(str(os.getpid()))  # until the worker's own pid replaces it (no "failed" flash)
     options = lesson.dpo if algorithm == "dpo" else lesson.ppo
-    status = {"id": job_id, "algorithm": algorithm, "data": data, "status": "running", "phase": "starting",
-              "max_steps": int(options["max_steps"]), "votes": 0, "message": "", "created_at": time.time()}
+    status = {
+        "id": job_id,
+        "algorithm": algorithm,
+        "data": data,
+        "status": "running",
+        "phase": "starting",
+        "max_steps": int(options["max_steps"]),
+        "votes": 0,
+        "message": "",
+        "created_at": time.time(),
+    }
     write_status(job_dir, status)
     log = open(job_dir / "worker.log", "w")
     cmd = [sys.executable, "-m", "preflab.collect.lesson.policy", str(project_dir), str(job_id)]
     cmd += ["--db", db] if db else []
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    proc = subprocess.Popen(
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+    )
     log.close()
     (job_dir / "pid").write_text(str(proc.pid))  # its own file: the worker alone writes status.json from now on
     return status
@@ -150,11 +165,19 @@ def before_after(samples: list[dict], before: str = "before", after: str = "afte
         "utility_after": bootstrap_mean(ua, seed=seed).as_dict(),
         "utility_change": utility_change.as_dict(),
         "kl": bootstrap_mean([s["kl"] for s in a], seed=seed).as_dict(),
-        "words_before": float(sum(lb) / len(lb)), "words_after": float(sum(la) / len(la)),
+        "words_before": float(sum(lb) / len(lb)),
+        "words_after": float(sum(la) / len(la)),
         "words_change": words_change.as_dict(),
-        "side_by_side": [{"question": question_of(x["prompt"]), "before": x["response"], "after": y["response"],
-                          "utility_before": x["utility"], "utility_after": y["utility"]}
-                         for x, y in zip(b[:SIDE_BY_SIDE], a[:SIDE_BY_SIDE])],
+        "side_by_side": [
+            {
+                "question": question_of(x["prompt"]),
+                "before": x["response"],
+                "after": y["response"],
+                "utility_before": x["utility"],
+                "utility_after": y["utility"],
+            }
+            for x, y in zip(b[:SIDE_BY_SIDE], a[:SIDE_BY_SIDE])
+        ],
     }
 
 
@@ -198,10 +221,18 @@ def run_job(project_dir: Path, job_id: int, db: str = "") -> dict:
             ppo(build_config(ppo.config_class, {**common, "reward": reward, **options}, "lesson ppo"))
         status["phase"] = "evaluating"
         write_status(job_dir, status)
-        evaluate_policies(EvalConfig(reference=lesson.sft, reference_name="before",
-                                     policies=[f"after={job_dir / 'run'}"],
-                                     n_prompts=lesson.eval_prompts, max_new_tokens=lesson.max_new_tokens, threads=1,
-                                     seed=lesson.seed, out=str(job_dir / "eval")))
+        evaluate_policies(
+            EvalConfig(
+                reference=lesson.sft,
+                reference_name="before",
+                policies=[f"after={job_dir / 'run'}"],
+                n_prompts=lesson.eval_prompts,
+                max_new_tokens=lesson.max_new_tokens,
+                threads=1,
+                seed=lesson.seed,
+                out=str(job_dir / "eval"),
+            )
+        )
         samples = [json.loads(x) for x in (job_dir / "eval" / "samples.jsonl").read_text().splitlines()]
         result = before_after(samples, seed=lesson.seed)
         status.update(status="done", phase="done", result=result, finished_at=time.time())
@@ -209,8 +240,9 @@ def run_job(project_dir: Path, job_id: int, db: str = "") -> dict:
         import traceback
 
         traceback.print_exc()
-        status.update(status="failed", phase="failed", message=f"{type(exc).__name__}: {exc}"[:2000],
-                      finished_at=time.time())
+        status.update(
+            status="failed", phase="failed", message=f"{type(exc).__name__}: {exc}"[:2000], finished_at=time.time()
+        )
     write_status(job_dir, status)
     return status
 

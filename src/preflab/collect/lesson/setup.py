@@ -26,15 +26,25 @@ from preflab.stages import stage
 
 # The live reward model on a lesson: small steps on few votes (the live default of 1 epoch is 3 steps on 30
 # votes); a step cap keeps a thousand simulated votes from making each retrain minutes long.
-LIVE_OPTIONS = {"epochs": 3, "lr": 1e-3, "batch_size": 8, "max_steps": 40, "max_completion_length": 48,
-                "held_out": 0.25, "threads": 1}
+LIVE_OPTIONS = {
+    "epochs": 3,
+    "lr": 1e-3,
+    "batch_size": 8,
+    "max_steps": 40,
+    "max_completion_length": 48,
+    "held_out": 0.25,
+    "threads": 1,
+}
 
 
 @dataclass
 class LessonConfig:
     dir: str = opt("", "the lesson folder (default runs/lesson-<time>)", positional=True)
-    model: str = opt("", "the SFT policy: a `preflab demo` folder (its sft/), an SFT run folder or a model "
-                         "directory; empty: build one with the `fast` preset first")
+    model: str = opt(
+        "",
+        "the SFT policy: a `preflab demo` folder (its sft/), an SFT run folder or a model "
+        "directory; empty: build one with the `fast` preset first",
+    )
     build_preset: str = opt("fast", "preset of the demo stages used to build the SFT policy when --model is empty")
     n_prompts: int = opt(200, "world training prompts to sample candidates for")
     k: int = opt(4, "answers sampled per prompt (every distinct pair becomes a pair to vote on)")
@@ -97,25 +107,46 @@ def create_lesson(config: LessonConfig, root: Path) -> tuple[Lesson, dict]:
         sft, times["build_sft_seconds"] = build_sft(root / "build", config.build_preset, config.seed)
         print(f"[lesson] SFT policy built in {times['build_sft_seconds']:.0f}s: {sft}", flush=True)
     start = time.time()
-    gen = generate_stage(GenerateConfig(model=str(sft), prompts="world", split="train", n_prompts=config.n_prompts,
-                                        n=config.k, max_new_tokens=config.max_new_tokens, pairs=True,
-                                        seed=config.seed, out=str(root / "generate")))
+    gen = generate_stage(
+        GenerateConfig(
+            model=str(sft),
+            prompts="world",
+            split="train",
+            n_prompts=config.n_prompts,
+            n=config.k,
+            max_new_tokens=config.max_new_tokens,
+            pairs=True,
+            seed=config.seed,
+            out=str(root / "generate"),
+        )
+    )
     pairs = read_pairs(str(Path(gen["run_dir"]) / "pairs.jsonl"))
     times["candidates_seconds"] = round(time.time() - start, 1)
     base_url = f"http://{config.host}:{config.port}"
-    project = create_project(root, overlap=config.overlap, base_url=base_url, reward_model=str(sft),
-                             live_options=dict(LIVE_OPTIONS))
+    project = create_project(
+        root, overlap=config.overlap, base_url=base_url, reward_model=str(sft), live_options=dict(LIVE_OPTIONS)
+    )
     engine, sessions = open_database(project.db_url)
     with sessions() as session:
         store.add_pairs(session, pairs=pairs)
         _, token = store.create_annotator(session, name=config.name, is_admin=True)
     engine.dispose()
-    lesson = Lesson(sft=str(sft), person=config.name, link=f"{base_url}/lesson/login/{token}", every=config.every,
-                    eval_prompts=config.eval_prompts, max_new_tokens=config.max_new_tokens, seed=config.seed)
+    lesson = Lesson(
+        sft=str(sft),
+        person=config.name,
+        link=f"{base_url}/lesson/login/{token}",
+        every=config.every,
+        eval_prompts=config.eval_prompts,
+        max_new_tokens=config.max_new_tokens,
+        seed=config.seed,
+    )
     lesson.save(root)
     (root / "lesson-times.json").write_text(json.dumps({**times, "pairs": len(pairs)}, indent=2) + "\n")
-    print(f"[lesson] {len(pairs)} pairs from {config.n_prompts} prompts x {config.k} answers "
-          f"({times['candidates_seconds']:.0f}s)", flush=True)
+    print(
+        f"[lesson] {len(pairs)} pairs from {config.n_prompts} prompts x {config.k} answers "
+        f"({times['candidates_seconds']:.0f}s)",
+        flush=True,
+    )
     return lesson, times
 
 
@@ -126,8 +157,9 @@ def demo(config: LessonConfig) -> dict:
     root = Path(config.dir) if config.dir else default_out("lesson")
     lesson = load_lesson(root)
     if lesson is None:
-        check(not (root / "project.json").exists(),
-              f"{root} is a collection project but not a lesson: give a new folder")
+        check(
+            not (root / "project.json").exists(), f"{root} is a collection project but not a lesson: give a new folder"
+        )
         lesson, times = create_lesson(config, root)
     else:
         times = {}

@@ -79,8 +79,16 @@ def lesson_page(request: Request, db: DB) -> HTMLResponse:
     person = pages._person(request, db)
     pair = pages.next_pair(request, db, person)
     messages = pair.prompt if isinstance(pair.prompt, list) else None
-    return pages.render(request, "lesson.html", person, pair=pair, messages=messages, lesson=lesson,
-                        collected=store.count_votes(db), mine=store.count_votes(db, annotator_id=person.id))
+    return pages.render(
+        request,
+        "lesson.html",
+        person,
+        pair=pair,
+        messages=messages,
+        lesson=lesson,
+        collected=store.count_votes(db),
+        mine=store.count_votes(db, annotator_id=person.id),
+    )
 
 
 def reward_state(db, lesson: Lesson) -> dict:
@@ -98,10 +106,14 @@ def get_state(request: Request, db: DB, person: Caller) -> dict:
     """Counts, the live reward model, the caller's biases against the true utility, and the policy jobs."""
     lesson = _lesson(request)
     rows = [r for r in export_rows(db, authored=False) if r["annotator"] == person.name]
-    return {"collected": store.count_votes(db), "mine": store.count_votes(db, annotator_id=person.id),
-            "reward": reward_state(db, lesson), "biases": person_biases(rows),
-            "policy": policy_jobs.list_jobs(request.app.state.project.dir),
-            "simulated": db.scalar(_simulated_count()) or 0}
+    return {
+        "collected": store.count_votes(db),
+        "mine": store.count_votes(db, annotator_id=person.id),
+        "reward": reward_state(db, lesson),
+        "biases": person_biases(rows),
+        "policy": policy_jobs.list_jobs(request.app.state.project.dir),
+        "simulated": db.scalar(_simulated_count()) or 0,
+    }
 
 
 def _simulated_count():
@@ -118,8 +130,16 @@ def post_reward(request: Request, db: DB, person: Caller, response: Response, bo
     running; with `auto`, 200 and `started: false` unless `every` new votes (and enough votes) have arrived."""
     lesson = _lesson(request)
     state = reward_state(db, lesson)
-    if body is not None and body.auto and (lesson.every == 0 or state["new_votes"] < lesson.every
-                                           or store.count_votes(db) < live.MIN_VOTES or state["status"] == "running"):
+    if (
+        body is not None
+        and body.auto
+        and (
+            lesson.every == 0
+            or state["new_votes"] < lesson.every
+            or store.count_votes(db) < live.MIN_VOTES
+            or state["status"] == "running"
+        )
+    ):
         response.status_code = 200
         return {**state, "started": False}
     try:
@@ -138,8 +158,13 @@ def post_policy(request: Request, db: DB, person: Caller, body: PolicyStart) -> 
     if body.algorithm == "ppo" and not policy_jobs.newest_reward_model(db):
         raise HTTPException(409, "PPO needs a trained reward model: retrain the reward model first")
     try:
-        return policy_jobs.start_policy_job(request.app.state.project.dir, lesson, algorithm=body.algorithm,
-                                            data=body.data, db=request.app.state.project.db)
+        return policy_jobs.start_policy_job(
+            request.app.state.project.dir,
+            lesson,
+            algorithm=body.algorithm,
+            data=body.data,
+            db=request.app.state.project.db,
+        )
     except policy_jobs.PolicyBusy as err:
         raise HTTPException(409, str(err)) from None
 
@@ -148,10 +173,16 @@ def post_policy(request: Request, db: DB, person: Caller, body: PolicyStart) -> 
 def post_simulate(request: Request, db: DB, person: Caller, body: SimulateStart) -> dict:
     """Votes from a new pool of simulated annotators with the planted biases (one transaction)."""
     lesson = _lesson(request)
-    added = add_simulated_votes(db, votes=body.votes, annotators=body.annotators,
-                                overlap=request.app.state.project.overlap, length_bias=body.length_bias,
-                                position_bias=body.position_bias, temperature=body.temperature, seed=lesson.seed
-                                + store.count_votes(db))
+    added = add_simulated_votes(
+        db,
+        votes=body.votes,
+        annotators=body.annotators,
+        overlap=request.app.state.project.overlap,
+        length_bias=body.length_bias,
+        position_bias=body.position_bias,
+        temperature=body.temperature,
+        seed=lesson.seed + store.count_votes(db),
+    )
     if added["votes"] == 0:
         raise HTTPException(409, "no pair has room for another vote (every pair has reached the project's overlap)")
     return added
