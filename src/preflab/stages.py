@@ -62,6 +62,11 @@ GROUPS: dict[str, dict[str, tuple[str, str, str]]] = {
             "train",
             "retrain the live reward model on the votes so far (background worker)",
         ),
+        "demo": (
+            "preflab.collect.lesson.setup",
+            "demo",
+            "the lesson, live: vote in the browser, watch a reward model and a policy learn from you",
+        ),
     },
     "eval": {
         "reward": (

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from preflab.collect.db import open_database
 from preflab.collect.project import Project
-from preflab.collect.routes import admin, authored, pages, pairs, votes
+from preflab.collect.routes import admin, authored, lesson, pages, pairs, votes
 
 HERE = Path(__file__).parent
 MAX_BODY = 64 * 1024  # bytes: a vote or an authored comparison is far smaller
@@ -120,6 +120,7 @@ def create_app(project: Project, sessions=None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     for module in (pairs, votes, authored, admin, pages):
         app.include_router(module.router)
+    lesson.install(app)  # the lesson's demo (`preflab collect demo`); 404 in other projects
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
