@@ -23,19 +23,32 @@ class Sizes:
     layers: int = 4
     heads: int = 4
     ffn: int = 1024
-    vocab: int = 8000              # model rows; the tokenizer uses the first few hundred, the LM head all of them
-    prompt_len: int = 64           # tokens of each prompt (offline methods) before the BOS
-    completion_len: int = 64       # tokens of each completion / chosen / rejected
-    batch: int = 8                 # sequences (sft), pairs (reward, dpo) per optimiser step
-    gen_prompts: int = 2           # prompts per rollout (online methods)
-    gen_k: int = 4                 # samples per prompt
-    gen_prompt_len: int = 32       # tokens of each online prompt
-    gen_tokens: int = 32           # new tokens per sample
-    rows: int = 256                # data rows written (enough for every run's steps)
+    vocab: int = 8000  # model rows; the tokenizer uses the first few hundred, the LM head all of them
+    prompt_len: int = 64  # tokens of each prompt (offline methods) before the BOS
+    completion_len: int = 64  # tokens of each completion / chosen / rejected
+    batch: int = 8  # sequences (sft), pairs (reward, dpo) per optimiser step
+    gen_prompts: int = 2  # prompts per rollout (online methods)
+    gen_k: int = 4  # samples per prompt
+    gen_prompt_len: int = 32  # tokens of each online prompt
+    gen_tokens: int = 32  # new tokens per sample
+    rows: int = 256  # data rows written (enough for every run's steps)
 
 
-QUICK = Sizes(hidden=64, layers=2, heads=2, ffn=128, vocab=1000, prompt_len=16, completion_len=16, batch=2,
-              gen_prompts=2, gen_k=2, gen_prompt_len=8, gen_tokens=8, rows=64)
+QUICK = Sizes(
+    hidden=64,
+    layers=2,
+    heads=2,
+    ffn=128,
+    vocab=1000,
+    prompt_len=16,
+    completion_len=16,
+    batch=2,
+    gen_prompts=2,
+    gen_k=2,
+    gen_prompt_len=8,
+    gen_tokens=8,
+    rows=64,
+)
 
 
 def digits(rng: random.Random, n: int) -> str:
@@ -54,10 +67,18 @@ def build(work: Path, sizes: Sizes, seed: int = 0) -> dict:
     tokenizer = train_tokenizer(corpus(400, seed=seed), vocab_size=512)
     check_digits_are_single_tokens(tokenizer)
     config = LlamaConfig(
-        vocab_size=max(sizes.vocab, len(tokenizer)), hidden_size=sizes.hidden, intermediate_size=sizes.ffn,
-        num_hidden_layers=sizes.layers, num_attention_heads=sizes.heads, num_key_value_heads=sizes.heads,
-        max_position_embeddings=4096, tie_word_embeddings=True, attention_dropout=0.0,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=max(sizes.vocab, len(tokenizer)),
+        hidden_size=sizes.hidden,
+        intermediate_size=sizes.ffn,
+        num_hidden_layers=sizes.layers,
+        num_attention_heads=sizes.heads,
+        num_key_value_heads=sizes.heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        attention_dropout=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
@@ -69,10 +90,17 @@ def build(work: Path, sizes: Sizes, seed: int = 0) -> dict:
     rng = random.Random(seed)
     n = sizes.rows
     files = {
-        "sft": [{"prompt": digits(rng, sizes.prompt_len), "completion": digits(rng, sizes.completion_len)}
-                for _ in range(n)],
-        "pairs": [{"prompt": digits(rng, sizes.prompt_len), "chosen": digits(rng, sizes.completion_len),
-                   "rejected": digits(rng, sizes.completion_len)} for _ in range(n)],
+        "sft": [
+            {"prompt": digits(rng, sizes.prompt_len), "completion": digits(rng, sizes.completion_len)} for _ in range(n)
+        ],
+        "pairs": [
+            {
+                "prompt": digits(rng, sizes.prompt_len),
+                "chosen": digits(rng, sizes.completion_len),
+                "rejected": digits(rng, sizes.completion_len),
+            }
+            for _ in range(n)
+        ],
         "prompts": [{"prompt": digits(rng, sizes.gen_prompt_len)} for _ in range(n)],
     }
     paths = {"model": str(model_dir), "params": params, "sizes": asdict(sizes)}

@@ -30,7 +30,7 @@ def matmul_gflops(threads: int, n: int = 1024, repeats: int = 10) -> float:
 
 def step_work(method: str, s: dict) -> dict:
     """Tokens per optimiser step (what tokens/s counts) and model FLOPs per step, per parameter."""
-    offline_seq = 1 + s["prompt_len"] + s["completion_len"]           # BOS + prompt + completion
+    offline_seq = 1 + s["prompt_len"] + s["completion_len"]  # BOS + prompt + completion
     online_seq = 1 + s["gen_prompt_len"] + s["gen_tokens"]
     rows = s["gen_prompts"] * s["gen_k"]
     if method == "sft":
@@ -41,14 +41,14 @@ def step_work(method: str, s: dict) -> dict:
         return {"tokens": tokens, "token_kind": "train", "flops_per_param": 6 * tokens}
     if method in ("dpo", "dpo_precomputed"):
         tokens = 2 * s["batch"] * offline_seq
-        ref = 2 * tokens if method == "dpo" else 0                    # precomputed: done once, outside the steps
+        ref = 2 * tokens if method == "dpo" else 0  # precomputed: done once, outside the steps
         return {"tokens": tokens, "token_kind": "train", "flops_per_param": 6 * tokens + ref}
     if method in ("grpo", "rloo", "ppo"):
         generated = rows * s["gen_tokens"]
         seq_tokens = rows * online_seq
-        flops = 2 * seq_tokens + 6 * seq_tokens                      # generation (prefill + decode), policy update
+        flops = 2 * seq_tokens + 6 * seq_tokens  # generation (prefill + decode), policy update
         if method == "rloo":
-            flops += 2 * seq_tokens                                  # reference log-probs (beta 0.05)
+            flops += 2 * seq_tokens  # reference log-probs (beta 0.05)
         if method == "ppo":
             flops += 2 * seq_tokens + 2 * seq_tokens + 6 * seq_tokens  # reference, rollout values, value update
         return {"tokens": generated, "token_kind": "generated", "flops_per_param": flops}

@@ -37,21 +37,36 @@ import assets as assets_mod  # noqa: E402
 from flops import matmul_gflops, step_work  # noqa: E402
 
 METHODS = ["reward", "sft", "dpo", "dpo_precomputed", "grpo", "rloo", "ppo"]
-TRL_METHODS = {"reward", "sft", "dpo", "dpo_precomputed", "grpo", "rloo"}   # TRL has no PPO trainer here
-LABELS = {"reward": "reward (Bradley-Terry)", "sft": "sft", "dpo": "DPO with a reference model",
-          "dpo_precomputed": "DPO, reference log-probs precomputed", "grpo": "GRPO (beta 0)", "rloo": "RLOO (beta 0.05)",
-          "ppo": "PPO (preflab) vs TRL GRPO, per generated token"}
-TRL_PARTNER = {"ppo": "grpo"}     # the TRL measurement a preflab row is set beside
+TRL_METHODS = {"reward", "sft", "dpo", "dpo_precomputed", "grpo", "rloo"}  # TRL has no PPO trainer here
+LABELS = {
+    "reward": "reward (Bradley-Terry)",
+    "sft": "sft",
+    "dpo": "DPO with a reference model",
+    "dpo_precomputed": "DPO, reference log-probs precomputed",
+    "grpo": "GRPO (beta 0)",
+    "rloo": "RLOO (beta 0.05)",
+    "ppo": "PPO (preflab) vs TRL GRPO, per generated token",
+}
+TRL_PARTNER = {"ppo": "grpo"}  # the TRL measurement a preflab row is set beside
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny model and data, steps 1 and 3, one repetition")
-    p.add_argument("--libs", default="preflab,trl", help="comma-separated: preflab, trl (trl is skipped, with a "
-                   "note, when it is not installed)")
+    p.add_argument(
+        "--libs",
+        default="preflab,trl",
+        help="comma-separated: preflab, trl (trl is skipped, with a note, when it is not installed)",
+    )
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
-    p.add_argument("--steps", type=int, nargs=2, default=None, metavar=("SHORT", "LONG"),
-                   help="the two run lengths in optimiser steps (default 2 6; quick 1 3)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("SHORT", "LONG"),
+        help="the two run lengths in optimiser steps (default 2 6; quick 1 3)",
+    )
     p.add_argument("--repeats", type=int, default=None, help="repetitions (default 3; quick 1)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for both libraries and the matmul")
     p.add_argument("--out", default=str(HERE / "results"), help="folder for the table (.md) and raw results (.json)")
@@ -75,22 +90,39 @@ def trl_available() -> bool:
 
 def sizes_for(args) -> assets_mod.Sizes:
     base = assets_mod.QUICK if args.quick else assets_mod.Sizes()
-    rows = max(base.rows, math.ceil(base.batch * (args.steps[1] + 2) / 0.9))   # every step a fresh batch, 5% held out
+    rows = max(base.rows, math.ceil(base.batch * (args.steps[1] + 2) / 0.9))  # every step a fresh batch, 5% held out
     return replace(base, rows=rows)
 
 
 def measure(lib: str, method: str, assets_json: Path, args, log) -> dict:
-    cmd = [sys.executable, str(HERE / "worker.py"), "--lib", lib, "--method", method, "--assets", str(assets_json),
-           "--steps", *map(str, args.steps), "--threads", str(args.threads)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    cmd = [
+        sys.executable,
+        str(HERE / "worker.py"),
+        "--lib",
+        lib,
+        "--method",
+        method,
+        "--assets",
+        str(assets_json),
+        "--steps",
+        *map(str, args.steps),
+        "--threads",
+        str(args.threads),
+    ]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": str(args.threads),
+        "MKL_NUM_THREADS": str(args.threads),
+    }
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     log.write(f"$ {shlex.join(cmd)}\n{proc.stdout}{proc.stderr}\n")
     lines = [x for x in proc.stdout.splitlines() if x.startswith("BENCH_RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
         raise RuntimeError(f"{lib} {method} failed (exit {proc.returncode}):\n{tail}")
-    r = json.loads(lines[-1][len("BENCH_RESULT "):])
+    r = json.loads(lines[-1][len("BENCH_RESULT ") :])
     r["seconds_per_step"] = (r["t_long"] - r["t_short"]) / (r["long"] - r["short"])
     return r
 
@@ -100,8 +132,12 @@ def summarise(results: list, methods: list, libs: list, params: int, sizes: dict
     rows = []
     for method in methods:
         work = step_work(method, sizes)
-        row = {"method": method, "label": LABELS[method], "tokens_per_step": work["tokens"],
-               "token_kind": work["token_kind"]}
+        row = {
+            "method": method,
+            "label": LABELS[method],
+            "tokens_per_step": work["tokens"],
+            "token_kind": work["token_kind"],
+        }
         for lib in libs:
             m = method if lib == "preflab" else TRL_PARTNER.get(method, method)
             if lib == "trl" and m not in TRL_METHODS:
@@ -111,12 +147,15 @@ def summarise(results: list, methods: list, libs: list, params: int, sizes: dict
                 continue
             sps = statistics.median(r["in_process_seconds_per_step"] for r in rs)
             flops = step_work(m, sizes)["flops_per_param"] * params
-            row[lib] = {"seconds_per_step": sps, "all_seconds_per_step": [r["in_process_seconds_per_step"] for r in rs],
-                        "diff_seconds_per_step": statistics.median(r["seconds_per_step"] for r in rs),
-                        "all_diff_seconds_per_step": [r["seconds_per_step"] for r in rs],
-                        "tokens_per_second": work["tokens"] / sps if sps > 0 else float("nan"),
-                        "mfu": flops / sps / (peak_gflops * 1e9) if sps > 0 else float("nan"),
-                        "peak_rss_gib": max(r["peak_rss_bytes"] for r in rs) / 2**30}
+            row[lib] = {
+                "seconds_per_step": sps,
+                "all_seconds_per_step": [r["in_process_seconds_per_step"] for r in rs],
+                "diff_seconds_per_step": statistics.median(r["seconds_per_step"] for r in rs),
+                "all_diff_seconds_per_step": [r["seconds_per_step"] for r in rs],
+                "tokens_per_second": work["tokens"] / sps if sps > 0 else float("nan"),
+                "mfu": flops / sps / (peak_gflops * 1e9) if sps > 0 else float("nan"),
+                "peak_rss_gib": max(r["peak_rss_bytes"] for r in rs) / 2**30,
+            }
         if "preflab" in row and "trl" in row:
             row["speed_ratio"] = row["trl"]["seconds_per_step"] / row["preflab"]["seconds_per_step"]
             row["diff_speed_ratio"] = row["trl"]["diff_seconds_per_step"] / row["preflab"]["diff_seconds_per_step"]
@@ -139,23 +178,34 @@ def markdown(rows: list, libs: list, meta: dict) -> str:
         cells = [row["label"], f"{row['tokens_per_step']} {row['token_kind']}"]
         for lib in libs:
             d = row.get(lib)
-            cells += ([fmt(d["seconds_per_step"]), fmt(d["tokens_per_second"], ".4g"), fmt(100 * d["mfu"], ".1f") + "%",
-                       fmt(d["peak_rss_gib"], ".2f")] if d else ["-"] * 4)
+            cells += (
+                [
+                    fmt(d["seconds_per_step"]),
+                    fmt(d["tokens_per_second"], ".4g"),
+                    fmt(100 * d["mfu"], ".1f") + "%",
+                    fmt(d["peak_rss_gib"], ".2f"),
+                ]
+                if d
+                else ["-"] * 4
+            )
         if len(libs) == 2:
-            cells.append(f"{fmt(row['speed_ratio'], '.2f')}x ({fmt(row['diff_speed_ratio'], '.2f')}x)"
-                         if "speed_ratio" in row else "-")
+            cells.append(
+                f"{fmt(row['speed_ratio'], '.2f')}x ({fmt(row['diff_speed_ratio'], '.2f')}x)"
+                if "speed_ratio" in row
+                else "-"
+            )
         lines.append("| " + " | ".join(cells) + " |")
-    m = meta
+    m, z = meta, meta["sizes"]
     notes = [
         f"Command: `{m['command']}`",
-        f"Machine: {m['machine']}; torch threads {m['threads']}; fp32 matmul (1024x1024) {m['matmul_gflops_start']:.1f} "
-        f"GFLOP/s at the start, {m['matmul_gflops_end']:.1f} at the end; MFU against the faster, {m['peak_gflops']:.1f}.",
+        f"Machine: {m['machine']}; torch threads {m['threads']}; fp32 matmul (1024x1024) "
+        f"{m['matmul_gflops_start']:.1f} GFLOP/s at the start, {m['matmul_gflops_end']:.1f} at the end; "
+        f"MFU against the faster, {m['peak_gflops']:.1f}.",
         f"Versions: {m['versions']}.",
-        f"Model: Llama, {m['params'] / 1e6:.2f}M parameters (hidden {m['sizes']['hidden']}, {m['sizes']['layers']} layers, "
-        f"vocabulary {m['sizes']['vocab']}), fp32. Offline methods: batch {m['sizes']['batch']}, prompt "
-        f"{m['sizes']['prompt_len']} + completion {m['sizes']['completion_len']} tokens. Online: "
-        f"{m['sizes']['gen_prompts']} prompts x {m['sizes']['gen_k']} samples x {m['sizes']['gen_tokens']} new tokens, "
-        "one optimiser step per rollout.",
+        f"Model: Llama, {m['params'] / 1e6:.2f}M parameters (hidden {z['hidden']}, {z['layers']} layers, "
+        f"vocabulary {z['vocab']}), fp32. Offline methods: batch {z['batch']}, prompt {z['prompt_len']} + "
+        f"completion {z['completion_len']} tokens. Online: {z['gen_prompts']} prompts x {z['gen_k']} samples x "
+        f"{z['gen_tokens']} new tokens after a {z['gen_prompt_len']}-token prompt, one optimiser step per rollout.",
         f"Seconds per step: in process, between the ends of the first and the last optimiser step of a "
         f"{m['steps'][1]}-step run (a torch.optim step hook), in a fresh process after a warm-up run; median of "
         f"{m['repeats']} repetitions, libraries alternating. Speed ratio = TRL s/step / preflab s/step (above 1: "
@@ -200,8 +250,11 @@ def main(argv=None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     name = f"bench-{'quick-' if args.quick else ''}{stamp}"
     start_gflops = matmul_gflops(args.threads)
-    print(f"[bench] fp32 matmul {start_gflops:.1f} GFLOP/s with {args.threads} threads; model "
-          f"{built['params'] / 1e6:.2f}M parameters; libs {args.libs}; methods {args.methods}", flush=True)
+    print(
+        f"[bench] fp32 matmul {start_gflops:.1f} GFLOP/s with {args.threads} threads; model "
+        f"{built['params'] / 1e6:.2f}M parameters; libs {args.libs}; methods {args.methods}",
+        flush=True,
+    )
     results = []
     with open(out / f"{name}.log", "w") as log:
         for rep in range(args.repeats):
@@ -213,18 +266,32 @@ def main(argv=None) -> int:
                     r = measure(lib, method, work / "assets.json", args, log)
                     r["repeat"] = rep
                     results.append(r)
-                    print(f"[bench] rep {rep + 1}/{args.repeats} {lib:7s} {method:16s} "
-                          f"{r['in_process_seconds_per_step']:.3f} s/step in process, {r['seconds_per_step']:.3f} "
-                          f"from runs of {r['t_short']:.2f} / {r['t_long']:.2f} s, "
-                          f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+                    print(
+                        f"[bench] rep {rep + 1}/{args.repeats} {lib:7s} {method:16s} "
+                        f"{r['in_process_seconds_per_step']:.3f} s/step in process, {r['seconds_per_step']:.3f} "
+                        f"from runs of {r['t_short']:.2f} / {r['t_long']:.2f} s, "
+                        f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB",
+                        flush=True,
+                    )
     end_gflops = matmul_gflops(args.threads)
     peak = max(start_gflops, end_gflops)
     rows = summarise(results, args.methods, args.libs, built["params"], built["sizes"], peak)
-    meta = {"command": shlex.join(["python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs ({platform.platform()})",
-            "threads": args.threads, "matmul_gflops_start": start_gflops, "matmul_gflops_end": end_gflops,
-            "peak_gflops": peak, "versions": versions(), "params": built["params"], "sizes": built["sizes"],
-            "steps": args.steps, "repeats": args.repeats, "libs": args.libs, "skipped": skipped, "utc": stamp}
+    meta = {
+        "command": shlex.join(["python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs ({platform.platform()})",
+        "threads": args.threads,
+        "matmul_gflops_start": start_gflops,
+        "matmul_gflops_end": end_gflops,
+        "peak_gflops": peak,
+        "versions": versions(),
+        "params": built["params"],
+        "sizes": built["sizes"],
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "libs": args.libs,
+        "skipped": skipped,
+        "utc": stamp,
+    }
     table = markdown(rows, args.libs, meta)
     (out / f"{name}.md").write_text(table)
     (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows, "results": results}, indent=1))

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))   # bench/ itself: rewards.py, the two sides
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ itself: rewards.py, the two sides
 
 
 def step_seconds(step_ends: list, steps: int) -> float:
@@ -31,8 +31,8 @@ def step_seconds(step_ends: list, steps: int) -> float:
     hook saw a number of optimiser steps that is not a multiple of `steps`)."""
     if steps < 2 or not step_ends or len(step_ends) % steps:
         return float("nan")
-    per = len(step_ends) // steps                    # optimiser.step calls per training step (1 for every method)
-    ends = step_ends[per - 1::per]
+    per = len(step_ends) // steps  # optimiser.step calls per training step (1 for every method)
+    ends = step_ends[per - 1 :: per]
     return (ends[-1] - ends[0]) / (steps - 1)
 
 
@@ -62,18 +62,26 @@ def main(argv=None) -> None:
     register_optimizer_step_post_hook(lambda *_: step_ends.append(time.perf_counter()))
     times, in_process = {}, float("nan")
     with tempfile.TemporaryDirectory(prefix=f"bench-{args.lib}-{args.method}-") as tmp:
-        for i, steps in enumerate([short, short, long]):       # the first is the warm-up
+        for i, steps in enumerate([short, short, long]):  # the first is the warm-up
             out = os.path.join(tmp, f"run{i}")
             step_ends.clear()
             t0 = time.perf_counter()
             side.run(args.method, assets, steps, args.threads, out)
             times[i] = time.perf_counter() - t0
             in_process = step_seconds(step_ends, steps)
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss          # Linux: KiB
-    result = {"lib": args.lib, "method": args.method, "short": short, "long": long, "t_short": times[1],
-              "t_long": times[2], "t_warmup": times[0], "in_process_seconds_per_step": in_process,
-              "peak_rss_bytes": rss_kib * 1024,
-              "threads": torch.get_num_threads()}
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
+    result = {
+        "lib": args.lib,
+        "method": args.method,
+        "short": short,
+        "long": long,
+        "t_short": times[1],
+        "t_long": times[2],
+        "t_warmup": times[0],
+        "in_process_seconds_per_step": in_process,
+        "peak_rss_bytes": rss_kib * 1024,
+        "threads": torch.get_num_threads(),
+    }
     print("BENCH_RESULT " + json.dumps(result), flush=True)
 
 
