@@ -31,7 +31,7 @@ class Sizes:
     gen_k: int = 4  # samples per prompt
     gen_prompt_len: int = 32  # tokens of each online prompt
     gen_tokens: int = 32  # new tokens per sample
-    rows: int = 256  # data rows written (enough for every run's steps)
+    rows: int = 32  # data rows written at least (run.py writes enough for a fresh batch every step)
 
 
 QUICK = Sizes(
@@ -47,7 +47,7 @@ QUICK = Sizes(
     gen_k=2,
     gen_prompt_len=8,
     gen_tokens=8,
-    rows=64,
+    rows=32,
 )
 
 

@@ -68,6 +68,7 @@ def parse_args(argv=None):
         help="the two run lengths in optimiser steps (default 2 6; quick 1 3)",
     )
     p.add_argument("--repeats", type=int, default=None, help="repetitions (default 3; quick 1)")
+    p.add_argument("--batch", type=int, default=0, help="sequences (sft) or pairs (reward, dpo) per step (default 8)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for both libraries and the matmul")
     p.add_argument("--out", default=str(HERE / "results"), help="folder for the table (.md) and raw results (.json)")
     p.add_argument("--work", default="", help="folder for model and data (default: OUT/work-quick or OUT/work)")
@@ -90,7 +91,8 @@ def trl_available() -> bool:
 
 def sizes_for(args) -> assets_mod.Sizes:
     base = assets_mod.QUICK if args.quick else assets_mod.Sizes()
-    rows = max(base.rows, math.ceil(base.batch * (args.steps[1] + 2) / 0.9))  # every step a fresh batch, 5% held out
+    base = replace(base, batch=args.batch) if args.batch else base
+    rows = max(base.rows, math.ceil(base.batch * (args.steps[1] + 2) / 0.9))  # a fresh batch each step, 5% held out
     return replace(base, rows=rows)
 
 
@@ -199,8 +201,8 @@ def markdown(rows: list, libs: list, meta: dict) -> str:
     notes = [
         f"Command: `{m['command']}`",
         f"Machine: {m['machine']}; torch threads {m['threads']}; fp32 matmul (1024x1024) "
-        f"{m['matmul_gflops_start']:.1f} GFLOP/s at the start, {m['matmul_gflops_end']:.1f} at the end; "
-        f"MFU against the faster, {m['peak_gflops']:.1f}.",
+        f"{', '.join(f'{g:.1f}' for g in m['matmul_gflops'])} GFLOP/s (at the start and after each repetition); "
+        f"MFU against the fastest, {m['peak_gflops']:.1f}.",
         f"Versions: {m['versions']}.",
         f"Model: Llama, {m['params'] / 1e6:.2f}M parameters (hidden {z['hidden']}, {z['layers']} layers, "
         f"vocabulary {z['vocab']}), fp32. Offline methods: batch {z['batch']}, prompt {z['prompt_len']} + "
@@ -231,6 +233,31 @@ def versions() -> str:
     return ", ".join(out)
 
 
+def write_report(path: Path, results, gflops, args, built, skipped, argv, done: int) -> str:
+    peak = max(gflops)
+    rows = summarise(results, args.methods, args.libs, built["params"], built["sizes"], peak)
+    meta = {
+        "command": shlex.join(["python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs ({platform.platform()})",
+        "threads": args.threads,
+        "matmul_gflops": gflops,
+        "peak_gflops": peak,
+        "versions": versions(),
+        "params": built["params"],
+        "sizes": built["sizes"],
+        "steps": args.steps,
+        "repeats": done,
+        "repeats_asked": args.repeats,
+        "libs": args.libs,
+        "skipped": skipped,
+        "utc": path.name.rsplit("-", 2)[-2] + "-" + path.name.rsplit("-", 1)[-1],
+    }
+    table = markdown(rows, args.libs, meta)
+    path.with_suffix(".md").write_text(table)
+    path.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "results": results}, indent=1))
+    return table
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -255,7 +282,7 @@ def main(argv=None) -> int:
         f"{built['params'] / 1e6:.2f}M parameters; libs {args.libs}; methods {args.methods}",
         flush=True,
     )
-    results = []
+    results, gflops = [], [start_gflops]
     with open(out / f"{name}.log", "w") as log:
         for rep in range(args.repeats):
             order = args.libs if rep % 2 == 0 else args.libs[::-1]
@@ -273,28 +300,10 @@ def main(argv=None) -> int:
                         f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB",
                         flush=True,
                     )
-    end_gflops = matmul_gflops(args.threads)
-    peak = max(start_gflops, end_gflops)
-    rows = summarise(results, args.methods, args.libs, built["params"], built["sizes"], peak)
-    meta = {
-        "command": shlex.join(["python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs ({platform.platform()})",
-        "threads": args.threads,
-        "matmul_gflops_start": start_gflops,
-        "matmul_gflops_end": end_gflops,
-        "peak_gflops": peak,
-        "versions": versions(),
-        "params": built["params"],
-        "sizes": built["sizes"],
-        "steps": args.steps,
-        "repeats": args.repeats,
-        "libs": args.libs,
-        "skipped": skipped,
-        "utc": stamp,
-    }
-    table = markdown(rows, args.libs, meta)
-    (out / f"{name}.md").write_text(table)
-    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows, "results": results}, indent=1))
+            gflops.append(matmul_gflops(args.threads))
+            print(f"[bench] fp32 matmul {gflops[-1]:.1f} GFLOP/s after repetition {rep + 1}", flush=True)
+            # the table so far (complete repetitions only): an interrupted run still leaves its figures
+            table = write_report(out / name, results, gflops, args, built, skipped, argv, rep + 1)
     print("\n" + table, flush=True)
     print(f"[bench] wrote {out / name}.md and .json", flush=True)
     return 0
