@@ -71,6 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=0, help="sequences (sft) or pairs (reward, dpo) per step (default 8)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for both libraries and the matmul")
     p.add_argument("--out", default=str(HERE / "results"), help="folder for the table (.md) and raw results (.json)")
+    p.add_argument("--render", default="", metavar="FILE.json", help="only re-write FILE.md from a results file")
     p.add_argument("--work", default="", help="folder for model and data (default: OUT/work-quick or OUT/work)")
     args = p.parse_args(argv)
     args.steps = args.steps or ([1, 3] if args.quick else [2, 6])
@@ -169,6 +170,21 @@ def fmt(x: float, spec: str = ".3g") -> str:
     return format(x, spec) if isinstance(x, (int, float)) and math.isfinite(x) else "n/a"
 
 
+def spread(median: float, values: list) -> str:
+    """'median [min-max]' over repetitions (the median alone for one)."""
+    if len(values) < 2:
+        return fmt(median)
+    return f"{fmt(median)} [{fmt(min(values))}-{fmt(max(values))}]"
+
+
+def render(path: Path) -> str:
+    """Re-write the markdown table of a raw results file (FILE.json -> FILE.md); returns the table."""
+    report = json.loads(path.read_text())
+    table = markdown(report["rows"], report["meta"]["libs"], report["meta"])
+    path.with_suffix(".md").write_text(table)
+    return table
+
+
 def markdown(rows: list, libs: list, meta: dict) -> str:
     head = ["method", "tokens/step"]
     for lib in libs:
@@ -182,7 +198,7 @@ def markdown(rows: list, libs: list, meta: dict) -> str:
             d = row.get(lib)
             cells += (
                 [
-                    fmt(d["seconds_per_step"]),
+                    spread(d["seconds_per_step"], d["all_seconds_per_step"]),
                     fmt(d["tokens_per_second"], ".4g"),
                     fmt(100 * d["mfu"], ".1f") + "%",
                     fmt(d["peak_rss_gib"], ".2f"),
@@ -209,7 +225,8 @@ def markdown(rows: list, libs: list, meta: dict) -> str:
         f"completion {z['completion_len']} tokens. Online: {z['gen_prompts']} prompts x {z['gen_k']} samples x "
         f"{z['gen_tokens']} new tokens after a {z['gen_prompt_len']}-token prompt, one optimiser step per rollout.",
         f"Seconds per step: in process, between the ends of the first and the last optimiser step of a "
-        f"{m['steps'][1]}-step run (a torch.optim step hook), in a fresh process after a warm-up run; median of "
+        f"{m['steps'][1]}-step run (a torch.optim step hook), in a fresh process after a warm-up run; median "
+        "[min-max] of "
         f"{m['repeats']} repetitions, libraries alternating. Speed ratio = TRL s/step / preflab s/step (above 1: "
         f"preflab faster); in brackets the same ratio from whole-run lengths, (t({m['steps'][1]} steps) - "
         f"t({m['steps'][0]} steps)) / {m['steps'][1] - m['steps'][0]}.",
@@ -260,6 +277,9 @@ def write_report(path: Path, results, gflops, args, built, skipped, argv, done: 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.render:
+        print(render(Path(args.render)), flush=True)
+        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     skipped = ""
     if "trl" in args.libs and not trl_available():
