@@ -134,7 +134,7 @@ def summarise(results: list, methods: list, libs: list, params: int, sizes: dict
     """One row per method: medians over repetitions, tokens/s, MFU, memory and the ratio."""
     rows = []
     for method in methods:
-        work = step_work(method, sizes)
+        work = step_work(method, sizes, params)
         row = {
             "method": method,
             "label": LABELS[method],
@@ -149,7 +149,7 @@ def summarise(results: list, methods: list, libs: list, params: int, sizes: dict
             if not rs:
                 continue
             sps = statistics.median(r["in_process_seconds_per_step"] for r in rs)
-            flops = step_work(m, sizes)["flops_per_param"] * params
+            flops = step_work(m, sizes, params)["flops"]
             row[lib] = {
                 "seconds_per_step": sps,
                 "all_seconds_per_step": [r["in_process_seconds_per_step"] for r in rs],
@@ -178,9 +178,14 @@ def spread(median: float, values: list) -> str:
 
 
 def render(path: Path) -> str:
-    """Re-write the markdown table of a raw results file (FILE.json -> FILE.md); returns the table."""
+    """Recompute the rows of a results file from its raw measurements and re-write FILE.md; returns the table."""
     report = json.loads(path.read_text())
-    table = markdown(report["rows"], report["meta"]["libs"], report["meta"])
+    meta = report["meta"]
+    methods = [row["method"] for row in report["rows"]]
+    rows = summarise(report["results"], methods, meta["libs"], meta["params"], meta["sizes"], meta["peak_gflops"])
+    report["rows"] = rows
+    path.write_text(json.dumps(report, indent=1))
+    table = markdown(rows, meta["libs"], meta)
     path.with_suffix(".md").write_text(table)
     return table
 
@@ -230,8 +235,9 @@ def markdown(rows: list, libs: list, meta: dict) -> str:
         f"{m['repeats']} repetitions, libraries alternating. Speed ratio = TRL s/step / preflab s/step (above 1: "
         f"preflab faster); in brackets the same ratio from whole-run lengths, (t({m['steps'][1]} steps) - "
         f"t({m['steps'][0]} steps)) / {m['steps'][1] - m['steps'][0]}.",
-        "MFU: model FLOPs per step (6N per trained token, 2N per forward-only token: generation, reference, rollout "
-        "values; attention products not counted; bench/flops.py) / s per step / matmul peak.",
+        "MFU: model FLOPs per step (6 per parameter per trained token, 2 per forward-only token: generation, "
+        "reference, rollout values; the LM head only where a distribution is read, never for the reward model; "
+        "attention products not counted; bench/flops.py) / s per step / matmul peak.",
     ]
     if m.get("skipped"):
         notes.append(m["skipped"])
