@@ -1,11 +1,13 @@
 # The two commands users need: `make demo` and `make test`. Both set up .venv first.
 # For development: `make test-fast` (the suite without the slow end-to-end tests) and `make lint` (ruff).
+# `make bench` installs TRL (the benchmark-only `bench` extra) and runs preflab beside it (docs/benchmarks.md);
+# BENCH_ARGS passes options, e.g. `make bench BENCH_ARGS=--quick`.
 PY      := .venv/bin/python
 STAMP   := .venv/.preflab-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast lint setup clean
+.PHONY: demo test test-fast lint setup clean bench
 
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -26,6 +28,16 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
+
+BENCH_STAMP := .venv/.preflab-bench-installed
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	# TRL after torch: the installed torch==2.13.0 satisfies it, so pip keeps the CPU build.
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 # Every Python file under the repository (ruff skips .venv and what .gitignore lists).
 lint: $(STAMP)
