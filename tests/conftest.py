@@ -76,3 +76,29 @@ def hh_rlhf_path():
     if not HH_RLHF.exists():
         pytest.skip(f"{HH_RLHF} not present")
     return HH_RLHF
+
+
+def demos_file(tmp_path):
+    """40 world demonstrations as a prompt/completion JSONL file."""
+    import json
+
+    from preflab.world import demonstrations
+
+    path = tmp_path / "demos.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in demonstrations(40, seed=0)))
+    return path
+
+
+def prefs_file(tmp_path):
+    """40 comparisons (a world demonstration chosen over "I do not know.") as a preference JSONL file."""
+    import json
+
+    from preflab.world import demonstrations
+
+    path = tmp_path / "prefs.jsonl"
+    rows = (
+        {"prompt": d["prompt"], "chosen": d["completion"], "rejected": "I do not know."}
+        for d in demonstrations(40, seed=1)
+    )
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -9,30 +9,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import demos_file, prefs_file
 from safetensors.torch import load_file
 
 TOLERANCE = 1e-5  # float sums in another order (per-process partial sums, then the all-reduce)
-
-
-def prefs(tmp_path):
-    from preflab.world import demonstrations
-
-    path = tmp_path / "prefs.jsonl"
-    path.write_text(
-        "".join(
-            json.dumps({"prompt": d["prompt"], "chosen": d["completion"], "rejected": "I do not know."}) + "\n"
-            for d in demonstrations(40, seed=1)
-        )
-    )
-    return path
-
-
-def demos(tmp_path):
-    from preflab.world import demonstrations
-
-    path = tmp_path / "demos.jsonl"
-    path.write_text("".join(json.dumps(d) + "\n" for d in demonstrations(40, seed=0)))
-    return path
 
 
 def argv_for(stage, model_dir, tmp_path):
@@ -58,7 +38,7 @@ def argv_for(stage, model_dir, tmp_path):
             "--model",
             str(model_dir),
             "--data",
-            str(demos(tmp_path)),
+            str(demos_file(tmp_path)),
             "--batch-size",
             "2",
             "--grad-accum",
@@ -73,7 +53,7 @@ def argv_for(stage, model_dir, tmp_path):
             "--model",
             str(model_dir),
             "--data",
-            str(prefs(tmp_path)),
+            str(prefs_file(tmp_path)),
             "--batch-size",
             "2",
             "--gradient-accumulation",
@@ -87,7 +67,7 @@ def argv_for(stage, model_dir, tmp_path):
         "--model",
         str(model_dir),
         "--data",
-        str(prefs(tmp_path)),
+        str(prefs_file(tmp_path)),
         "--batch-size",
         "4",
         "--micro-batch-size",

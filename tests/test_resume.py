@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from conftest import demos_file, prefs_file
 from safetensors.torch import load_file
 
 from preflab.cli import main
@@ -22,27 +23,6 @@ TIMING = ("tokens_per_second", "seconds", "seconds_training")  # wall-clock figu
 
 class Crash(BaseException):
     """Stands for SIGKILL: nothing catches it, nothing is cleaned up."""
-
-
-def demos_file(tmp_path):
-    from preflab.world import demonstrations
-
-    path = tmp_path / "demos.jsonl"
-    path.write_text("".join(json.dumps(d) + "\n" for d in demonstrations(40, seed=0)))
-    return path
-
-
-def prefs_file(tmp_path):
-    from preflab.world import demonstrations
-
-    path = tmp_path / "prefs.jsonl"
-    path.write_text(
-        "".join(
-            json.dumps({"prompt": d["prompt"], "chosen": d["completion"], "rejected": "I do not know."}) + "\n"
-            for d in demonstrations(40, seed=1)
-        )
-    )
-    return path
 
 
 def stage_argv(stage, model_dir, tmp_path):

@@ -12,10 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
-
-import pytest
 
 from preflab.collect.db import Pair, open_database
 from preflab.collect.lesson import load_lesson
@@ -27,34 +24,10 @@ try:
 except ImportError:  # the fixture skips (or fails under CI) before anything uses it
     expect = None
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 JOB = 240_000  # ms: a background job on a busy 2-core machine
 
 
-@pytest.fixture
-def chromium():
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail("chromium is not installed under CI: .ci/run must install it")
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
-
-
-def test_vote_train_and_compare_in_chromium(tmp_path, chromium, server_factory, model_dir):
+def test_vote_train_and_compare_in_chromium(tmp_path, browser, server_factory, model_dir):
     shots = Path(os.environ.get("PREFLAB_SCREENSHOTS") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
     real = os.environ.get("PREFLAB_LESSON_MODEL", "")
@@ -72,7 +45,7 @@ def test_vote_train_and_compare_in_chromium(tmp_path, chromium, server_factory, 
         lesson.save(root)
     engine, sessions = open_database(f"sqlite:///{root / 'collect.db'}")
     server = server_factory(root).start()
-    page = chromium.new_page(viewport={"width": 1280, "height": 900})
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
 
