@@ -62,22 +62,26 @@ def start_job(session: Session, *, project: Project) -> TrainJob:
     session.commit()
     live = project.dir / "live"
     live.mkdir(exist_ok=True)
-    log = open(live / f"job-{job.id}.log", "w")
-    cmd = [sys.executable, "-m", "preflab.collect.live", str(project.dir), str(job.id)]
-    if project.db:
-        cmd += ["--db", project.db]
-    proc = subprocess.Popen(
-        cmd,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
-    )
-    log.close()
-    job.message = f"pid {proc.pid}"
+    pid = start_worker("preflab.collect.live", [str(project.dir), str(job.id)], project.db, live / f"job-{job.id}.log")
+    job.message = f"pid {pid}"
     session.commit()
     return job
+
+
+def start_worker(module: str, args: list[str], db: str, log_path: Path) -> int:
+    """`python -m module ARGS [--db URL]` in its own session (it outlives the request, and a server restart),
+    output to `log_path`, OpenMP threads waiting passively beside the server; returns its pid."""
+    cmd = [sys.executable, "-m", module, *args, *(["--db", db] if db else [])]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+        )
+    return proc.pid
 
 
 def bald(member_rewards_a, member_rewards_b):

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from preflab.collect.lesson import Lesson
+from preflab.collect.live import start_worker
 
 ALGORITHMS = ("dpo", "ppo")
 DATA = ("mine", "all")
@@ -115,19 +115,8 @@ def start_policy_job(project_dir: Path, lesson: Lesson, *, algorithm: str, data:
         "created_at": time.time(),
     }
     write_status(job_dir, status)
-    log = open(job_dir / "worker.log", "w")
-    cmd = [sys.executable, "-m", "preflab.collect.lesson.policy", str(project_dir), str(job_id)]
-    cmd += ["--db", db] if db else []
-    proc = subprocess.Popen(
-        cmd,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-        env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
-    )
-    log.close()
-    (job_dir / "pid").write_text(str(proc.pid))  # its own file: the worker alone writes status.json from now on
+    pid = start_worker("preflab.collect.lesson.policy", [str(project_dir), str(job_id)], db, job_dir / "worker.log")
+    (job_dir / "pid").write_text(str(pid))  # its own file: the worker alone writes status.json from now on
     return status
 
 
