@@ -189,6 +189,7 @@ def test_lm_judge_margin_is_antisymmetric_on_the_micro_model(tmp_path, model_dir
         assert margins[i] == pytest.approx(-margins[i + 1], abs=1e-6)
         assert rows[i]["judge_position_bias"] == pytest.approx(rows[i + 1]["judge_position_bias"], abs=1e-6)
     assert summary["judge_kind"] == "lm" and "position_bias" in summary and 0 <= summary["agreement"] <= 1
+    assert 0 <= summary["agreement_one_order"] <= 1
 
 
 def test_a_bad_row_names_the_file_and_line(tmp_path, capsys):

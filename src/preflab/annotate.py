@@ -346,6 +346,9 @@ def annotate(config: AnnotateConfig) -> dict:
     if config.truth == "world":
         agreement, equal = world_agreement(pairs, margins, config.tie_margin, config.seed)
         metrics["annotate/agreement"] = agreement.mean
+        if position_bias is not None:  # what asking once (x shown as A) would have scored: s1 = bias + margin
+            one_order, _ = world_agreement(pairs, position_bias + margins, config.tie_margin, config.seed)
+            metrics["annotate/agreement_one_order"] = one_order.mean
     run.log(0, metrics)
     summary.update({k.split("/")[-1]: v for k, v in metrics.items()})
     if config.truth == "world":
