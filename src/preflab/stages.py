@@ -16,6 +16,11 @@ STAGES: dict[str, tuple[str, str, str]] = {
         "generate_stage",
         "sample candidate responses (and comparison pairs) from a policy",
     ),
+    "annotate": (
+        "preflab.annotate",
+        "annotate",
+        "AI feedback: a judge (world, reward function, reward model or LM with a constitution) votes on pairs",
+    ),
     "reward": ("preflab.reward.train", "train_reward", "train a Bradley-Terry reward model on comparisons"),
     "ppo": ("preflab.policy.ppo", "ppo", "PPO with a per-token KL penalty to a frozen reference"),
     "rloo": ("preflab.policy.rloo", "rloo", "REINFORCE leave-one-out (critic-free)"),
