@@ -24,6 +24,27 @@ def test_demo_config_validation_and_presets_parse():
             assert set(options) <= fields, (name, section, set(options) - fields)
 
 
+def test_the_ppo_run_doubles_as_the_sweep_arm_only_when_their_options_agree(tmp_path):
+    from preflab.demo import shared_ppo_run
+
+    config = DemoConfig(out=str(tmp_path))
+    shared = shared_ppo_run(config, tmp_path, tmp_path / "reward")
+    steps = DEFAULTS["sweep"]["steps"]
+    assert shared == {
+        "options": {
+            "max_steps": max(steps),
+            "checkpoint_every": math.gcd(*steps),
+            "keep_checkpoints": max(steps) // math.gcd(*steps),
+        },
+        "label": f"beta={DEFAULTS['ppo']['beta']:g}",
+        "steps": DEFAULTS["ppo"]["max_steps"],
+    }
+    assert shared_ppo_run(dataclasses.replace(config, ppo={"lr": 3e-4}), tmp_path, tmp_path / "reward") is None
+    assert shared_ppo_run(dataclasses.replace(config, ppo={"beta": 0.05}), tmp_path, tmp_path / "reward") is None
+    assert shared_ppo_run(dataclasses.replace(config, ppo={"max_steps": 7}), tmp_path, tmp_path / "reward") is None
+    assert shared_ppo_run(dataclasses.replace(config, run_sweep=False), tmp_path, tmp_path / "reward") is None
+
+
 @pytest.mark.slow
 def test_fast_demo_end_to_end_twice_gives_the_same_headline(tmp_path, monkeypatch, capsys):
     """The `fast` preset, end to end: every artefact exists, every figure is a finite PNG, SFT beats the base model;
@@ -61,6 +82,10 @@ def test_fast_demo_end_to_end_twice_gives_the_same_headline(tmp_path, monkeypatc
     assert len(images) == 5 and all(base64.b64decode(i)[:4] == b"\x89PNG" for i in images)
     sweep = json.loads((root / "sweep" / "sweep.json").read_text())
     assert sorted({p["steps"] for p in sweep["points"]}) == [1, 2]
+    # the PPO run is also the sweep's beta=0.2 arm: measured from its checkpoints, not trained twice
+    shared = [p for p in sweep["points"] if p["arm"] == "beta=0.2"]
+    assert [p["run"] for p in shared] == [str(root / "ppo" / "checkpoints" / f"step-0000000{n}") for n in (1, 2)]
+    assert not (root / "sweep" / "runs" / "beta=0.2").exists()
     assert all(math.isfinite(p["true_utility"]) and math.isfinite(p["proxy"]) for p in sweep["points"])
     assert 0.5 <= json.loads((root / "votes" / "annotators.json").read_text())["ceiling_accuracy"] <= 1.0
     headline = json.loads((root / "headline.json").read_text())

@@ -197,6 +197,8 @@ def headline(ev: dict, rm: dict, votes: dict, bias: dict, sweep: dict | None) ->
             f"{k} {o['right']:.0%}/{o['hedge']:.0%}" for k, o in r["outcomes_by_kind"].items()
         )
     h["reward model held-out accuracy"] = round(rm.get("eval_accuracy", float("nan")), 3)
+    if "ensemble_accuracy" in rm:
+        h["reward ensemble (min) held-out accuracy"] = round(rm["ensemble_accuracy"], 3)
     h["annotators' noise ceiling (held-out)"] = round(votes["ceiling_accuracy"], 3)
     h["bias audit: length bias (logit/word) [95% CI]"] = (
         f"{bias['length_bias']:.3f} [{bias['length_bias_low']:.3f}, {bias['length_bias_high']:.3f}]"
@@ -288,6 +290,38 @@ def pretrain_cached(p: Pipeline, title: str) -> dict:
     return summary
 
 
+# ---- stage 7 and 9 share a run ---------------------------------------------------------------------------------
+
+
+def shared_ppo_run(config: DemoConfig, root: Path, reward: Path) -> dict | None:
+    """When the sweep runs PPO at the demo PPO's beta with the same options, the demo's PPO run is also that sweep
+    arm: it trains to the sweep's longest length, checkpointed at every length, and the PPO policy the demo
+    evaluates is its checkpoint at `ppo.max_steps` (the online stages' constant learning rate and step-indexed
+    prompts and seeds make that checkpoint the policy a run of `ppo.max_steps` ends with). Returns the extra PPO
+    options and the sweep arm's label, or None when the two runs differ (then each trains on its own)."""
+    from preflab.evaluate.sweep import rl_options
+
+    if not config.run_sweep:
+        return None
+    common = {"model": str(root / "sft"), "reward": str(reward), "seed": config.seed}
+    sw = build_config(
+        sweep.config_class,
+        {**DEFAULTS["sweep"], **config.sweep, **common, "out": str(root / "sweep")},
+        source="demo sweep",
+    )
+    own = build_config(ppo.config_class, {**DEFAULTS["ppo"], **config.ppo, **common}, source="demo ppo")
+    if sw.algorithm != "ppo" or own.beta not in sw.betas or own.max_steps not in sw.steps:
+        return None
+    arm = build_config(ppo.config_class, rl_options(sw, own.beta, common["reward"], root / "ppo"), source="demo sweep")
+    run_only = ("out", "max_steps", "checkpoint_every", "keep_checkpoints")
+    if {k: v for k, v in to_dict(own).items() if k not in run_only} != {
+        k: v for k, v in to_dict(arm).items() if k not in run_only
+    }:
+        return None
+    extra = {k: getattr(arm, k) for k in ("max_steps", "checkpoint_every", "keep_checkpoints")}
+    return {"options": extra, "label": f"beta={own.beta:g}", "steps": own.max_steps}
+
+
 # ---- the demo ------------------------------------------------------------------------------------------------
 
 
@@ -306,40 +340,47 @@ def demo_once(config: DemoConfig, root: Path) -> dict:
     # 4. annotators
     p.banner("annotate: simulated annotators with a planted length bias")
     votes = annotate(root, Path(gen["run_dir"]) / "pairs.jsonl", config)
-    # 5-6. reward model, bias audit
+    # 5-6. reward model (with --ensemble K: K members trained in one run, member 0 the single reward model, the
+    #      min over members the ensemble arm of the sweep), bias audit
+    ensemble = {"ensemble": config.ensemble, "reduce": "min"} if config.ensemble > 1 else {}
     rm = p.run(
         "reward",
-        "reward: Bradley-Terry reward model",
+        f"reward: Bradley-Terry reward model{f' ({config.ensemble}-member ensemble, min)' if ensemble else ''}",
         model=str(root / "sft"),
         data=str(root / "votes" / "train.jsonl"),
         eval_data=str(root / "votes" / "heldout.jsonl"),
         held_out=0.0,
+        **ensemble,
     )
+    reward = root / "reward" / "model" / "member-0" if ensemble else root / "reward"
+    if ensemble:  # member 0 is the reward model a one-member run trains (same seed, data order and head)
+        rm = {**rm, "ensemble_accuracy": rm["eval_accuracy"], "eval_accuracy": rm["eval_accuracy_members"][0]}
     print(
         f"[demo] reward model held-out accuracy {rm.get('eval_accuracy', float('nan')):.3f} vs the annotators' "
-        f"noise ceiling {votes['ceiling_accuracy']:.3f}",
+        f"noise ceiling {votes['ceiling_accuracy']:.3f}"
+        + (f"; the ensemble (min of {config.ensemble}) {rm['ensemble_accuracy']:.3f}" if ensemble else ""),
         flush=True,
     )
     bias = p.run("bias", "bias audit of the votes", file=str(root / "votes" / "all.jsonl"))
-    ens = None
-    if config.ensemble > 1:
-        ens = p.run(
-            "reward",
-            f"reward: {config.ensemble}-member ensemble (min)",
+    # 7. policies (the PPO run doubles as the sweep's arm at its beta when their options agree)
+    shared = shared_ppo_run(config, root, reward)
+    ppo_policy = root / "ppo"
+    if shared:
+        p.run(
+            "ppo",
+            f"ppo: against the reward model (to step {shared['options']['max_steps']}, also the sweep's "
+            f"{shared['label']} arm; the policy evaluated is step {shared['steps']})",
             model=str(root / "sft"),
-            data=str(root / "votes" / "train.jsonl"),
-            eval_data=str(root / "votes" / "heldout.jsonl"),
-            held_out=0.0,
-            ensemble=config.ensemble,
-            reduce="min",
-            out=str(root / "reward-ensemble"),
+            reward=str(reward),
+            **shared["options"],
         )
-    # 7. policies
-    p.run("ppo", "ppo: against the reward model", model=str(root / "sft"), reward=str(root / "reward"))
+        ppo_policy = root / "ppo" / "checkpoints" / f"step-{shared['steps']:08d}"
+    else:
+        p.run("ppo", "ppo: against the reward model", model=str(root / "sft"), reward=str(reward))
     p.run("dpo", "dpo: on the votes", model=str(root / "sft"), data=str(root / "votes" / "train.jsonl"))
-    policies = [f"base={root / 'pretrain'}", f"ppo={root / 'ppo'}", f"dpo={root / 'dpo'}"]
+    policies = [f"base={root / 'pretrain'}", f"ppo={ppo_policy}", f"dpo={root / 'dpo'}"]
     if config.run_rloo:
-        p.run("rloo", "rloo: against the reward model", model=str(root / "sft"), reward=str(root / "reward"))
+        p.run("rloo", "rloo: against the reward model", model=str(root / "sft"), reward=str(reward))
         policies.append(f"rloo={root / 'rloo'}")
     if config.bon_n:
         policies.append(f"bon{config.bon_n}=bon:{config.bon_n}")
@@ -349,19 +390,20 @@ def demo_once(config: DemoConfig, root: Path) -> dict:
         "eval: policies on held-out prompts",
         reference=str(root / "sft"),
         policies=policies,
-        reward_model=str(root / "reward"),
+        reward_model=str(reward),
     )
     ev = json.loads((root / "eval" / "eval.json").read_text())
     # 9. over-optimisation sweep
     swept = None
     if config.run_sweep:
-        extra = [f"ensemble={ens['model']}"] if ens else []
+        extra = [f"ensemble={root / 'reward'}"] if ensemble else []
         p.run(
             "sweep",
             "sweep: KL coefficient x training length",
             model=str(root / "sft"),
-            reward=str(root / "reward"),
+            reward=str(reward),
             extra_rewards=extra,
+            trained=[f"{shared['label']}={root / 'ppo'}"] if shared else [],
         )
         swept = json.loads((root / "sweep" / "sweep.json").read_text())
     # 10. headline, claims, report
@@ -417,6 +459,9 @@ def demo_seeds(config: DemoConfig, root: Path) -> dict:
         for k, v in spread.items()
     ]
     (root / "seeds.md").write_text("\n".join(lines) + "\n")
+    from preflab.report.html import ReportConfig, report
+
+    report(ReportConfig(run_dir=str(root)))
     print("\n" + "\n".join(lines), flush=True)
     return out
 

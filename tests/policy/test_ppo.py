@@ -160,6 +160,19 @@ def test_value_init_from_reward_model_starts_at_the_normalised_reward(tokenizer,
         assert torch.allclose(values[i, : len(c_ids)], expected, atol=1e-5)
 
 
+def test_value_init_from_an_ensemble_takes_its_first_member(tokenizer, tmp_path):
+    from preflab.reward.model import RewardModel, write_ensemble_index
+
+    for k in range(2):
+        RewardModel(make_model(tokenizer, seed=3 + k), tokenizer, seed=k).save(tmp_path / "ens" / f"member-{k}")
+    write_ensemble_index(tmp_path / "ens", ["member-1", "member-0"], "min")
+    value = make_value_model(make_model(tokenizer), tokenizer, "reward", str(tmp_path / "ens"))
+    first = RewardModel.load(tmp_path / "ens" / "member-1")
+    assert all(
+        torch.equal(a, b) for a, b in zip(value.backbone.parameters(), first.backbone.get_decoder().parameters())
+    )
+
+
 def test_value_init_from_a_reward_model_with_another_tokenizer_is_refused(tokenizer, tmp_path):
     from preflab.models import ModelError, train_tokenizer
     from preflab.reward.model import RewardModel

@@ -167,3 +167,17 @@ def test_report_on_an_eval_of_own_prompts_without_true_utility(tmp_path):
     assert "True utility needs the built-in world" in text and "proxy gain vs reference" in text
     assert "Rain on the roof.  [+4.00]" in text
     assert summary["figures"] == 2  # the frontier (proxy against KL) and length drift; no calibration
+
+
+def test_a_multi_seed_demo_folder_reports_each_claim_on_every_seed(tmp_path):
+    seeds = {
+        "seeds": [0, 1],
+        "claims": {"PPO beats SFT on true utility": [True, False], "the planted length bias is found": [True, True]},
+        "numbers": {"ppo: gain vs sft": {"values": [0.2, -0.1], "mean": 0.05, "min": -0.1, "max": 0.2}},
+    }
+    (tmp_path / "seeds.json").write_text(json.dumps(seeds))
+    assert report(ReportConfig(run_dir=str(tmp_path)))["runs"] == 2
+    page = (tmp_path / "report.html").read_text()
+    row = re.search(r"<tr><td>PPO beats SFT on true utility</td>(.*?)</tr>", page).group(1)
+    assert re.findall(r"<td>(\w+)</td>", row) == ["holds", "FAILED"]
+    assert "href='seed-1/report.html'" in page and "+0.050" in page

@@ -176,6 +176,13 @@ def test_cli_ensemble_of_two_members(model_dir, prefs, tmp_path):
     assert report["members"] == 2 and "disagreement" in report
     first = json.loads((ev / "pairs.jsonl").read_text().splitlines()[0])
     assert len(first["member_margins"]) == 2 and first["disagreement"] >= 0
+    # member 0 is the reward model a one-member run with the same seed trains (the demo uses it as its single RM)
+    single = tmp_path / "single"
+    argv = ["reward", "--model", str(model_dir), "--data", str(prefs), "--batch-size", "8", "--max-steps", "2"]
+    assert main([*argv, "--out", str(single)]) == 0
+    alone = RewardModel.load(single)
+    assert all(torch.equal(a, b) for a, b in zip(alone.state_dict().values(), members[0].state_dict().values()))
+    assert summary["eval_accuracy_members"][0] == json.loads((single / "summary.json").read_text())["eval_accuracy"]
 
 
 def test_a_file_with_no_usable_rows_is_a_clear_error(model_dir, tmp_path, capsys):

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from preflab.config import RunConfig, build_config, check, opt
-from preflab.evaluate.policy import EvalConfig, sample_with_kl, score
+from preflab.evaluate.policy import EvalConfig, outcomes_by_kind, sample_with_kl, score
 from preflab.evaluate.stats import fit_rl
 from preflab.runs import Run, seed_everything
 from preflab.stages import stage
@@ -42,6 +42,11 @@ class SweepConfig(RunConfig):
     betas: list[float] = opt([0.0, 0.1], "KL coefficients to sweep")
     steps: list[int] = opt([10, 30], "training lengths (RL steps) to sweep")
     extra_rewards: list[str] = opt([], "more arms, LABEL=REWARD (e.g. an ensemble folder), run at the smallest beta")
+    trained: list[str] = opt(
+        [],
+        "arms already trained, LABEL=RUN: a run of the same stage and options to the longest length, "
+        "checkpointed at every length (e.g. the demo's PPO run); measured, not trained again",
+    )
     rl_options: dict = opt(
         {}, "other options passed to the RL stage (YAML only), e.g. {batch_size: 16, lr: 1e-4}", cli=False
     )
@@ -58,6 +63,7 @@ class SweepConfig(RunConfig):
         check(len(self.steps) >= 1 and all(s >= 1 for s in self.steps), f"steps must be >= 1, got {self.steps}")
         for spec in self.extra_rewards:
             check("=" in spec, f"extra_rewards entries are LABEL=REWARD, got {spec!r}")
+        trained_runs(self)
 
 
 def arms(config: SweepConfig) -> list[tuple[str, float, str]]:
@@ -68,6 +74,17 @@ def arms(config: SweepConfig) -> list[tuple[str, float, str]]:
         (f"{label} beta={low:g}", float(low), spec)
         for label, _, spec in (s.partition("=") for s in config.extra_rewards)
     ]
+    return out
+
+
+def trained_runs(config: SweepConfig) -> dict[str, str]:
+    """{arm label: run folder} from `--trained LABEL=RUN` (labels hold '=' themselves: beta=0.2=runs/ppo)."""
+    labels = [label for label, _, _ in arms(config)]
+    out = {}
+    for spec in config.trained:
+        label = next((lb for lb in labels if spec.startswith(lb + "=") and len(spec) > len(lb) + 1), None)
+        check(label is not None, f"trained entries are LABEL=RUN with LABEL one of {labels}, got {spec!r}")
+        out[label] = spec[len(label) + 1 :]
     return out
 
 
@@ -83,15 +100,11 @@ def fit_arm(points: list[dict], base_true: float) -> dict:
     return fit
 
 
-def run_rl(config: SweepConfig, beta: float, reward: str, out: Path) -> dict[int, Path]:
-    """One ordinary run of the RL stage to the longest length, checkpointed at every length; {steps: folder}."""
-    from preflab.policy.ppo import ppo
-    from preflab.policy.rloo import grpo, rloo
-
-    fn = {"ppo": ppo, "rloo": rloo, "grpo": grpo}[config.algorithm]
+def rl_options(config: SweepConfig, beta: float, reward: str, out: Path) -> dict:
+    """The RL stage's options for one arm: to the longest length, checkpointed at every length."""
     lengths = sorted(config.steps)
     every = math.gcd(*lengths)
-    values = {
+    return {
         "eval_prompts": 0,
         **config.rl_options,
         "model": config.model,
@@ -104,8 +117,33 @@ def run_rl(config: SweepConfig, beta: float, reward: str, out: Path) -> dict[int
         "checkpoint_every": every,
         "keep_checkpoints": lengths[-1] // every,
     }
-    fn(build_config(fn.config_class, values, source="sweep"))
-    return {n: out / "checkpoints" / f"step-{n:08d}" for n in lengths}
+
+
+def checkpoints(config: SweepConfig, run_dir: Path) -> dict[int, Path]:
+    """{steps: checkpoint folder} of an arm's run at every length asked for."""
+    return {n: Path(run_dir) / "checkpoints" / f"step-{n:08d}" for n in sorted(config.steps)}
+
+
+def run_rl(config: SweepConfig, beta: float, reward: str, out: Path) -> dict[int, Path]:
+    """One ordinary run of the RL stage to the longest length, checkpointed at every length; {steps: folder}."""
+    from preflab.policy.ppo import ppo
+    from preflab.policy.rloo import grpo, rloo
+
+    fn = {"ppo": ppo, "rloo": rloo, "grpo": grpo}[config.algorithm]
+    fn(build_config(fn.config_class, rl_options(config, beta, reward, out), source="sweep"))
+    return checkpoints(config, out)
+
+
+def trained_arm(config: SweepConfig, label: str, folder: str) -> dict[int, Path]:
+    """The checkpoints of an arm given as already trained (`--trained LABEL=RUN`), each checked to exist."""
+    found = checkpoints(config, Path(folder))
+    missing = [str(f) for f in found.values() if not f.is_dir()]
+    check(
+        not missing,
+        f"--trained {label}={folder}: no checkpoint at {missing}; train it with checkpoint_every "
+        f"{math.gcd(*config.steps)} to step {max(config.steps)}, or leave it out",
+    )
+    return found
 
 
 def markdown(points: list[dict], fits: dict, base: dict) -> str:
@@ -114,13 +152,13 @@ def markdown(points: list[dict], fits: dict, base: dict) -> str:
         "",
         f"Reference: true utility {base['true_utility']:.3f}, proxy {base['proxy']:.3f}, length {base['length']:.1f}.",
         "",
-        "| arm | steps | KL | sqrt(KL) | true utility | proxy reward | mean length |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | steps | KL | sqrt(KL) | true utility | proxy reward | right answers | mean length |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for p in points:
         lines.append(
             f"| {p['arm']} | {p['steps']} | {p['kl']:.3f} | {p['sqrt_kl']:.3f} | {p['true_utility']:.3f} | "
-            f"{p['proxy']:.3f} | {p['length']:.1f} |"
+            f"{p['proxy']:.3f} | {p.get('right_answer_rate', float('nan')):.0%} | {p['length']:.1f} |"
         )
     lines += [
         "",
@@ -169,6 +207,8 @@ def sweep(config: SweepConfig) -> dict:
             "true_utility": float(np.mean(s["utility"])),
             "proxy": float(np.mean(s["proxy"])),
             "length": float(np.mean(s["lengths"])),
+            "right_answer_rate": float(np.mean(np.asarray(s["correctness"]) == 1.0)),
+            "outcomes_by_kind": outcomes_by_kind(s),
             "utilities": [round(u, 6) for u in s["utility"]],
             "proxies": [round(float(x), 6) for x in s["proxy"]],
         }
@@ -176,12 +216,17 @@ def sweep(config: SweepConfig) -> dict:
     base = measure(ref_model)
     points = []
     i = 0
+    given = trained_runs(config)
     for label, beta, reward in arms(config):
         print(
-            f"[sweep] {label}: {max(config.steps)} {config.algorithm} steps, measured at {sorted(config.steps)}",
+            f"[sweep] {label}: {max(config.steps)} {config.algorithm} steps, measured at {sorted(config.steps)}"
+            + (f" (trained already: {given[label]})" if label in given else ""),
             flush=True,
         )
-        folders = run_rl(config, beta, reward, run.dir / "runs" / label.replace(" ", "_"))
+        if label in given:
+            folders = trained_arm(config, label, given[label])
+        else:
+            folders = run_rl(config, beta, reward, run.dir / "runs" / label.replace(" ", "_"))
         for steps, folder in folders.items():
             point = {
                 "arm": label,

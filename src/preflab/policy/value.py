@@ -16,6 +16,7 @@ The critic is saved beside the policy (`value_model/`: the backbone as a HF dire
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -60,16 +61,20 @@ def folded_head(head: nn.Linear, gain: float, bias: float) -> nn.Linear:
 
 
 def make_value_model(policy, tokenizer, value_init: str, path: str = "") -> ValueModel:
-    """The critic for `value_init` "policy" (zero head on a policy copy) or "reward" (the reward model at `path`)."""
+    """The critic for `value_init` "policy" (zero head on a policy copy) or "reward" (the reward model at `path`;
+    of an ensemble, its first member)."""
     from preflab.models import ModelError
 
     if value_init == "reward":
-        from preflab.reward.model import RewardModel
+        from preflab.reward.model import ENSEMBLE_FILE, RewardModel, reward_dir
 
         if not Path(path).is_dir():
             raise ModelError(
                 f"value_init=reward needs a reward-model folder in --value-model or --reward, got {path!r}"
             )
+        directory = reward_dir(path)
+        if (directory / ENSEMBLE_FILE).exists():
+            path = directory / json.loads((directory / ENSEMBLE_FILE).read_text())["members"][0]
         rm = RewardModel.load(path)
         if not same_tokenizer(rm.tokenizer, tokenizer):
             raise ModelError(

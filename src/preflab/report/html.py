@@ -207,8 +207,35 @@ STYLE = (
 )
 
 
+def seeds_report(root: Path, seeds: dict) -> tuple[str, dict]:
+    """The page of a multi-seed demo (`preflab demo --seeds`): each claim's verdict on every seed, the spread of
+    the headline numbers, and a link to each seed's own report."""
+    mark = {True: "holds", False: "FAILED", None: "not measured"}
+    names = [f"seed {s}" for s in seeds["seeds"]]
+    claims = [[c, *(mark[v] for v in vs)] for c, vs in seeds["claims"].items()]
+    spread = [
+        [k, f"{v['mean']:+.3f}", f"{v['min']:+.3f}", f"{v['max']:+.3f}", *(f"{x:+.3f}" for x in v["values"])]
+        for k, v in seeds["numbers"].items()
+    ]
+    links = " ".join(f"<a href='seed-{s}/report.html'>seed {s}</a>" for s in seeds["seeds"])
+    text = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>preflab report: {html.escape(root.name)}</title>"
+        f"<style>{STYLE}</style></head><body><h1>preflab report: {html.escape(str(root))}</h1>"
+        f"<p>One demo per seed; each seed's own report: {links}</p>"
+        "<h2>The lesson's claims on every seed</h2><p class='note'>on each seed a claim holds only when its 95% "
+        "interval supports it; a claim that fails on any seed is shown as failed there</p>"
+        + _table(["claim", *names], claims)
+        + "<h2>The headline's spread over seeds</h2>"
+        + _table(["number", "mean", "min", "max", *names], spread)
+        + "</body></html>"
+    )
+    return text, {"runs": len(seeds["seeds"]), "eval": False, "sweep": False, "figures": 0, "calibration_bins": 0}
+
+
 def build_report(root: Path, n_samples: int = 8) -> tuple[str, dict]:
-    """(html text, what was found) for a run folder."""
+    """(html text, what was found) for a run folder (or a multi-seed demo folder with seeds.json)."""
+    if (root / "seeds.json").exists():
+        return seeds_report(root, json.loads((root / "seeds.json").read_text()))
     evaluation = _load_json(_find(root, "eval.json"))
     sweep_data = _load_json(_find(root, "sweep.json"))
     headline = _load_json(root / "headline.json")
@@ -263,11 +290,13 @@ def build_report(root: Path, n_samples: int = 8) -> tuple[str, dict]:
         )
     if sweep_data:
         rows = [
-            [p["arm"], p["steps"], p["kl"], p["sqrt_kl"], p["true_utility"], p["proxy"], p["length"]]
+            [p["arm"], p["steps"], p["kl"], p["sqrt_kl"], p["true_utility"], p["proxy"]]
+            + [f"{p['right_answer_rate']:.0%}" if "right_answer_rate" in p else "-", p["length"]]
             for p in sweep_data["points"]
         ]
         parts.append(
-            "<h2>Sweep points</h2>" + _table(["arm", "steps", "KL", "sqrt KL", "true utility", "proxy", "length"], rows)
+            "<h2>Sweep points</h2>"
+            + _table(["arm", "steps", "KL", "sqrt KL", "true utility", "proxy", "right answers", "length"], rows)
         )
     if calib:
         parts.append(
