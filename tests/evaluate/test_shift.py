@@ -27,7 +27,7 @@ def test_build_pairs_draws_each_set_from_its_sources():
     # c: SFT vs SFT on the left-out prompts (3-4) only
     assert [(a[0], b[0]) for a, b in by_set["left_out"]] == [("sft", "sft")] * 2
     assert sorted(a[1] for a, _ in by_set["left_out"]) == [3, 4]
-    for name, i, j in pairs:
+    for _, i, j in pairs:
         assert i != j and responses[i][1] == responses[j][1]  # two responses to one prompt
     _, without = build_pairs(3, 0, has_policy=False)
     assert {name for name, _, _ in without} == {"same"}
