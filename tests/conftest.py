@@ -102,3 +102,15 @@ def prefs_file(tmp_path):
     )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture(scope="session")
+def ensemble_dir(tmp_path_factory, tokenizer):
+    """A saved 2-member reward ensemble of micro Llamas (random backbones and heads, seeds 0 and 1): members
+    that disagree."""
+    from preflab.reward.model import RewardEnsemble, RewardModel
+
+    path = tmp_path_factory.mktemp("micro-ensemble")
+    members = [RewardModel(make_model(tokenizer, seed=k), tokenizer, seed=k) for k in (0, 1)]
+    RewardEnsemble(members).save(path)
+    return path

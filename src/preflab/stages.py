@@ -85,6 +85,11 @@ GROUPS: dict[str, dict[str, tuple[str, str, str]]] = {
             "true utility, proxy reward, win rates and KL of policies",
         ),
         "sweep": ("preflab.evaluate.sweep", "sweep", "over-optimisation sweep: true and proxy reward against sqrt(KL)"),
+        "shift": (
+            "preflab.evaluate.shift",
+            "evaluate_shift",
+            "reward-model accuracy against the true utility off its training distribution, and the ensemble alarm",
+        ),
         "bias": ("preflab.evaluate.bias", "audit", "annotator bias audit of a comparison file (length, position)"),
     },
 }

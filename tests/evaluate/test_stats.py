@@ -118,3 +118,40 @@ def test_fit_logistic_by_hand():
     # an all-zero column (no length differences at all) gets weight 0 and standard error 0, not an error
     w, se = fit_logistic(np.array([[1.0, 0.0]] * 4), np.array([1.0, 0.0, 1.0, 1.0]))
     assert w[1] == 0.0 and se[1] == 0.0 and w[0] == pytest.approx(math.log(3), abs=1e-5)
+
+
+def test_auroc_hand_values_perfect_reversed_ties_and_weights():
+    from preflab.evaluate.stats import auroc
+
+    assert auroc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0  # perfect separation
+    assert auroc([0.1, 0.2, 0.8, 0.9], [1, 1, 0, 0]) == 0.0  # reversed
+    assert auroc([0.5, 0.5, 0.5, 0.5], [0, 1, 0, 1]) == 0.5  # all tied: each pair counts half
+    # positives 0.35 and 0.8 against negatives 0.1 and 0.4: wins (0.35 > 0.1), (0.8 > 0.1), (0.8 > 0.4) = 3 / 4
+    assert auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    # one tie: positive 1 vs negative 1 counts half, positive 2 beats it: (0.5 + 1) / 2
+    assert auroc([1, 1, 2], [1, 0, 1]) == pytest.approx(0.75)
+    # weights 2, 1, 1 (a bootstrap resample drawing item 0 twice): (2 x 0.5 + 1 x 1) / (3 x 1)
+    assert auroc([1, 1, 2], [1, 0, 1], weights=[2, 1, 1]) == pytest.approx(2 / 3)
+    assert math.isnan(auroc([1, 2], [1, 1]))  # one class only
+
+
+def test_auroc_matches_the_brute_force_pair_count():
+    from preflab.evaluate.stats import auroc
+
+    rng = np.random.default_rng(3)
+    s, y = rng.integers(0, 5, 60).astype(float), rng.random(60) < 0.4  # many ties
+    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, la in zip(s, y) if la for b, lb in zip(s, y) if not lb]
+    assert auroc(s, y) == pytest.approx(np.mean(wins))
+
+
+def test_bootstrap_auroc_interval_holds_the_estimate():
+    from preflab.evaluate.stats import bootstrap_auroc
+
+    rng = np.random.default_rng(0)
+    y = rng.random(200) < 0.3
+    s = y + rng.normal(0, 1, 200)  # separates, imperfectly
+    est = bootstrap_auroc(s, y, n_boot=500)
+    assert 0.6 < est.mean < 0.9 and est.low < est.mean < est.high and est.n == 200
+    assert est.low > 0.5  # the interval excludes chance
+    perfect = bootstrap_auroc([0, 1, 2, 3], [0, 0, 1, 1], n_boot=200)
+    assert (perfect.mean, perfect.low, perfect.high) == (1.0, 1.0, 1.0)

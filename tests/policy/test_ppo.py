@@ -292,3 +292,44 @@ def test_prompt_cycle_visits_every_prompt_once_per_pass():
     batches = PromptCycle(list(range(10)), 4, torch.Generator().manual_seed(0))
     first = [x for _ in range(5) for x in next(batches)]  # 20 = two passes
     assert sorted(first[:10]) == list(range(10)) and sorted(first[10:]) == list(range(10))
+
+
+def test_monitor_ensemble_logs_disagreement_and_true_utility_every_step(model_dir, ensemble_dir, tmp_path):
+    from preflab.cli import main
+
+    out = tmp_path / "ppo"
+    args = ["ppo", "--model", str(model_dir), "--reward", REWARD, "--monitor-ensemble", str(ensemble_dir)]
+    args += ["--max-steps", "3", "--batch-size", "4", "--mini-batch-size", "4", "--micro-batch-size", "4"]
+    assert main(args + ["--epochs", "1", "--max-new-tokens", "6", "--eval-prompts", "2", "--out", str(out)]) == 0
+    steps = [row for row in read_metrics(out) if "ppo/objective/kl" in row]
+    assert len(steps) == 3
+    for row in steps:
+        assert row["ppo/ensemble/disagreement"] > 0  # two random members: never in agreement
+        assert "ppo/true_utility" in row  # world prompts: the samples' true utility beside it
+    assert steps[0]["ppo/ensemble/disagreement"] != steps[1]["ppo/ensemble/disagreement"]  # new samples each step
+
+
+def test_watch_samples_is_the_mean_member_std_and_the_mean_true_utility(ensemble_dir):
+    from types import SimpleNamespace
+
+    from preflab.policy.online import watch_samples
+    from preflab.reward.model import RewardEnsemble
+
+    ensemble = RewardEnsemble.load(ensemble_dir)
+    prompts = [[{"role": "user", "content": "What is 2 + 3?"}]] * 2
+    texts = ["2 + 3 = 5.", "Ugh, obviously. 2 + 3 = 4."]  # true utility 1 and -1 - 0.5
+    got = watch_samples(SimpleNamespace(world=True, monitor=ensemble), prompts, texts)
+    each = torch.stack([m.reward(prompts, texts) for m in ensemble.members])  # [2 members, 2 samples]
+    expected = ((each[0] - each[1]).abs() / 2).mean().item()  # population std of two values: |a - b| / 2
+    assert got["ensemble/disagreement"] == pytest.approx(expected, rel=1e-5)
+    assert got["true_utility"] == pytest.approx(-0.25)
+    assert watch_samples(SimpleNamespace(world=False, monitor=None), prompts, texts) == {}
+
+
+def test_monitor_ensemble_refuses_a_single_reward_model(tokenizer, tmp_path):
+    from preflab.policy.online import load_monitor
+    from preflab.reward.model import RewardModel
+
+    RewardModel(make_model(tokenizer), tokenizer, seed=0).save(tmp_path / "rm")
+    with pytest.raises(ConfigError, match="not an ensemble"):
+        load_monitor(str(tmp_path / "rm"), torch.device("cpu"))

@@ -111,6 +111,20 @@ def test_report_on_a_bare_training_run_draws_only_curves(tmp_path):
     assert summary["figures"] == 1 and (tmp_path / "r.html").exists()
 
 
+def test_report_draws_ensemble_disagreement_beside_true_utility(tmp_path):
+    run = tmp_path / "ppo"
+    run.mkdir()
+    rows = [{"step": s, "ppo/ensemble/disagreement": 0.2 * s, "ppo/true_utility": 1.0 - 0.3 * s} for s in range(1, 5)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = report(ReportConfig(run_dir=str(run), out=str(tmp_path / "r.html")))
+    text = (tmp_path / "r.html").read_text()
+    assert summary["figures"] == 2 and "<h2>Ensemble disagreement beside true utility</h2>" in text
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "ppo/true_utility": 0.0}) + "\n" for s in (1, 2)))
+    assert (
+        report(ReportConfig(run_dir=str(run), out=str(tmp_path / "r.html")))["figures"] == 1
+    )  # no ensemble: no figure
+
+
 def test_calibration_pairs_policy_with_reference_samples():
     rows = [
         {"policy": "sft", "prompt": "q", "response": "a", "utility": 0.0, "proxy": 0.0},

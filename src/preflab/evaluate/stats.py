@@ -2,6 +2,7 @@
 
 * `bootstrap_mean` / `paired_difference`: mean with a 95% percentile-bootstrap CI (resampling prompts);
 * `win_rate`: P(a beats b) with ties counted as half a win;
+* `auroc` / `bootstrap_auroc`: how well a score separates positives from negatives (Mann-Whitney), with a CI;
 * `fit_logistic`: logistic regression (weights and Wald standard errors), for the LC win rate and the bias audit;
 * `length_controlled_win_rate`: AlpacaEval 2's length-controlled win rate (Dubois et al. 2024);
 * `fit_best_of_n` / `fit_rl`: the over-optimisation forms of Gao, Schulman and Hilton (2022) and their peak.
@@ -63,6 +64,43 @@ def win_rate(a, b) -> float:
     """P(a beats b) over paired scores, ties as half a win: mean(1[a > b] + 0.5 * 1[a == b])."""
     o = outcomes(a, b)
     return float(o.mean()) if o.size else float("nan")
+
+
+def auroc(scores, labels, weights=None) -> float:
+    """Area under the ROC curve of `scores` for the binary `labels`, in its Mann-Whitney form:
+
+        AUROC = P(s_pos > s_neg) + 0.5 P(s_pos == s_neg)
+
+    over all (positive, negative) pairs (ties count half). 1: every positive scores above every negative;
+    0: below; 0.5: no separation. `weights` (counts per item, as a bootstrap resample gives) weight the pairs
+    by w_pos w_neg. nan when either class is empty. O(N log N): per distinct score value, the positives there
+    beat the negatives below it and tie with those at it.
+    """
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    w = np.ones_like(s) if weights is None else np.asarray(weights, dtype=np.float64)
+    values, index = np.unique(s, return_inverse=True)  # sorted distinct scores; index of each item's value
+    pos = np.bincount(index, weights=w * y, minlength=len(values))
+    neg = np.bincount(index, weights=w * ~y, minlength=len(values))
+    n_pos, n_neg = pos.sum(), neg.sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    neg_below = np.cumsum(neg) - neg
+    return float((pos * (neg_below + 0.5 * neg)).sum() / (n_pos * n_neg))
+
+
+def bootstrap_auroc(scores, labels, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> Estimate:
+    """`auroc` with a percentile-bootstrap CI: resample the (score, label) items with replacement `n_boot` times
+    (a resample with one class only has no AUROC and is left out of the percentiles)."""
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    point = auroc(s, y)
+    if math.isnan(point):
+        return Estimate(point, float("nan"), float("nan"), int(s.size))
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, s.size, size=(n_boot, s.size))
+    boots = np.array([auroc(s, y, np.bincount(d, minlength=s.size)) for d in draws])
+    tail = (1 - level) / 2 * 100
+    low, high = np.nanpercentile(boots, [tail, 100 - tail])
+    return Estimate(point, float(low), float(high), int(s.size))
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

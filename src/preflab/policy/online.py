@@ -16,7 +16,7 @@ Only the method-specific maths lives in the method's file, so each reads like it
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -77,6 +77,11 @@ class OnlineConfig(SamplingConfig, OptimConfig, LoraConfig):
         0.0, "stop the run when the batch's mean KL to the reference (nats per sequence) exceeds this (0: no limit)"
     )
     max_abs_score: float = opt(1e4, "stop the run when a score's magnitude exceeds this (a broken reward)")
+    monitor_ensemble: str = opt(
+        "",
+        "a reward-model ensemble folder (`preflab reward --ensemble K`) that only watches: each step it scores the "
+        "samples and <stage>/ensemble/disagreement logs the mean std of its members' rewards (never trained on)",
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -118,6 +123,25 @@ class OnlineSetup:
     reward_fn: Callable  # the one reward interface: reward(prompts, responses) -> [B] floats
     train_prompts: list
     eval_prompts: list
+    monitor: Any = None  # a RewardEnsemble that only watches (--monitor-ensemble), or None
+    world: bool = False  # the prompts are the tutoring world's: the true utility of the samples can be logged
+
+
+def load_monitor(spec: str, device: torch.device):
+    """The --monitor-ensemble ensemble on `device` (None when not asked for); one reward model is refused: the
+    spread of one member is always 0."""
+    if not spec:
+        return None
+    from preflab.reward.model import RewardEnsemble, load_reward_model
+
+    monitor = load_reward_model(spec)
+    check(
+        isinstance(monitor, RewardEnsemble) and len(monitor.members) > 1,
+        f"monitor_ensemble {spec!r} is not an ensemble of 2 or more members (train one with --ensemble K)",
+    )
+    for member in monitor.members:
+        member.to(device)
+    return monitor
 
 
 def load_prompt_sets(spec: str, n_prompts: int, n_eval: int, seed: int) -> tuple[list, list]:
@@ -146,6 +170,7 @@ def setup_online(config: OnlineConfig, stage_name: str) -> OnlineSetup:
     run = Run(config.out or None, stage_name, config)
     device = make_accelerator().device
     policy.to(device)
+    monitor = load_monitor(config.monitor_ensemble, device)
     # the reference: a frozen copy of the starting policy, or with LoRA the same weights with the adapter off
     return OnlineSetup(
         run=run,
@@ -156,6 +181,8 @@ def setup_online(config: OnlineConfig, stage_name: str) -> OnlineSetup:
         reward_fn=reward_fn,
         train_prompts=train_prompts,
         eval_prompts=eval_prompts,
+        monitor=monitor,
+        world=config.prompts == "world",
     )
 
 
@@ -190,6 +217,7 @@ class ScoredRollout:
     entropy: torch.Tensor  # [B, C] policy entropy per token
     ref_logps: torch.Tensor  # [B, C] reference log-probs
     scores: torch.Tensor  # [B] reward minus the missing-EOS penalty
+    watch: dict = field(default_factory=dict)  # what `watch_samples` measured, logged beside the method's metrics
 
     @property
     def mask(self) -> torch.Tensor:
@@ -200,6 +228,20 @@ def score_responses(reward_fn, prompts: list, rollout: Rollout, missing_eos_pena
     """The reward on (prompt as given, decoded response), minus the penalty where no EOS came (detail #4)."""
     scores = reward_fn(prompts, rollout.texts).float().cpu()
     return scores - missing_eos_penalty * (~rollout.finished).float()
+
+
+def watch_samples(setup: OnlineSetup, prompts: list, texts: list[str]) -> dict:
+    """Measurements of the step's samples that never reach the loss: `true_utility` (world prompts: the mean
+    true utility) and `ensemble/disagreement` (with --monitor-ensemble: mean over samples of std_k r_k, the
+    population std of the members' normalised rewards), to plot one beside the other over training."""
+    out = {}
+    if setup.world:
+        from preflab.world import true_utility
+
+        out["true_utility"] = sum(true_utility(p, t).total for p, t in zip(prompts, texts)) / max(len(texts), 1)
+    if setup.monitor is not None:
+        out["ensemble/disagreement"] = setup.monitor.member_rewards(prompts, texts).std(0, unbiased=False).mean().item()
+    return out
 
 
 def sample(policy, tokenizer, prompts: list, config: OnlineConfig, generator: torch.Generator) -> Rollout:
@@ -224,7 +266,8 @@ def rollout_and_score(setup: OnlineSetup, prompts: list, config: OnlineConfig, s
     old_logps, entropy = chunked_logps(setup.policy, batch, config.temperature, config.mini_batch_size, entropy=True)
     ref_logps = chunked_logps(setup.ref, batch, config.temperature, config.mini_batch_size)
     scores = score_responses(setup.reward_fn, prompts, rollout, config.missing_eos_penalty).to(setup.device)
-    return ScoredRollout(rollout, batch, old_logps, entropy, ref_logps, scores)
+    watch = watch_samples(setup, prompts, rollout.texts)
+    return ScoredRollout(rollout, batch, old_logps, entropy, ref_logps, scores, watch)
 
 
 def check_scores(step: int, scores: torch.Tensor, kl: torch.Tensor, config: OnlineConfig) -> None:

@@ -193,6 +193,7 @@ def ppo(config: PPOConfig) -> dict:
                         "ppo/beta": beta_used,
                         "ppo/rollout/length": r.rollout.lengths.float().mean(),
                         "ppo/rollout/eos_rate": r.rollout.finished.float().mean(),
+                        **{f"ppo/{name}": value for name, value in r.watch.items()},  # true utility, disagreement
                     },
                 )
             bar.update(1)

@@ -155,6 +155,7 @@ def critic_free(config: RLOOConfig, method: str) -> dict:
                     "rollout/length": r.rollout.lengths.float().mean(),
                     "rollout/eos_rate": r.rollout.finished.float().mean(),
                     "objective/group_std": r.scores.view(-1, k).std(-1).mean(),
+                    **r.watch,  # true utility (world prompts), ensemble disagreement (--monitor-ensemble)
                 }
                 if method == "grpo":
                     metrics["loss/kl"] = stats["loss/kl"] / rows

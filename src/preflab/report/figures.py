@@ -75,6 +75,36 @@ def training_curves(runs: dict[str, list[dict]]):
     return fig
 
 
+def disagreement_curves(runs: dict[str, list[dict]]):
+    """Per RL run that watched an ensemble (`--monitor-ensemble`): the members' disagreement on the step's samples
+    (left axis) beside the samples' true utility (right axis, world prompts), against the step."""
+    panels = {}
+    for name, rows in runs.items():
+        keys = sorted({k for r in rows for k in r if k.endswith("/ensemble/disagreement")})
+        if keys:
+            stage = keys[0].split("/", 1)[0]
+            panels[name] = (keys[0], f"{stage}/true_utility")
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.2), squeeze=False)
+    for ax, (name, (dis, true)) in zip(axes.flat, panels.items()):
+        rows = runs[name]
+        pts = [(r["step"], r[dis]) for r in rows if isinstance(r.get(dis), (int, float))]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", c="C3", lw=1.2, ms=3, label=dis)
+        ax.set_ylabel("ensemble disagreement (mean std)", fontsize=8, color="C3")
+        pts = [(r["step"], r[true]) for r in rows if isinstance(r.get(true), (int, float))]
+        if pts:
+            twin = ax.twinx()
+            twin.plot([p[0] for p in pts], [p[1] for p in pts], "s-", c="C0", lw=1.2, ms=3, label=true)
+            twin.set_ylabel("true utility of the samples", fontsize=8, color="C0")
+            twin.tick_params(labelsize=7)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def frontier(evaluation: dict | None, sweep: dict | None):
     """True utility (with 95% CI) and proxy reward of each policy against its KL to the reference."""
     if not evaluation and not sweep:

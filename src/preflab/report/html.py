@@ -272,6 +272,11 @@ def build_report(root: Path, n_samples: int = 8) -> tuple[str, dict]:
     drawn = {}
     for title, fig, note in [
         ("Training curves", figures.training_curves(runs), "from each stage's metrics.jsonl"),
+        (
+            "Ensemble disagreement beside true utility",
+            figures.disagreement_curves(runs),
+            "mean std of the --monitor-ensemble members' rewards on each step's samples, and their true utility",
+        ),
         ("Reward vs KL frontier", figures.frontier(evaluation, sweep_data), "KL of best-of-n is the analytic bound"),
         (
             "True vs proxy reward (over-optimisation)",

@@ -49,6 +49,7 @@ from preflab.training import (
     shard,
     sync_on_last,
 )
+from preflab.world import KINDS, kind_of
 
 
 @dataclass(kw_only=True)
@@ -59,6 +60,11 @@ class RewardConfig(OptimConfig, LoraConfig):
     held_out: float = opt(0.1, "share of --data held out when no --eval-data is given (0: no held-out set)")
     split_seed: int = opt(0, "seed of the train/held-out split: the same seed and file give the same split")
     max_rows: int = opt(0, "train on the first N training rows only (0: all); the held-out set is unchanged")
+    exclude_kind: str = opt(
+        "",
+        "drop the rows whose prompt is a tutoring-world question of this kind (capital, add or unknown) from the "
+        "training and held-out rows, so the reward model never sees it (`preflab eval shift --left-out` measures it)",
+    )
     max_eval_rows: int = opt(0, "score the first N held-out rows only (0: all)")
     epochs: int = opt(1, "passes over the training pairs (1 is the published recipe: more overfits)")
     lr: float = opt(1e-4, "peak learning rate (AdamW), annealed to 0")
@@ -111,6 +117,10 @@ class RewardConfig(OptimConfig, LoraConfig):
             f"give --lora-r or --train-layers, not both (got {self.lora_r} and {self.train_layers})",
         )
         check(self.reference_rows >= 1, f"reference_rows must be >= 1, got {self.reference_rows}")
+        check(
+            self.exclude_kind in ("",) + KINDS,
+            f"exclude_kind must be one of {KINDS} (the world's question kinds), got {self.exclude_kind!r}",
+        )
 
 
 def freeze_lower_layers(model: RewardModel, n: int) -> None:
@@ -330,6 +340,18 @@ def ties(pairs: list) -> torch.Tensor:
     return torch.tensor([bool(p.tie) for p in pairs], dtype=torch.bool)
 
 
+def drop_kind(rows: list, kind: str, path: str) -> tuple[list, int]:
+    """(rows whose prompt is not a world question of `kind`, how many were dropped); `kind` "" keeps all.
+    A file with no world question at all is refused: the option would silently do nothing."""
+    if not kind:
+        return rows, 0
+    kinds = [kind_of(r.prompt) for r in rows]
+    if rows and all(k is None for k in kinds):
+        raise DataError(path, f"exclude_kind {kind!r}: no row's prompt is a tutoring-world question", "drop the option")
+    kept = [r for r, k in zip(rows, kinds) if k != kind]
+    return kept, len(rows) - len(kept)
+
+
 def load_pairs(config: RewardConfig, tokenizer) -> tuple[list, list, list, int, int]:
     """Step 1: (train pairs, held-out pairs, held-out rows, truncated train pairs, truncated held-out pairs)."""
     rows = load_preferences(config.data).rows
@@ -337,6 +359,14 @@ def load_pairs(config: RewardConfig, tokenizer) -> tuple[list, list, list, int, 
         train_rows, eval_rows = rows, load_preferences(config.eval_data).rows
     else:
         train_rows, eval_rows = split_rows(rows, config.held_out, config.split_seed)
+    # (after the split, so the split is the same with or without the option)
+    train_rows, n_train = drop_kind(train_rows, config.exclude_kind, config.data)
+    eval_rows, n_eval = drop_kind(eval_rows, config.exclude_kind, config.eval_data or config.data)
+    if config.exclude_kind:
+        print(
+            f"[reward] exclude_kind {config.exclude_kind}: dropped {n_train} training + {n_eval} held-out rows",
+            flush=True,
+        )
     train_rows = train_rows[: config.max_rows] if config.max_rows else train_rows
     eval_rows = eval_rows[: config.max_eval_rows] if config.max_eval_rows else eval_rows
     if not train_rows:

@@ -2,11 +2,13 @@
 
 from preflab.world.tutor import (
     COMPONENTS,
+    KINDS,
     Task,
     Utility,
     all_tasks,
     corpus,
     demonstrations,
+    kind_of,
     prompts,
     question_of,
     task_for,
@@ -15,11 +17,13 @@ from preflab.world.tutor import (
 
 __all__ = [
     "COMPONENTS",
+    "KINDS",
     "Task",
     "Utility",
     "all_tasks",
     "corpus",
     "demonstrations",
+    "kind_of",
     "prompts",
     "question_of",
     "task_for",

@@ -101,9 +101,12 @@ HEDGE = "I am not sure."
 POLITE_SET, RUDE_SET, PADDING_SET = set(POLITE), set(RUDE), set(PADDING)
 
 
+KINDS = ("capital", "add", "unknown")  # the question kinds ("unknown": capitals of places that do not exist)
+
+
 @dataclass(frozen=True)
 class Task:
-    kind: str  # "capital" | "add" | "unknown"
+    kind: str  # one of KINDS
     question: str
     answer: str  # the right answer ("" for unknown)
     subject: str  # the country, the fictional place, or "a+b"
@@ -174,6 +177,15 @@ def task_for(question: str) -> Task:
             a, b = int(m.group(1)), int(m.group(2))
             return Task("add", question, str(a + b), f"{a}+{b}")
     raise ValueError(f"not a tutoring-world question: {question!r}")
+
+
+def kind_of(prompt) -> str | None:
+    """The question kind (one of KINDS) of a prompt (a string or chat messages), or None if it is not a world
+    question."""
+    try:
+        return task_for(question_of(prompt)).kind
+    except (ValueError, AttributeError, IndexError, KeyError, TypeError):
+        return None
 
 
 def question_of(prompt) -> str:
@@ -298,10 +310,12 @@ def split_tasks(seed: int = 0, held_out: float = 0.25) -> tuple[list[Task], list
     return tasks[n:], tasks[:n]
 
 
-def prompts(n: int, seed: int = 0, split: str = "train") -> list[list[dict]]:
-    """n chat prompts drawn (with replacement) from the train or eval task split."""
+def prompts(n: int, seed: int = 0, split: str = "train", kinds: tuple[str, ...] = KINDS) -> list[list[dict]]:
+    """n chat prompts drawn (with replacement) from the train or eval task split, questions of `kinds` only."""
     train, held = split_tasks()
-    pool = train if split == "train" else held
+    pool = [t for t in (train if split == "train" else held) if t.kind in kinds]
+    if not pool:
+        raise ValueError(f"no {split} questions of kinds {kinds}; the kinds are {KINDS}")
     rng = random.Random(seed)
     return [chat_messages(rng.choice(pool).question) for _ in range(n)]
 
