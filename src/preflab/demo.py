@@ -313,7 +313,7 @@ def shared_ppo_run(config: DemoConfig, root: Path, reward: Path) -> dict | None:
     if sw.algorithm != "ppo" or own.beta not in sw.betas or own.max_steps not in sw.steps:
         return None
     arm = build_config(ppo.config_class, rl_options(sw, own.beta, common["reward"], root / "ppo"), source="demo sweep")
-    run_only = ("out", "max_steps", "checkpoint_every", "keep_checkpoints")
+    run_only = ("out", "max_steps", "checkpoint_every", "keep_checkpoints", "monitor_ensemble")  # not the policy
     if {k: v for k, v in to_dict(own).items() if k not in run_only} != {
         k: v for k, v in to_dict(arm).items() if k not in run_only
     }:
@@ -365,6 +365,7 @@ def demo_once(config: DemoConfig, root: Path) -> dict:
     # 7. policies (the PPO run doubles as the sweep's arm at its beta when their options agree)
     shared = shared_ppo_run(config, root, reward)
     ppo_policy = root / "ppo"
+    watch = {"monitor_ensemble": str(root / "reward")} if ensemble else {}  # its disagreement beside true utility
     if shared:
         p.run(
             "ppo",
@@ -373,10 +374,11 @@ def demo_once(config: DemoConfig, root: Path) -> dict:
             model=str(root / "sft"),
             reward=str(reward),
             **shared["options"],
+            **watch,
         )
         ppo_policy = root / "ppo" / "checkpoints" / f"step-{shared['steps']:08d}"
     else:
-        p.run("ppo", "ppo: against the reward model", model=str(root / "sft"), reward=str(reward))
+        p.run("ppo", "ppo: against the reward model", model=str(root / "sft"), reward=str(reward), **watch)
     p.run("dpo", "dpo: on the votes", model=str(root / "sft"), data=str(root / "votes" / "train.jsonl"))
     policies = [f"base={root / 'pretrain'}", f"ppo={ppo_policy}", f"dpo={root / 'dpo'}"]
     if config.run_rloo:
