@@ -32,6 +32,18 @@ def test_config_validation():
         GenerateConfig(model="m", split="test")
 
 
+def test_k_is_an_alias_of_n():
+    import argparse
+
+    from preflab.config import add_config_arguments
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, GenerateConfig)
+    assert (
+        parser.parse_args(["-k", "3"]).n == parser.parse_args(["-n", "3"]).n == parser.parse_args(["--n", "3"]).n == 3
+    )
+
+
 @pytest.mark.slow
 def test_cli_writes_responses_and_pairs(model_dir, tmp_path):
     out = tmp_path / "gen"

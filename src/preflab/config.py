@@ -180,6 +180,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             )
         extra = {"nargs": "?", "const": True} if tp is bool else {}  # `--flag` alone means `--flag true`
         flags = [flag, "-" + field.name] if len(field.name) == 1 else [flag]  # `-k 4` as well as `--k 4`
+        flags += field.metadata.get("aliases", [])  # `opt(..., aliases=["-k"])`
         group.add_argument(
             *flags,
             dest=field.name,

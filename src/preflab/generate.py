@@ -34,7 +34,7 @@ class GenerateConfig(RunConfig):
     prompts: str = opt("world", "a JSONL file of {\"prompt\": text or chat messages} rows, or 'world'")
     n_prompts: int = opt(200, "prompts to use: drawn from the world, or the file's first N (0: the whole file)")
     split: str = opt("train", "world prompts: the 'train' or the held-out 'eval' question split")
-    n: int = opt(4, "responses sampled per prompt")
+    n: int = opt(4, "responses sampled per prompt (-k as well)", aliases=["-k"])
     max_new_tokens: int = opt(48, "longest response in tokens (a response that reaches it has no EOS)")
     max_prompt_length: int = opt(256, "keep at most this many prompt tokens (the end is kept; 0: no limit)")
     temperature: float = opt(1.0, "sampling temperature (logits are divided by it)")

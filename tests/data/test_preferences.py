@@ -128,3 +128,38 @@ def test_hh_rlhf_all_rows_load(hh_rlhf_path):
     assert all(isinstance(p.prompt, str) and p.chosen and p.rejected and p.chosen != p.rejected for p in data)
     # every hh-rlhf `chosen`/`rejected` repeats the prompt: the repeated prefix is dropped and counted, twice a row
     assert data.notes["completion repeated the prompt (prefix dropped)"] == 2 * 1866
+
+
+def test_split_by_row_is_unchanged_and_by_group_keeps_each_prompt_on_one_side():
+    from preflab.data import split_rows
+    from preflab.data.preferences import Preference, split_key
+
+    rows = [Preference(prompt=f"q{i // 3}", chosen=f"a{i}", rejected="no") for i in range(30)]
+    by_row = split_rows(rows, 0.2, 7)
+    import random
+
+    order = list(range(30))
+    random.Random(7).shuffle(order)
+    assert [r.chosen for r in by_row[1]] == [f"a{i}" for i in sorted(order[:6])]  # the old row split, exactly
+    train, held = split_rows(rows, 0.2, 7, by="prompt")
+    assert len(held) == 6 and not {r.prompt for r in train} & {r.prompt for r in held}
+    assert split_rows(rows, 0.2, 7, by="prompt") == (train, held)  # reproducible
+    # the first human turn of a conversation, in text or as messages
+    text = Preference(prompt="\n\nHuman: hi there\n\nAssistant: hello\n\nHuman: more", chosen="x", rejected="y")
+    chat = Preference(prompt=[{"role": "user", "content": "hi there"}], chosen="x", rejected="y")
+    assert split_key(text, "first_turn") == split_key(chat, "first_turn") == "hi there"
+    with pytest.raises(ValueError, match="split by"):
+        split_rows(rows, 0.2, 7, by="prompts")
+
+
+def test_hh_rlhf_split_by_first_turn_shares_no_opening_question(hh_rlhf_path):
+    from preflab.data import load_preferences, split_rows
+    from preflab.data.preferences import split_key
+
+    rows = load_preferences(hh_rlhf_path).rows
+    train, held = split_rows(rows, 0.2, 0, by="first_turn")
+    firsts = {split_key(r, "first_turn") for r in held}
+    assert abs(len(held) - 0.2 * len(rows)) <= 10 and not firsts & {split_key(r, "first_turn") for r in train}
+    # by row, some opening questions land on both sides (the leak the option exists for)
+    train, held = split_rows(rows, 0.2, 0)
+    assert {split_key(r, "first_turn") for r in held} & {split_key(r, "first_turn") for r in train}

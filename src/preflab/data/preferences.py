@@ -358,12 +358,45 @@ def write_jsonl(path: str | Path, rows) -> Path:
     return path
 
 
-def split_rows(rows: list, held_out: float, seed: int) -> tuple[list, list]:
-    """A reproducible split: the same seed and rows give the same held-out set."""
+SPLIT_BY = ("row", "prompt", "first_turn")
+
+
+def split_key(row, by: str) -> str:
+    """What a held-out split keeps together: the whole prompt, or the first human turn of a conversation (in
+    hh-rlhf one opening question is continued in several conversations: by first turn none of them leaks)."""
+    prompt = getattr(row, "prompt", None)
+    if by == "prompt":
+        return json.dumps(prompt, sort_keys=True)
+    if isinstance(prompt, list):
+        return next((str(m.get("content", "")) for m in prompt if m.get("role") == "user"), json.dumps(prompt))
+    text = (prompt or "").strip()
+    if text.startswith("Human:"):
+        text = text[len("Human:") :]
+    return text.split("\n\nAssistant:")[0].strip()
+
+
+def split_rows(rows: list, held_out: float, seed: int, by: str = "row") -> tuple[list, list]:
+    """A reproducible split: the same seed and rows give the same held-out set. `by` "row" holds out single rows;
+    "prompt" / "first_turn" hold out whole groups of rows sharing a `split_key` (groups drawn in a seeded order
+    until the held-out share is reached), so no prompt is on both sides."""
     import random
 
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
+    if by not in SPLIT_BY:
+        raise ValueError(f"split by must be one of {SPLIT_BY}, got {by!r}")
     n_held = int(round(len(rows) * held_out))
-    held = set(order[:n_held])
+    if by == "row":
+        order = list(range(len(rows)))
+        random.Random(seed).shuffle(order)
+        held = set(order[:n_held])
+    else:
+        groups: dict[str, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(split_key(row, by), []).append(i)
+        keys = list(groups)
+        random.Random(seed).shuffle(keys)
+        held = set()
+        for key in keys:
+            if len(held) >= n_held:
+                break
+            held.update(groups[key])
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]

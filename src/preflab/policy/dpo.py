@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from preflab.adapters import add_lora, reference_of
 from preflab.config import LoraConfig, OptimConfig, check, opt
 from preflab.data import DataError, collate_pairs, split_rows, tokenize_rows
+from preflab.data.preferences import SPLIT_BY
 from preflab.logps import sequence_logps
 from preflab.runs import Run, progress, seed_everything
 from preflab.stages import stage
@@ -113,6 +114,11 @@ class DPOConfig(OptimConfig, LoraConfig):
     max_prompt_length: int = opt(128, "prompt tokens kept (the end of the prompt)")
     max_completion_length: int = opt(64, "completion tokens kept (the start of each completion)")
     held_out: float = opt(0.1, "share of pairs held out for evaluation")
+    split_by: str = opt(
+        "row",
+        "what the held-out split keeps together: row, prompt (all rows of one prompt on one side) "
+        "or first_turn (conversations opening with one question)",
+    )
     eval_every: int = opt(50, "evaluate on the held-out pairs every N steps (and at the end)")
     log_every: int = opt(10, "log training metrics (means over the interval) every N steps")
     world_pairs: int = opt(3000, "with --data world: candidate pairs drawn from the world's writers")
@@ -139,6 +145,7 @@ class DPOConfig(OptimConfig, LoraConfig):
             f"give epochs, max_steps or max_seconds, got {self.epochs}, {self.max_steps}, {self.max_seconds}",
         )
         check(0 <= self.held_out < 0.5, f"held_out must be in [0, 0.5), got {self.held_out}")
+        check(self.split_by in SPLIT_BY, f"split_by must be one of {SPLIT_BY}, got {self.split_by!r}")
 
     @property
     def accumulation_steps(self) -> int:
@@ -299,7 +306,7 @@ def train_dpo(model, tokenizer, rows: list, config: DPOConfig, ref_model=None, r
     # 1. ties out (counted), held-out split, tokens
     n_ties = sum(bool(r.tie) for r in rows)
     rows = [r for r in rows if not r.tie]
-    train_rows, eval_rows = split_rows(rows, config.held_out, config.seed)
+    train_rows, eval_rows = split_rows(rows, config.held_out, config.seed, config.split_by)
     train_pairs, n_trunc = tokenize_rows(tokenizer, train_rows, config.max_prompt_length, config.max_completion_length)
     eval_pairs, n_trunc_eval = tokenize_rows(
         tokenizer, eval_rows, config.max_prompt_length, config.max_completion_length

@@ -28,6 +28,7 @@ import torch
 
 from preflab.config import check, opt
 from preflab.data import DataError, load_preferences, split_rows, tokenize_rows, write_jsonl
+from preflab.data.preferences import SPLIT_BY
 from preflab.reward.model import REDUCTIONS, RewardEnsemble, load_reward_model, reduce_ensemble
 from preflab.runs import Run
 from preflab.stages import stage
@@ -42,6 +43,9 @@ class EvalRewardConfig:
     split: str = opt("all", "rows to use: all, or the train / heldout side of the split below")
     held_out: float = opt(0.1, "held-out share of the split (use the value given to `preflab reward`)")
     split_seed: int = opt(0, "seed of the split (use the value given to `preflab reward`)")
+    split_by: str = opt(
+        "row", "what the split keeps together: row, prompt or first_turn (as given to `preflab reward`)"
+    )
     max_rows: int = opt(0, "evaluate only the first N rows after the split (0: all)")
     batch_size: int = opt(32, "sequences per scoring batch")
     max_prompt_length: int = opt(-1, "prompt tokens kept (its end); -1: the model's training value, 0: all")
@@ -56,6 +60,7 @@ class EvalRewardConfig:
         check(bool(self.data), "give --data (a preference JSONL file)")
         check(self.split in ("all", "train", "heldout"), f"split must be all, train or heldout, got {self.split!r}")
         check(0 < self.held_out < 1 or self.split == "all", f"held_out must be in (0, 1), got {self.held_out}")
+        check(self.split_by in SPLIT_BY, f"split_by must be one of {SPLIT_BY}, got {self.split_by!r}")
         check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         check(self.calibration_bins >= 1, f"calibration_bins must be >= 1, got {self.calibration_bins}")
         check(
@@ -360,10 +365,10 @@ def save_report(directory, report: dict, per_pair: list[dict], title: str) -> st
     return text
 
 
-def select_rows(path: str, split: str, held_out: float, split_seed: int, max_rows: int) -> list:
+def select_rows(path: str, split: str, held_out: float, split_seed: int, max_rows: int, by: str = "row") -> list:
     rows = load_preferences(path).rows
     if split != "all":
-        train, held = split_rows(rows, held_out, split_seed)
+        train, held = split_rows(rows, held_out, split_seed, by)
         rows = held if split == "heldout" else train
     rows = rows[:max_rows] if max_rows else rows
     if not rows:
@@ -379,7 +384,7 @@ def evaluate_reward(config: EvalRewardConfig) -> dict:
     if torch.cuda.is_available():
         for member in members_of(model):
             member.to("cuda")
-    rows = select_rows(config.data, config.split, config.held_out, config.split_seed, config.max_rows)
+    rows = select_rows(config.data, config.split, config.held_out, config.split_seed, config.max_rows, config.split_by)
     first = members_of(model)[0]
     max_p = first.max_prompt_length if config.max_prompt_length < 0 else config.max_prompt_length
     max_c = first.max_completion_length if config.max_completion_length < 0 else config.max_completion_length

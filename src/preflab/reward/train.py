@@ -31,6 +31,7 @@ import torch
 from preflab.adapters import add_lora, is_adapted
 from preflab.config import ConfigError, LoraConfig, OptimConfig, check, opt
 from preflab.data import DataError, collate_pairs, load_demonstrations, load_preferences, split_rows, tokenize_rows
+from preflab.data.preferences import SPLIT_BY
 from preflab.data.tokenize import encode_completion, encode_prompt, truncate
 from preflab.models import describe, load_model
 from preflab.reward.evaluate import calibration, report_from_scores, save_report, score_pairs
@@ -59,6 +60,11 @@ class RewardConfig(OptimConfig, LoraConfig):
     eval_data: str = opt("", "held-out preference JSONL (default: a held_out share of --data)")
     held_out: float = opt(0.1, "share of --data held out when no --eval-data is given (0: no held-out set)")
     split_seed: int = opt(0, "seed of the train/held-out split: the same seed and file give the same split")
+    split_by: str = opt(
+        "row",
+        "what the held-out split keeps together: row, prompt (all rows of one prompt on one side) "
+        "or first_turn (conversations opening with one question)",
+    )
     max_rows: int = opt(0, "train on the first N training rows only (0: all); the held-out set is unchanged")
     exclude_kind: str = opt(
         "",
@@ -100,6 +106,7 @@ class RewardConfig(OptimConfig, LoraConfig):
         check(bool(self.model), "give --model (a backbone: directory, run folder, .gguf or 'smollm2')")
         check(bool(self.data), "give --data (a preference JSONL file)")
         check(0 <= self.held_out < 1, f"held_out must be in [0, 1), got {self.held_out}")
+        check(self.split_by in SPLIT_BY, f"split_by must be one of {SPLIT_BY}, got {self.split_by!r}")
         check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         check(0 <= self.warmup < 1, f"warmup must be in [0, 1), got {self.warmup}")
         check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
@@ -358,7 +365,7 @@ def load_pairs(config: RewardConfig, tokenizer) -> tuple[list, list, list, int, 
     if config.eval_data:
         train_rows, eval_rows = rows, load_preferences(config.eval_data).rows
     else:
-        train_rows, eval_rows = split_rows(rows, config.held_out, config.split_seed)
+        train_rows, eval_rows = split_rows(rows, config.held_out, config.split_seed, config.split_by)
     # (after the split, so the split is the same with or without the option)
     train_rows, n_train = drop_kind(train_rows, config.exclude_kind, config.data)
     eval_rows, n_eval = drop_kind(eval_rows, config.exclude_kind, config.eval_data or config.data)
