@@ -6,8 +6,10 @@
      4. annotate   simulated annotators vote (noise per annotator, a planted length bias and position bias);
                    votes split by pair into train / held-out files; the noise ceiling of the held-out pairs
      5. reward     a Bradley-Terry reward model on the SFT backbone; held-out accuracy beside the ceiling
+                   (--ensemble K: K members in one run; member 0 is that reward model, the min of all K a sweep arm)
      6. bias       audit the votes: the planted length bias must be found
-     7. ppo, dpo   (and rloo when asked) from the SFT policy, on the reward model / the votes
+     7. ppo, dpo   (and rloo when asked) from the SFT policy, on the reward model / the votes; the PPO run is also
+                   the sweep's arm at its beta (trained on to the sweep's longest length; evaluated at its own)
      8. eval       every policy (+ the base model and best-of-n) on held-out prompts against the truth
      9. sweep      KL coefficients x training length: true and proxy reward against sqrt(KL)
     10. report     report.html, headline.json, and the headline printed
@@ -77,7 +79,11 @@ class DemoConfig(RunConfig):
     bon_n: int = opt(4, "best-of-n's n (0: no best-of-n policy)")
     run_rloo: bool = opt(False, "also train RLOO")
     run_sweep: bool = opt(True, "run the over-optimisation sweep")
-    ensemble: int = opt(0, "K > 1: also train a K-member reward ensemble (min) as a sweep arm")
+    ensemble: int = opt(
+        0,
+        "K > 1: the reward stage trains K members (member 0 is the demo's reward model, the min over all K an extra "
+        "sweep arm at the smallest beta); costs K reward-model trainings",
+    )
     seeds: list[int] = opt(
         [],
         "run the whole demo once per seed (e.g. 0,1,2) into seed-N/ and report each claim "
