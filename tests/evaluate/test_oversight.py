@@ -96,3 +96,7 @@ def test_cli_runs_the_experiment_end_to_end(model_dir, tmp_path):
         assert (out / "votes" / f"{arm}.jsonl").exists() and (out / "reward" / arm / "summary.json").exists()
     assert "Share of the lost true utility" in (out / "oversight.md").read_text()
     assert len((out / "samples.jsonl").read_text().splitlines()) == 6
+    # budgeted in steps and seeded: a rerun gives the same numbers
+    assert main(args + ["--max-new-tokens", "4", "--n-boot", "20", "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "oversight.json").read_text())
+    assert (again["votes"], again["table"]) == (report["votes"], report["table"])
