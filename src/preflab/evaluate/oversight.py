@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from preflab.config import RunConfig, check, opt
+from preflab.config import RunConfig, check, opt, to_dict
 from preflab.evaluate.stats import bootstrap_mean, paired_difference, recovered_share
 from preflab.runs import Run, seed_everything
 from preflab.stages import stage
@@ -405,8 +405,6 @@ def oversight(config: OversightConfig) -> dict:
     table, picks = arm_table(cand, rewards, split, config.n_boot, config.seed)
     back = recovered(cand, picks, split, config.recalls, config.n_boot, config.seed)
     # 8. artefacts
-    from preflab.config import to_dict
-
     report = {
         "config": to_dict(config),
         "n_prompts": len(prompts),
