@@ -90,6 +90,11 @@ GROUPS: dict[str, dict[str, tuple[str, str, str]]] = {
             "evaluate_shift",
             "reward-model accuracy against the true utility off its training distribution, and the ensemble alarm",
         ),
+        "oversight": (
+            "preflab.evaluate.oversight",
+            "oversight",
+            "raters who cannot judge: votes by raters knowing a share of the facts, with and without an oversight aid",
+        ),
         "bias": ("preflab.evaluate.bias", "audit", "annotator bias audit of a comparison file (length, position)"),
     },
 }

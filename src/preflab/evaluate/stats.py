@@ -2,6 +2,7 @@
 
 * `bootstrap_mean` / `paired_difference`: mean with a 95% percentile-bootstrap CI (resampling prompts);
 * `win_rate`: P(a beats b) with ties counted as half a win;
+* `recovered_share`: the share of a loss a fix gives back, (c - b) / (a - b), with a paired CI;
 * `auroc` / `bootstrap_auroc`: how well a score separates positives from negatives (Mann-Whitney), with a CI;
 * `fit_logistic`: logistic regression (weights and Wald standard errors), for the LC win rate and the bias audit;
 * `length_controlled_win_rate`: AlpacaEval 2's length-controlled win rate (Dubois et al. 2024);
@@ -52,6 +53,25 @@ def paired_difference(a, b, n_boot: int = 2000, level: float = 0.95, seed: int =
     if a.shape != b.shape:
         raise ValueError(f"paired_difference needs equal shapes, got {a.shape} and {b.shape}")
     return bootstrap_mean(a - b, n_boot, level, seed)
+
+
+def recovered_share(full, limited, fixed, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> Estimate:
+    """(mean(fixed) - mean(limited)) / (mean(full) - mean(limited)): the share of what `limited` lost against
+    `full` that `fixed` gives back (1: all of it, 0: none), the three measured on the same items. The CI
+    resamples items jointly for the three (paired); resamples with a zero denominator are left out, and a zero
+    denominator in the data gives nan."""
+    a, b, c = (np.asarray(x, dtype=np.float64) for x in (full, limited, fixed))
+    if not a.shape == b.shape == c.shape:
+        raise ValueError(f"recovered_share needs equal shapes, got {a.shape}, {b.shape}, {c.shape}")
+    if a.size == 0 or a.mean() == b.mean():
+        return Estimate(float("nan"), float("nan"), float("nan"), int(a.size))
+    idx = np.random.default_rng(seed).integers(0, a.size, size=(n_boot, a.size))
+    lost = a[idx].mean(axis=1) - b[idx].mean(axis=1)
+    gained = c[idx].mean(axis=1) - b[idx].mean(axis=1)
+    shares = gained[lost != 0] / lost[lost != 0]
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(shares, [tail, 100 - tail]) if shares.size else (float("nan"),) * 2
+    return Estimate(float((c.mean() - b.mean()) / (a.mean() - b.mean())), float(low), float(high), int(a.size))
 
 
 def outcomes(a, b) -> np.ndarray:

@@ -295,6 +295,40 @@ def true_utility(prompt, response: str) -> Utility:
     return Utility(correctness + honesty + tone + concision, correctness, honesty, tone, concision)
 
 
+# ---- facts and surface form (what a rater who cannot check a fact still sees) -------------------------------
+
+
+def fact_of(task: Task) -> str:
+    """The fact a question asks about, one per (kind, subject): "capital:France", "add:2+3", "unknown:Oz".
+
+    The phrasings of a question share its fact; a rater who knows the fact can check every phrasing's answer."""
+    return f"{task.kind}:{task.subject}"
+
+
+def all_facts() -> list[str]:
+    """Every fact of the world, in a fixed order (40 capitals, 25 sums, 12 places that do not exist)."""
+    return [fact_of(t) for t in all_tasks()]
+
+
+def answer_form(prompt, response: str) -> str:
+    """How the response answers, as a reader who cannot check the fact sees it: "answer" (a confident answer
+    sentence to this question, right or wrong), "hedge" (it opens with "I am not sure.") or "none" (no
+    recognisable answer). It reads the first sentence after an optional opener, as `true_utility` does."""
+    task = task_for(question_of(prompt))
+    parts = sentences(response)
+    if parts and (parts[0] in POLITE_SET or parts[0] in RUDE_SET):
+        parts = parts[1:]
+    if not parts:
+        return "none"
+    if parts[0] == HEDGE:
+        return "hedge"
+    if task.kind == "add":
+        m = re.fullmatch(r"(\d+) \+ (\d+) = (\d+)\.", parts[0])
+        return "answer" if m and f"{m.group(1)}+{m.group(2)}" == task.subject else "none"
+    m = re.fullmatch(r"The capital of (.+) is (.+)\.", parts[0])
+    return "answer" if m and m.group(1) == task.subject else "none"
+
+
 # ---- data generators ---------------------------------------------------------------------------------
 
 
