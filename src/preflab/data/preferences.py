@@ -359,6 +359,10 @@ def write_jsonl(path: str | Path, rows) -> Path:
 
 
 SPLIT_BY = ("row", "prompt", "first_turn")
+SPLIT_BY_HELP = (
+    "what the held-out split keeps together: row, prompt (all rows of one prompt on one side) "
+    "or first_turn (conversations opening with one question)"
+)
 
 
 def split_key(row, by: str) -> str:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from preflab.adapters import add_lora, reference_of
 from preflab.config import LoraConfig, OptimConfig, check, opt
 from preflab.data import DataError, collate_pairs, split_rows, tokenize_rows
-from preflab.data.preferences import SPLIT_BY
+from preflab.data.preferences import SPLIT_BY, SPLIT_BY_HELP
 from preflab.logps import sequence_logps
 from preflab.runs import Run, progress, seed_everything
 from preflab.stages import stage
@@ -114,11 +114,7 @@ class DPOConfig(OptimConfig, LoraConfig):
     max_prompt_length: int = opt(128, "prompt tokens kept (the end of the prompt)")
     max_completion_length: int = opt(64, "completion tokens kept (the start of each completion)")
     held_out: float = opt(0.1, "share of pairs held out for evaluation")
-    split_by: str = opt(
-        "row",
-        "what the held-out split keeps together: row, prompt (all rows of one prompt on one side) "
-        "or first_turn (conversations opening with one question)",
-    )
+    split_by: str = opt("row", SPLIT_BY_HELP)
     eval_every: int = opt(50, "evaluate on the held-out pairs every N steps (and at the end)")
     log_every: int = opt(10, "log training metrics (means over the interval) every N steps")
     world_pairs: int = opt(3000, "with --data world: candidate pairs drawn from the world's writers")

@@ -31,7 +31,7 @@ import torch
 from preflab.adapters import add_lora, is_adapted
 from preflab.config import ConfigError, LoraConfig, OptimConfig, check, opt
 from preflab.data import DataError, collate_pairs, load_demonstrations, load_preferences, split_rows, tokenize_rows
-from preflab.data.preferences import SPLIT_BY
+from preflab.data.preferences import SPLIT_BY, SPLIT_BY_HELP
 from preflab.data.tokenize import encode_completion, encode_prompt, truncate
 from preflab.models import describe, load_model
 from preflab.reward.evaluate import calibration, report_from_scores, save_report, score_pairs
@@ -60,11 +60,7 @@ class RewardConfig(OptimConfig, LoraConfig):
     eval_data: str = opt("", "held-out preference JSONL (default: a held_out share of --data)")
     held_out: float = opt(0.1, "share of --data held out when no --eval-data is given (0: no held-out set)")
     split_seed: int = opt(0, "seed of the train/held-out split: the same seed and file give the same split")
-    split_by: str = opt(
-        "row",
-        "what the held-out split keeps together: row, prompt (all rows of one prompt on one side) "
-        "or first_turn (conversations opening with one question)",
-    )
+    split_by: str = opt("row", SPLIT_BY_HELP)
     max_rows: int = opt(0, "train on the first N training rows only (0: all); the held-out set is unchanged")
     exclude_kind: str = opt(
         "",
