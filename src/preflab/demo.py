@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -457,6 +458,8 @@ def oversight_headline(root: Path) -> dict:
     for r, e in ov["recovered"]["unverified"].items():
         h[f"oversight: lost utility recovered by the aid at recall {r} [95% CI]"] = (
             f"{e['mean']:+.2f} [{e['low']:+.2f}, {e['high']:+.2f}]"
+            if math.isfinite(e["mean"])
+            else "n/a (no utility lost)"
         )
     for label in OVERSIGHT_JUDGES:
         s = json.loads((root / "annotate" / label / "summary.json").read_text())

@@ -311,8 +311,18 @@ def oversight_recovery(oversight: dict | None):
         xs = [float(r) + (i - 0.5) * 0.015 for r in recalls]  # side by side, not on top of each other
         label = "unverifiable questions" if split == "unverified" else "all questions"
         ax1.errorbar(xs, [e["mean"] for e in entries], yerr=_yerr(entries), fmt="o-", capsize=3, label=label)
+    if not any(math.isfinite(e["mean"]) for split in oversight["recovered"].values() for e in split.values()):
+        ax1.text(
+            0.5,
+            0.5,
+            "undefined: no true utility was lost\n(U_full = U_limited)",
+            ha="center",
+            fontsize=8,
+            transform=ax1.transAxes,
+        )
     ax1.axhline(0, c="0.6", lw=0.8)
     ax1.axhline(1, c="0.6", ls="--", lw=0.8)
+    ax1.set_xlim(-0.05, 1.1)
     ax1.set_xlabel("aid recall")
     ax1.set_ylabel("lost true utility recovered (95% CI)")
     ax1.set_title("(U_aid - U_limited) / (U_full - U_limited)", fontsize=9)
