@@ -228,7 +228,7 @@ def oversight_section(root: Path) -> tuple[str, int]:
         )
         title = "Reward model under distribution shift"
         parts.append(
-            f"<h3>{title}</h3><p class='note'>{html.escape(SHIFT_NOTE)} {html.escape(alarm)}</p>"
+            f"<h3>{title}</h3><p class='note'>{html.escape(shift_note(shift))} {html.escape(alarm)}</p>"
             + _img(title, figures.shift_accuracy(shift))
         )
         drawn += 1
@@ -299,11 +299,17 @@ def oversight_section(root: Path) -> tuple[str, int]:
     return "".join(parts), drawn
 
 
-SHIFT_NOTE = (
-    "Pairwise accuracy against the world's true utility on held-out pairs: two SFT samples (the distribution the "
-    "votes came from), the demo's PPO policy's samples, and SFT samples on a question kind the reward model never "
-    "saw judged (a reward model trained like the demo's with that kind's votes dropped)."
-)
+def shift_note(shift: dict) -> str:
+    note = (
+        "Pairwise accuracy against the world's true utility on held-out pairs (those of equal utility left out): "
+        "two SFT samples (the distribution the votes came from) and the optimised policy's samples"
+    )
+    if shift.get("left_out"):
+        return note + (
+            f", and two SFT samples of '{shift['left_out']}' questions, a kind this reward model never saw judged "
+            "(in the demo: one trained like the demo's, that kind's votes dropped, not the one PPO optimised)."
+        )
+    return note + "."
 
 
 STYLE = (
