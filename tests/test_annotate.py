@@ -224,3 +224,32 @@ def test_constitution_is_refused_for_a_reward_judge(tmp_path, capsys):
     argv = ["annotate", "--judge", "world", "--pairs", str(path), "--constitution", str(path)]
     assert main([*argv, "--out-dir", str(tmp_path / "r")]) == 2
     assert "LM judge" in capsys.readouterr().err
+
+
+def test_people_agreement_on_hand_made_votes(tmp_path, capsys):
+    """--people: per person's vote on a judged pair (matched by prompt and responses, either order), 1 when the
+    judge chose as the person did, 0.5 for a judge's tie, 0 otherwise; people's ties and unvoted pairs left out."""
+    pairs = [
+        ("Say hi.", "Hello there, friend.", "Hi."),  # the judge (shorter wins) picks "Hi."
+        ("Say hi.", "Yo.", "Good day to you."),  # the judge picks "Yo."
+        ("Count.", "one", "two"),  # the judge ties
+        ("Q?", "x", "yy"),  # nobody voted on it
+    ]
+    people = [
+        {"prompt": "Say hi.", "chosen": "Hi.", "rejected": "Hello there, friend."},  # agrees (shown the other way)
+        {"prompt": "Say hi.", "chosen": "Good day to you.", "rejected": "Yo."},  # disagrees
+        {"prompt": "Say hi.", "chosen": "Yo.", "rejected": "Good day to you.", "tie": True},  # a tie: left out
+        {"prompt": "Count.", "chosen": "two", "rejected": "one"},  # the judge's tie: 0.5
+        {"prompt": "Other?", "chosen": "x", "rejected": "yy"},  # not a judged pair (another prompt)
+    ]
+    path, votes = pairs_file(tmp_path / "p.jsonl", pairs), write_jsonl(tmp_path / "people.jsonl", people)
+    _, summary = annotate(tmp_path, "--judge", f"{__name__}:shorter", "--pairs", str(path), "--people", str(votes))
+    assert summary["people_agreement"] == pytest.approx((1 + 0 + 0.5) / 3)
+    assert summary["people_agreement_low"] <= summary["people_agreement"] <= summary["people_agreement_high"]
+    assert 0 <= summary["people_agreement_low"] and summary["people_agreement_high"] <= 1
+    assert (summary["people_votes"], summary["people_ties"], summary["pairs_without_people"]) == (3, 1, 1)
+    # no vote matches a judged pair: an error, not an agreement of nan
+    write_jsonl(votes, people[-1:])
+    argv = ["annotate", "--judge", f"{__name__}:shorter", "--pairs", str(path), "--people", str(votes)]
+    assert main([*argv, "--out-dir", str(tmp_path / "none")]) == 2
+    assert "no non-tie vote matches" in capsys.readouterr().err

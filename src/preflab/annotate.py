@@ -21,7 +21,9 @@ votes are, so `preflab reward` / `preflab dpo` train on it like any other votes.
 3. vote: x is chosen when the margin > 0, y when < 0; a tie when the margin is 0 or |margin| < `--tie-margin`
    (a tie keeps the shown order, as people's ties do)
 4. write the votes (`--out`, default `<run folder>/votes.jsonl`), and with `--truth world` the judge's
-   agreement with the world's true utility (95% bootstrap interval over pairs) in `summary.json`
+   agreement with the world's true utility (95% bootstrap interval over pairs) in `summary.json`; with
+   `--people FILE` its agreement with people's votes on the same pairs (matched by prompt and the two
+   responses, in either order; 95% bootstrap interval over those votes)
 
 One row per pair (the `world/annotators.py` format, plus what the judge said):
 
@@ -77,6 +79,11 @@ class AnnotateConfig(RunConfig):
     out_dir: str = opt("", "run folder for config.yaml, metrics.jsonl and summary.json (default runs/annotate-<time>)")
     constitution: str = opt("", "LM judge: a text file of principles (default: four built-in tutoring principles)")
     truth: str = opt("", "'world': also measure agreement with the world's true utility ('' : no truth)")
+    people: str = opt(
+        "",
+        "people's votes on the same pairs (comparison JSONL, e.g. the demo's votes/heldout.jsonl): also measure "
+        "agreement with them, pairs matched by prompt and the two responses ('': none)",
+    )
     tie_margin: float = opt(0.0, "a tie when |margin| < this (a margin of exactly 0 is always a tie)")
     max_pairs: int = opt(0, "judge the first N pairs only (0: all)")
     batch_size: int = opt(16, "prompts scored together (reward models and LM judges)")
@@ -312,6 +319,54 @@ def world_agreement(pairs: list[dict], margins: torch.Tensor, tie_margin: float 
     return bootstrap_mean(outcomes, seed=seed), equal
 
 
+def people_key(prompt, x: str, y: str) -> tuple[str, str, str]:
+    """A pair's identity whichever response was shown first: the prompt (as JSON) and the two responses, sorted."""
+    import json
+
+    return (json.dumps(prompt, sort_keys=True), *sorted((x, y)))
+
+
+def read_people(path: str | Path) -> dict[tuple, list[dict]]:
+    """People's votes (comparison JSONL: prompt, chosen, rejected, optional tie) by `people_key`."""
+    import json
+
+    votes: dict[tuple, list[dict]] = {}
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        src = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(src, f"not JSON: {exc}", "one JSON object per line") from None
+        if not isinstance(row, dict) or not all(k in row for k in ("prompt", "chosen", "rejected")):
+            raise DataError(src, "a vote needs prompt, chosen and rejected", "give people's comparison rows")
+        votes.setdefault(people_key(row["prompt"], row["chosen"], row["rejected"]), []).append(row)
+    return votes
+
+
+def people_agreement(
+    pairs: list[dict], margins: torch.Tensor, people: dict[tuple, list[dict]], tie_margin: float = 0.0, seed: int = 0
+):
+    """(Estimate, votes counted, people's ties left out, pairs with no vote): per person's non-tie vote on a
+    judged pair, 1 when the judge prefers the response the person chose, 0.5 for a judge's tie, 0 otherwise;
+    the mean with a 95% bootstrap interval over those votes."""
+    from preflab.evaluate.stats import bootstrap_mean
+
+    outcomes, ties, unmatched = [], 0, 0
+    for pair, margin in zip(pairs, margins.tolist()):
+        votes = people.get(people_key(pair["prompt"], pair["a"], pair["b"]), [])
+        unmatched += not votes
+        for vote in votes:
+            if vote.get("tie"):
+                ties += 1
+            elif is_tie(margin, tie_margin):
+                outcomes.append(0.5)
+            else:
+                outcomes.append(float((pair["a"] if margin > 0 else pair["b"]) == vote["chosen"]))
+    return bootstrap_mean(outcomes, seed=seed), len(outcomes), ties, unmatched
+
+
 @stage(AnnotateConfig)
 def annotate(config: AnnotateConfig) -> dict:
     set_threads(config.threads)
@@ -321,6 +376,8 @@ def annotate(config: AnnotateConfig) -> dict:
     pairs = read_pairs(config.pairs, config.max_pairs)
     if config.out and Path(config.out).is_dir():
         raise ConfigError(f"out must be a .jsonl file to write, got the folder {config.out!r} (see --out-dir)")
+
+    people = read_people(config.people) if config.people else None  # (also read before any model loads)
 
     # 2. judge
     judge = load_judge(config)
@@ -349,9 +406,25 @@ def annotate(config: AnnotateConfig) -> dict:
         if position_bias is not None:  # what asking once (x shown as A) would have scored: s1 = bias + margin
             one_order, _ = world_agreement(pairs, position_bias + margins, config.tie_margin, config.seed)
             metrics["annotate/agreement_one_order"] = one_order.mean
+    if people is not None:
+        with_people, counted, people_ties, unmatched = people_agreement(
+            pairs, margins, people, config.tie_margin, config.seed
+        )
+        check(counted > 0, f"--people {config.people!r}: no non-tie vote matches a judged pair (prompt + responses)")
+        metrics["annotate/people_agreement"] = with_people.mean
     run.log(0, metrics)
     summary.update({k.split("/")[-1]: v for k, v in metrics.items()})
     if config.truth == "world":
         summary.update({"agreement_low": agreement.low, "agreement_high": agreement.high, "truth_ties": equal})
+    if people is not None:
+        summary.update(
+            {
+                "people_agreement_low": with_people.low,
+                "people_agreement_high": with_people.high,
+                "people_votes": counted,
+                "people_ties": people_ties,
+                "pairs_without_people": unmatched,
+            }
+        )
     summary["votes_file"] = str(out)
     return run.finish(summary)

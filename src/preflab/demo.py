@@ -13,6 +13,12 @@
      8. eval       every policy (+ the base model and best-of-n) on held-out prompts against the truth
      9. sweep      KL coefficients x training length: true and proxy reward against sqrt(KL)
     10. report     report.html, headline.json, and the headline printed
+   (--oversight true: after the sweep and before the report, on the demo's own artefacts, issue 15's experiments:
+    shift        `eval shift`: the reward model on same-distribution / PPO-policy / left-out-kind pairs (with an
+                 ensemble, the disagreement alarm); a left-out kind needs a reward model that never saw it, so
+                 one is trained like the demo's with that kind's votes dropped (shift/reward)
+    oversight    `eval oversight`: raters who know only some facts, and the critique aid at a few recalls
+    annotate     `annotate`: AI judges on the held-out pairs, agreement with the truth and with the votes)
 
 Every stage is the same function its CLI command calls (`fn(Config) -> summary`), writing its run folder
 under the demo folder. Stage options are the stage's own config fields: `DEFAULTS` (the packaged preset
@@ -25,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -32,10 +39,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from preflab.annotate import annotate as annotate_stage
 from preflab.config import RunConfig, build_config, check, load_preset, opt, to_dict
 from preflab.evaluate.bias import audit
 from preflab.evaluate.claims import all_claims, format_claims
+from preflab.evaluate.oversight import oversight as oversight_stage
 from preflab.evaluate.policy import evaluate_policies
+from preflab.evaluate.shift import evaluate_shift
 from preflab.evaluate.sweep import sweep
 from preflab.generate import generate_stage
 from preflab.policy.dpo import dpo
@@ -63,6 +73,13 @@ STAGE_FUNCTIONS = {
     "eval": evaluate_policies,
     "sweep": sweep,
 }
+# The oversight experiments (`--oversight true`): options under the preset's `oversight_stages:` section.
+OVERSIGHT_FUNCTIONS = {
+    "shift_reward": train_reward,
+    "shift": evaluate_shift,
+    "oversight": oversight_stage,
+    "annotate": annotate_stage,
+}
 SECTIONS = tuple(DEFAULTS)
 
 
@@ -88,6 +105,17 @@ class DemoConfig(RunConfig):
         [],
         "run the whole demo once per seed (e.g. 0,1,2) into seed-N/ and report each claim "
         "on every seed with the spread of the numbers (seeds.md)",
+    )
+    oversight: bool = opt(
+        False,
+        "after the sweep, issue 15's experiments on the demo's own artefacts: `eval shift` (with --ensemble K > 1 "
+        "the alarm too), `eval oversight` and `annotate` (AI judges against the truth and the votes); an "
+        "Oversight section in the report",
+    )
+    oversight_stages: dict = opt(
+        {},
+        "options of the oversight experiments over the preset's (YAML: shift, shift_reward, oversight, annotate)",
+        cli=False,
     )
     pretrain: dict = opt({}, "pretrain options over the demo's defaults (YAML)", cli=False)
     sft: dict = opt({}, "sft options (YAML)", cli=False)
@@ -120,6 +148,12 @@ class DemoConfig(RunConfig):
                 isinstance(getattr(self, name), dict),
                 f"{name} must be a mapping of options, got {getattr(self, name)!r}",
             )
+        for name, options in self.oversight_stages.items():
+            check(
+                name in OVERSIGHT_FUNCTIONS and isinstance(options, dict),
+                f"oversight_stages.{name} must be one of {tuple(OVERSIGHT_FUNCTIONS)} with a mapping of options, "
+                f"got {name}: {options!r}",
+            )
 
 
 class Pipeline:
@@ -137,13 +171,17 @@ class Pipeline:
 
     def run(self, section: str, title: str, **values) -> dict:
         """The section's stage on options DEFAULTS[section] < the demo config's section < `values`."""
+        options = {**DEFAULTS.get(section, {}), **getattr(self.config, section, {})}
+        return self.run_stage(section, STAGE_FUNCTIONS[section], options, title, **values)
+
+    def run_stage(self, name: str, fn, options: dict, title: str, **values) -> dict:
+        """`fn` (a stage function) on `options` < `values`, seeded with the demo's seed, timed as `name`."""
         start = self.banner(title)
-        fn = STAGE_FUNCTIONS[section]
-        options = {**DEFAULTS.get(section, {}), **getattr(self.config, section, {}), **values}
+        options = {**options, **values}
         options.setdefault("seed", self.config.seed)
-        options.setdefault("out", str(self.root / section))
-        summary = fn(build_config(fn.config_class, options, source=f"demo {section}"))
-        self.times[section] = time.time() - start
+        options.setdefault("out", str(self.root / name))
+        summary = fn(build_config(fn.config_class, options, source=f"demo {name}"))
+        self.times[name] = time.time() - start
         return summary
 
 
@@ -328,13 +366,115 @@ def shared_ppo_run(config: DemoConfig, root: Path, reward: Path) -> dict | None:
     return {"options": extra, "label": f"beta={own.beta:g}", "steps": own.max_steps}
 
 
+# ---- the oversight experiments (--oversight true) --------------------------------------------------------------
+
+
+def oversight_options(config: DemoConfig, name: str) -> dict:
+    """Options of one oversight experiment: the demo preset's `oversight_stages.<name>` < the config's."""
+    return {**DEFAULTS.get("oversight_stages", {}).get(name, {}), **config.oversight_stages.get(name, {})}
+
+
+OVERSIGHT_JUDGES = {"world": "world", "function": "preflab.world.rewards:length_closeness"}
+
+
+def oversight_experiments(p: Pipeline, config: DemoConfig, root: Path, ppo_policy: Path) -> dict:
+    """Issue 15's experiments on the demo's artefacts, each through its command's stage function into its own
+    sub-folder: shift/, oversight/ and annotate/<judge>/. Returns their summaries."""
+    ensemble = {"ensemble": config.ensemble, "reduce": "min"} if config.ensemble > 1 else {}
+    shift = oversight_options(config, "shift")
+    reward = root / "reward"
+    if shift.get("left_out"):  # a left-out kind means nothing to a reward model that saw it: train one that did not
+        reward = root / "shift" / "reward"
+        p.run_stage(
+            "shift_reward",
+            train_reward,
+            {**DEFAULTS["reward"], **config.reward, **oversight_options(config, "shift_reward")},
+            f"shift: a reward model like the demo's, {shift['left_out']!r} questions dropped from its votes",
+            model=str(root / "sft"),
+            data=str(root / "votes" / "train.jsonl"),
+            eval_data=str(root / "votes" / "heldout.jsonl"),
+            held_out=0.0,
+            exclude_kind=shift["left_out"],
+            out=str(reward),
+            **ensemble,
+        )
+    alarm = "with the ensemble's disagreement alarm" if ensemble else "no alarm: --ensemble K > 1 gives one"
+    out = {
+        "shift": p.run_stage(
+            "shift",
+            evaluate_shift,
+            shift,
+            f"eval shift: the reward model off its distribution ({alarm})",
+            reward=str(reward),
+            reference=str(root / "sft"),
+            policy=str(ppo_policy),
+        )
+    }
+    out["oversight"] = p.run_stage(
+        "oversight",
+        oversight_stage,
+        oversight_options(config, "oversight"),
+        "eval oversight: raters who know only some facts, and the critique aid",
+        model=str(root / "sft"),
+        pairs=str(root / "generate" / "pairs.jsonl"),
+        annotators=config.annotators,
+        temperature_low=config.temperature_low,
+        temperature_high=config.temperature_high,
+        length_bias=config.length_bias,
+        position_bias=config.position_bias,
+    )
+    heldout = str(root / "votes" / "heldout.jsonl")
+    for label, judge in OVERSIGHT_JUDGES.items():
+        folder = root / "annotate" / label
+        out[f"annotate/{label}"] = p.run_stage(
+            f"annotate/{label}",
+            annotate_stage,
+            oversight_options(config, "annotate"),
+            f"annotate: the {judge} judge on the held-out pairs, against the truth and the votes",
+            judge=judge,
+            pairs=heldout,
+            people=heldout,
+            truth="world",
+            out=str(folder / "votes.jsonl"),
+            out_dir=str(folder),
+        )
+    return out
+
+
+def oversight_headline(root: Path) -> dict:
+    """A few oversight numbers for headline.json (only when the experiments ran)."""
+    h = {}
+    shift = json.loads((root / "shift" / "shift.json").read_text())
+    for name, r in shift["sets"].items():
+        a = r["accuracy"]
+        h[f"shift: reward-model accuracy, {name} [95% CI]"] = f"{a['mean']:.3f} [{a['low']:.3f}, {a['high']:.3f}]"
+        if r.get("auroc"):
+            h[f"shift: alarm AUROC, {name}"] = round(r["auroc"]["mean"], 3)
+    ov = json.loads((root / "oversight" / "oversight.json").read_text())
+    unverified = ov["table"]["unverified"]
+    h["oversight: bluff rate on unverifiable questions, full / limited raters"] = (
+        f"{unverified['full']['bluff_rate']['mean']:.0%} / {unverified['limited']['bluff_rate']['mean']:.0%}"
+    )
+    for r, e in ov["recovered"]["unverified"].items():
+        h[f"oversight: lost utility recovered by the aid at recall {r} [95% CI]"] = (
+            f"{e['mean']:+.2f} [{e['low']:+.2f}, {e['high']:+.2f}]"
+            if math.isfinite(e["mean"])
+            else "n/a (no utility lost)"
+        )
+    for label in OVERSIGHT_JUDGES:
+        s = json.loads((root / "annotate" / label / "summary.json").read_text())
+        h[f"annotate {label}: agreement with truth / people"] = f"{s['agreement']:.3f} / {s['people_agreement']:.3f}"
+    return h
+
+
 # ---- the demo ------------------------------------------------------------------------------------------------
 
 
 def demo_once(config: DemoConfig, root: Path) -> dict:
     """The whole loop once, with `config.seed`, into `root`. Returns headline, claims and numbers."""
     root.mkdir(parents=True, exist_ok=True)
-    p = Pipeline(root, config, n_stages=10 + config.run_rloo + config.run_sweep)
+    n_oversight = (4 + bool(oversight_options(config, "shift").get("left_out"))) if config.oversight else 0
+    p = Pipeline(root, config, n_stages=10 + config.run_rloo + config.run_sweep + n_oversight)
     print(f"[demo] writing to {root} (seed {config.seed})", flush=True)
 
     # 1-3. pretrain (cached), SFT, candidates from the SFT policy
@@ -414,8 +554,13 @@ def demo_once(config: DemoConfig, root: Path) -> dict:
             trained=[f"{shared['label']}={root / 'ppo'}"] if shared else [],
         )
         swept = json.loads((root / "sweep" / "sweep.json").read_text())
+    # (--oversight) distribution shift, raters who cannot judge, AI feedback
+    if config.oversight:
+        oversight_experiments(p, config, root, ppo_policy)
     # 10. headline, claims, report
     h = headline(ev, rm, votes, bias, swept)
+    if config.oversight:
+        h.update(oversight_headline(root))
     claims = all_claims(ev, bias, swept, seed=config.seed)
     (root / "headline.json").write_text(json.dumps({**h, "claims": claims}, indent=2) + "\n")
     seconds = round(time.time() - p.started, 1)

@@ -195,3 +195,76 @@ def test_a_multi_seed_demo_folder_reports_each_claim_on_every_seed(tmp_path):
     row = re.search(r"<tr><td>PPO beats SFT on true utility</td>(.*?)</tr>", page).group(1)
     assert re.findall(r"<td>(\w+)</td>", row) == ["holds", "FAILED"]
     assert "href='seed-1/report.html'" in page and "+0.050" in page
+
+
+def _estimate(mean, low, high, n=8):
+    return {"mean": mean, "low": low, "high": high, "n": n}
+
+
+def make_oversight_folders(root):
+    """What `preflab demo --oversight true` adds, by hand: shift/, oversight/ and annotate/<judge>/."""
+    sets = {
+        "same": _estimate(0.9, 0.8, 0.97),
+        "policy": _estimate(0.7, 0.55, 0.85),
+        "left_out": _estimate(0.6, 0.45, 0.75),
+    }
+    shift = {
+        "reward": "r",
+        "members": 3,
+        "left_out": "add",
+        "sets": {
+            name: {
+                "pairs": 10,
+                "counted": 8,
+                "accuracy": acc,
+                "mean_disagreement": 0.2,
+                "auroc": _estimate(0.71, 0.52, 0.88),
+            }
+            for name, acc in sets.items()
+        },
+    }
+    arms = ["sft", "full", "limited", "aid@0.5", "aid@1"]
+    over = {
+        "config": {"knowledge": 0.5, "bon_n": 4, "aid_precision": 1.0, "recalls": [0.5, 1.0]},
+        "n_prompts": 10,
+        "verifiable_prompts": 4,
+        "votes": {a: {"agreement_with_true_utility": 0.8, "blind_share": 0.5} for a in arms[1:]},
+        "table": {"unverified": {"prompts": 6, **{a: {"bluff_rate": _estimate(0.2, 0.1, 0.3)} for a in arms}}},
+        "recovered": {
+            s: {"0.5": _estimate(0.4, 0.1, 0.7), "1": _estimate(0.9, 0.5, 1.2)} for s in ("unverified", "all")
+        },
+    }
+    for rel, data in [
+        ("shift/shift.json", shift),
+        ("oversight/oversight.json", over),
+        (
+            "annotate/world/summary.json",
+            {
+                "judge": "world",
+                "pairs": 5,
+                "agreement": 1.0,
+                "agreement_low": 1.0,
+                "agreement_high": 1.0,
+                "people_agreement": 0.7,
+                "people_agreement_low": 0.5,
+                "people_agreement_high": 0.9,
+            },
+        ),
+    ]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(json.dumps(data))
+
+
+def test_report_oversight_section_only_where_its_folders_are(tmp_path):
+    make_demo_folder(tmp_path)
+    summary = report(ReportConfig(run_dir=str(tmp_path)))
+    assert not summary["oversight"] and "<h2>Oversight</h2>" not in (tmp_path / "report.html").read_text()
+    make_oversight_folders(tmp_path)
+    again = report(ReportConfig(run_dir=str(tmp_path)))
+    text = (tmp_path / "report.html").read_text()
+    assert again["oversight"] and again["figures"] == summary["figures"] + 2
+    images = dict(re.findall(r"<img alt='([^']*)' src='data:image/png;base64,([A-Za-z0-9+/=]+)'>", text))
+    for title in ("Reward model under distribution shift", "Raters who cannot judge, and the oversight aid"):
+        assert base64.b64decode(images[title])[:4] == b"\x89PNG", title
+    assert "0.710 [0.520, 0.880]" in text and "ensemble of 3 members" in text  # the alarm, with an ensemble
+    assert "<td>world</td><td>5</td><td>1.000 [1.000, 1.000]</td><td>0.700 [0.500, 0.900]</td>" in text

@@ -256,3 +256,92 @@ def calibration(table: list[dict]):
     ax.set_ylabel("true utility: P(policy better)")
     ax.set_title("reward-model calibration on policy samples", fontsize=9)
     return fig
+
+
+# ---- the oversight section (`preflab demo --oversight true`) ------------------------------------------------------
+
+
+def _yerr(entries: list[dict]) -> list[list[float]]:
+    """Asymmetric error bars from {mean, low, high} (0 where an end is not a number)."""
+
+    def gap(a, b):
+        return a - b if math.isfinite(a) and math.isfinite(b) else 0.0
+
+    return [[gap(e["mean"], e["low"]) for e in entries], [gap(e["high"], e["mean"]) for e in entries]]
+
+
+def shift_accuracy(shift: dict | None):
+    """`eval shift`: the reward model's pairwise accuracy against the true utility per pair set, 95% CI bars."""
+    if not shift or not shift.get("sets"):
+        return None
+    from preflab.evaluate.shift import SETS
+
+    names = [n for n in SETS if n in shift["sets"]]
+    entries = [shift["sets"][n]["accuracy"] for n in names]
+    labels = [f"{SETS[n].split(' (')[0]}\n({shift['sets'][n]['counted']} pairs)" for n in names]
+    fig, ax = plt.subplots(figsize=(6.2, 3.6))
+    ax.bar(labels, [e["mean"] for e in entries], color=[f"C{i}" for i in range(len(names))], alpha=0.8)
+    ax.errorbar(labels, [e["mean"] for e in entries], yerr=_yerr(entries), fmt="none", ecolor="k", capsize=4)
+    ax.axhline(0.5, c="0.6", ls="--", lw=0.8, label="chance")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy against the true utility (95% CI)")
+    alarm = shift["members"] > 1
+    ax.set_title(
+        f"reward model ({shift['members']} member{'s' if alarm else ''}"
+        + (f"; left out: {shift['left_out']}" if shift.get("left_out") else "")
+        + ")",
+        fontsize=9,
+    )
+    ax.tick_params(axis="x", labelsize=8)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def oversight_recovery(oversight: dict | None):
+    """`eval oversight`: the share of lost true utility the aid recovers against its recall (95% CI), and the bluff
+    rate of each arm's best-of-n on the questions the limited raters could not verify."""
+    if not oversight or not oversight.get("recovered"):
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    # Only the questions the raters could not verify: elsewhere nothing much is lost, U_full - U_limited is near 0
+    # and the share's interval is noise (oversight.json has every split).
+    rec = oversight["recovered"]["unverified"]
+    recalls = sorted(rec, key=float)
+    entries = [rec[r] for r in recalls]
+    ax1.errorbar(
+        [0.0] + [float(r) for r in recalls],
+        [0.0] + [e["mean"] for e in entries],
+        yerr=[[0.0] + g for g in _yerr(entries)],
+        fmt="o-",
+        capsize=3,
+        label="questions the raters could not verify (recall 0: 0 by definition)",
+    )
+    if not any(math.isfinite(e["mean"]) for e in entries):
+        ax1.text(
+            0.5,
+            0.5,
+            "undefined: no true utility was lost\n(U_full = U_limited)",
+            ha="center",
+            fontsize=8,
+            transform=ax1.transAxes,
+        )
+    ax1.axhline(0, c="0.6", lw=0.8)
+    ax1.axhline(1, c="0.6", ls="--", lw=0.8)
+    ax1.set_xlim(-0.05, 1.1)
+    ax1.set_xlabel("aid recall")
+    ax1.set_ylabel("lost true utility recovered (95% CI)")
+    ax1.set_title("(U_aid - U_limited) / (U_full - U_limited)", fontsize=9)
+    ax1.legend(fontsize=7)
+    table = oversight["table"]["unverified"]
+    arms = [a for a in table if a != "prompts"]
+    entries = [table[a]["bluff_rate"] for a in arms]
+    ax2.bar(arms, [e["mean"] for e in entries], color=["0.6"] + [f"C{i}" for i in range(len(arms) - 1)], alpha=0.8)
+    ax2.errorbar(arms, [e["mean"] for e in entries], yerr=_yerr(entries), fmt="none", ecolor="k", capsize=4)
+    ax2.set_ylabel("bluff rate (95% CI)")
+    ax2.set_title(
+        f"confident wrong answers, best-of-n per vote set ({table['prompts']} unverifiable questions)", fontsize=8
+    )
+    ax2.tick_params(axis="x", labelsize=8, rotation=15)
+    fig.tight_layout()
+    return fig

@@ -5,7 +5,8 @@
    a demo summary (headline.json), reward and bias-audit summaries
 2. draw the figures that have data: training curves, the reward-vs-KL frontier, true vs proxy reward
    along the sweep with the Gao et al. fit, length drift, reward-model calibration against the truth
-3. write report.html with the headline table, the gain by component, the figures and sample responses
+3. write report.html with the headline table, the gain by component, the figures and sample responses, and
+   (a demo run with --oversight true: shift/, oversight/, annotate/) the Oversight section
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def _load_json(path: Path | None):
 
 # Stages whose metrics.jsonl rows are not training steps (one row per policy, sweep point or audit): they are
 # shown as tables and figures of their own, never as curves against a step.
-NOT_TRAINING = {"eval", "sweep", "bias", "bon", "eval-reward"}
+NOT_TRAINING = {"eval", "sweep", "bias", "bon", "eval-reward", "eval-shift", "eval-oversight", "annotate"}
 
 
 def _stage_of(folder: Path) -> str | None:
@@ -199,6 +200,118 @@ def sample_table(samples: list[dict], n: int) -> str:
     return _table(["prompt", *policies], rows)
 
 
+def _ci(e: dict | None, digits: int = 3, sign: str = "") -> str:
+    if not e or not isinstance(e.get("mean"), (int, float)) or not math.isfinite(e["mean"]):
+        return "n/a"
+    return f"{e['mean']:{sign}.{digits}f} [{e['low']:{sign}.{digits}f}, {e['high']:{sign}.{digits}f}]"
+
+
+def _img(title: str, fig) -> str:
+    return f"<img alt='{html.escape(title)}' src='data:image/png;base64,{figures.png_base64(fig)}'>"
+
+
+def oversight_section(root: Path) -> tuple[str, int]:
+    """(html, figures drawn) of the Oversight section, from what `preflab demo --oversight true` wrote under root:
+    shift/shift.json, oversight/oversight.json, annotate/<judge>/summary.json; ('', 0) when none is there."""
+    shift = _load_json(root / "shift" / "shift.json")
+    over = _load_json(root / "oversight" / "oversight.json")
+    judges = {path.parent.name: json.loads(path.read_text()) for path in sorted(root.glob("annotate/*/summary.json"))}
+    if not (shift or over or judges):
+        return "", 0
+    parts, drawn = ["<h2>Oversight</h2>"], 0
+    if shift:
+        alarm = (
+            "with an ensemble of {} members: the alarm is the AUROC with which their disagreement ranks the reward "
+            "model's wrong calls above its right ones".format(shift["members"])
+            if shift["members"] > 1
+            else "one reward model, so no disagreement alarm (run the demo with --ensemble K, K > 1, for it)"
+        )
+        title = "Reward model under distribution shift"
+        parts.append(
+            f"<h3>{title}</h3><p class='note'>{html.escape(shift_note(shift))} {html.escape(alarm)}</p>"
+            + _img(title, figures.shift_accuracy(shift))
+        )
+        drawn += 1
+        from preflab.evaluate.shift import SETS
+
+        parts.append(
+            _table(
+                ["set", "pairs (counted / all)", "accuracy [95% CI]", "mean disagreement", "alarm AUROC [95% CI]"],
+                [
+                    [
+                        SETS[n],
+                        f"{r['counted']} / {r['pairs']}",
+                        _ci(r["accuracy"]),
+                        r["mean_disagreement"] if r["mean_disagreement"] is not None else "n/a",
+                        _ci(r["auroc"]),
+                    ]
+                    for n, r in shift["sets"].items()
+                ],
+            )
+        )
+    if over:
+        c = over["config"]
+        title = "Raters who cannot judge, and the oversight aid"
+        parts.append(
+            f"<h3>{title}</h3><p class='note'>raters who know {c['knowledge']:.0%} of the facts judge the rest by "
+            f"surface cues; best-of-{c['bon_n']} of the SFT policy against a reward model per vote set, on "
+            f"{over['n_prompts']} held-out prompts ({over['verifiable_prompts']} the raters could verify); the aid "
+            f"(a critique) at precision {c['aid_precision']:g}. Left: the share of the true utility lost to the "
+            "raters' ignorance that the aid gives back; right: confident wrong answers on the questions they "
+            "could not verify.</p>" + _img(title, figures.oversight_recovery(over))
+        )
+        drawn += 1
+        parts.append(
+            _table(
+                ["votes", "agreement with the true utility", "cast without knowing the fact"],
+                [
+                    [arm, v["agreement_with_true_utility"], f"{v['blind_share']:.0%}"]
+                    for arm, v in over["votes"].items()
+                ],
+            )
+        )
+    if judges:
+        parts.append(
+            "<h3>AI judges on the held-out pairs</h3><p class='note'>agreement with the true utility (pairs of "
+            "unequal utility) and with the simulated people's votes on the same pairs (their ties left out); a "
+            "judge's tie counts 0.5; 95% bootstrap intervals</p>"
+            + _table(
+                ["judge", "pairs", "agreement with the truth [95% CI]", "agreement with the people [95% CI]"],
+                [
+                    [
+                        s["judge"],
+                        s["pairs"],
+                        _ci(
+                            {"mean": s.get("agreement"), "low": s.get("agreement_low"), "high": s.get("agreement_high")}
+                        ),
+                        _ci(
+                            {
+                                "mean": s.get("people_agreement"),
+                                "low": s.get("people_agreement_low"),
+                                "high": s.get("people_agreement_high"),
+                            }
+                        ),
+                    ]
+                    for s in judges.values()
+                ],
+            )
+        )
+    return "".join(parts), drawn
+
+
+def shift_note(shift: dict) -> str:
+    note = (
+        "Pairwise accuracy against the world's true utility on held-out pairs (those of equal utility left out): "
+        "two SFT samples (the distribution the votes came from) and the optimised policy's samples"
+    )
+    if shift.get("left_out"):
+        return note + (
+            f", and two SFT samples of '{shift['left_out']}' questions, a kind this reward model never saw judged "
+            "(in the demo: one trained like the demo's, that kind's votes dropped, not the one PPO optimised)."
+        )
+    return note + "."
+
+
 STYLE = (
     "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
     "table{border-collapse:collapse;font-size:12px;margin:0.5em 0}"
@@ -293,6 +406,9 @@ def build_report(root: Path, n_samples: int = 8) -> tuple[str, dict]:
             f"<h2>{title}</h2><p class='note'>{html.escape(note)}</p>"
             f"<img alt='{html.escape(title)}' src='data:image/png;base64,{figures.png_base64(fig)}'>"
         )
+    oversight_html, oversight_figures = oversight_section(root)
+    if oversight_html:
+        parts.append(oversight_html)
     if sweep_data:
         rows = [
             [p["arm"], p["steps"], p["kl"], p["sqrt_kl"], p["true_utility"], p["proxy"]]
@@ -316,8 +432,9 @@ def build_report(root: Path, n_samples: int = 8) -> tuple[str, dict]:
         "runs": len(runs),
         "eval": evaluation is not None,
         "sweep": sweep_data is not None,
-        "figures": len(drawn),
+        "figures": len(drawn) + oversight_figures,
         "calibration_bins": len(calib),
+        "oversight": bool(oversight_html),
     }
     return "\n".join(parts), found
 
