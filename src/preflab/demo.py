@@ -33,7 +33,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -187,11 +186,10 @@ class Pipeline:
 
 def annotate(root: Path, pairs_file: Path, config: DemoConfig) -> dict:
     """Simulated votes on the SFT candidate pairs, split by pair; the held-out noise ceiling."""
+    from preflab.generate import read_candidate_pairs
     from preflab.world.annotators import annotator_pool, ceiling_accuracy, describe_pool, simulate_votes, write_votes
 
-    rows = [json.loads(x) for x in pairs_file.read_text().splitlines() if x.strip()]
-    pairs = [(r["prompt"], r["response_a"], r["response_b"]) for r in rows]
-    random.Random(config.seed).shuffle(pairs)
+    pairs = read_candidate_pairs(pairs_file, config.seed)
     n_held = max(1, int(len(pairs) * config.held_out))
     held, train = pairs[:n_held], pairs[n_held:]
     pool = annotator_pool(

@@ -13,8 +13,10 @@
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -68,6 +70,17 @@ def read_prompts(spec: str, n: int, split: str, seed: int) -> list:
         return prompts(n, seed=seed, split=split)
     rows = load_prompts(spec).rows
     return rows[:n] if n else rows
+
+
+def read_candidate_pairs(spec: str | Path, seed: int, max_pairs: int = 0) -> list[tuple]:
+    """(prompt, response_a, response_b) from a `pairs.jsonl` this stage wrote (or its run folder), shuffled with
+    `seed`, the first `max_pairs` (0: all)."""
+    path = Path(spec)
+    path = path / "pairs.jsonl" if path.is_dir() else path
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    pairs = [(r["prompt"], r["response_a"], r["response_b"]) for r in rows]
+    random.Random(seed).shuffle(pairs)
+    return pairs[:max_pairs] if max_pairs else pairs
 
 
 def candidate_pairs(prompt, responses: list[str], rng: random.Random) -> list[dict]:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,16 +110,6 @@ def arm_names(recalls: list[float]) -> list[str]:
 
 
 # ---- steps 1-2: pairs and votes ---------------------------------------------------------------------------------
-
-
-def read_pairs(spec: str, max_pairs: int, seed: int) -> list[tuple]:
-    """(prompt, response_a, response_b) from generate's pairs.jsonl (or its run folder), shuffled, capped."""
-    path = Path(spec)
-    path = path / "pairs.jsonl" if path.is_dir() else path
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    pairs = [(r["prompt"], r["response_a"], r["response_b"]) for r in rows]
-    random.Random(seed).shuffle(pairs)
-    return pairs[:max_pairs] if max_pairs else pairs
 
 
 def pools(config: OversightConfig) -> tuple[list, list]:
@@ -366,7 +355,9 @@ def oversight(config: OversightConfig) -> dict:
     run = Run(config.out or None, "eval-oversight", config, tensorboard=False)
     arms = arm_names(config.recalls)
     # 1-2. pairs and votes
-    pairs = read_pairs(config.pairs, config.max_pairs, config.seed)
+    from preflab.generate import read_candidate_pairs
+
+    pairs = read_candidate_pairs(config.pairs, config.seed, config.max_pairs)
     sets = vote_sets(pairs, config)
     (run.dir / "votes").mkdir(exist_ok=True)
     votes = {}
