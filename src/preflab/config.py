@@ -55,8 +55,26 @@ class RunConfig:
         check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
 
 
+DTYPES = ("fp32", "bf16")
+
+
 @dataclass(kw_only=True)
-class OptimConfig(RunConfig):
+class PrecisionConfig(RunConfig):
+    """The arithmetic a stage's forward passes use. Weights, optimiser state and losses stay fp32 either way."""
+
+    dtype: str = opt(
+        "fp32",
+        "fp32, or bf16: mixed precision (the forward passes autocast to bfloat16, weights and optimiser stay fp32); "
+        "pays on GPUs and on CPUs with native bfloat16 (AVX512-BF16, AMX), costs time on others",
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+
+@dataclass(kw_only=True)
+class OptimConfig(PrecisionConfig):
     """What every training stage shares: AdamW, gradient clipping and the budget (steps and/or seconds)."""
 
     lr: float = opt(1e-4, "peak learning rate (AdamW)")

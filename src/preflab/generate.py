@@ -20,18 +20,18 @@ from pathlib import Path
 
 import torch
 
-from preflab.config import RunConfig, check, opt
+from preflab.config import PrecisionConfig, check, opt
 from preflab.data.preferences import load_prompts, write_jsonl
 from preflab.data.tokenize import encode_prompt
 from preflab.models import load_model
 from preflab.rollout import generate
 from preflab.runs import Run, progress, seed_everything
 from preflab.stages import stage
-from preflab.training import set_threads
+from preflab.training import autocast, set_threads
 
 
 @dataclass(kw_only=True)
-class GenerateConfig(RunConfig):
+class GenerateConfig(PrecisionConfig):
     model: str = opt("", "the policy: a Hugging Face directory, a run folder, a .gguf file or 'smollm2'")
     prompts: str = opt("world", "a JSONL file of {\"prompt\": text or chat messages} rows, or 'world'")
     n_prompts: int = opt(200, "prompts to use: drawn from the world, or the file's first N (0: the whole file)")
@@ -120,17 +120,18 @@ def generate_stage(config: GenerateConfig) -> dict:
     bar = progress(total=len(flat), desc="generate", unit="seq")
     for start in range(0, len(flat), config.batch_size):
         chunk = [ids for _, ids in flat[start : start + config.batch_size]]
-        rollout = generate(
-            model,
-            tokenizer,
-            chunk,
-            max_new_tokens=config.max_new_tokens,
-            temperature=config.temperature,
-            top_k=config.top_k,
-            top_p=config.top_p,
-            batch_size=config.batch_size,
-            generator=generator,
-        )
+        with autocast(config.dtype, device):
+            rollout = generate(
+                model,
+                tokenizer,
+                chunk,
+                max_new_tokens=config.max_new_tokens,
+                temperature=config.temperature,
+                top_k=config.top_k,
+                top_p=config.top_p,
+                batch_size=config.batch_size,
+                generator=generator,
+            )
         texts += rollout.texts
         finished += rollout.finished.tolist()
         lengths += rollout.lengths.tolist()

@@ -128,7 +128,7 @@ def pretrain(config: PretrainConfig) -> dict:
     if config.resume and run.finished_summary():
         print(f"[pretrain] {run.dir} has already finished; nothing to resume", flush=True)
         return run.finished_summary()
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(dtype=config.dtype)
     if config.batch_size % accelerator.num_processes:
         raise ConfigError(
             f"batch_size {config.batch_size} must be a multiple of the {accelerator.num_processes} "

@@ -157,7 +157,7 @@ def sft(config: SFTConfig) -> dict:
     if config.resume and run.finished_summary():
         print(f"[sft] {run.dir} has already finished; nothing to resume", flush=True)
         return run.finished_summary()
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(dtype=config.dtype)
     pad_id = tokenizer.pad_token_id
 
     # 2. token space, held-out split

@@ -19,13 +19,29 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def make_accelerator(cpu: bool | None = None, gradient_accumulation_steps: int = 1):
-    """An `accelerate.Accelerator`: CPU when no GPU is visible; `accelerate launch`/`torchrun` give DDP/FSDP."""
+def make_accelerator(cpu: bool | None = None, gradient_accumulation_steps: int = 1, dtype: str = "fp32"):
+    """An `accelerate.Accelerator`: CPU when no GPU is visible; `accelerate launch`/`torchrun` give DDP/FSDP.
+
+    dtype "bf16" is accelerate's bf16 mixed precision: every prepared model's forward runs under autocast."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     if cpu is None:
         cpu = not torch.cuda.is_available() or os.environ.get("PREFLAB_CPU") == "1"
-    return Accelerator(cpu=cpu, gradient_accumulation_steps=gradient_accumulation_steps)
+    mixed_precision = "bf16" if dtype == "bf16" else "no"
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        # one process may run stages of different precision one after another (the demo's pipeline)
+        AcceleratorState._reset_state()
+    return Accelerator(
+        cpu=cpu, gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=mixed_precision
+    )
+
+
+def autocast(dtype: str, device: torch.device | str = "cpu"):
+    """The forward-pass precision of `--dtype` for code outside a prepared model (generation, scoring)."""
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
 
 def lr_factor(progress: float, warmup: float = 0.05, floor: float = 0.0) -> float:

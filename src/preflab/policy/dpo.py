@@ -37,6 +37,7 @@ from preflab.runs import Run, progress, seed_everything
 from preflab.stages import stage
 from preflab.training import (
     Budget,
+    autocast,
     check_finite,
     join_without_data,
     lr_factor,
@@ -209,13 +210,15 @@ def batch_loss(model, batch: dict, ref: torch.Tensor, config: DPOConfig):
 class Reference:
     """Reference log-probs of pair i: a precomputed table, or the reference model scoring the batch on the fly."""
 
-    def __init__(self, table: torch.Tensor | None = None, model=None, length_normalize: bool = False):
-        self.table, self.model, self.length_normalize = table, model, length_normalize
+    def __init__(
+        self, table: torch.Tensor | None = None, model=None, length_normalize: bool = False, dtype: str = "fp32"
+    ):
+        self.table, self.model, self.length_normalize, self.dtype = table, model, length_normalize, dtype
 
     def __call__(self, indices: list[int], batch: dict) -> torch.Tensor:
         if self.table is not None:
             return self.table[indices].to(batch["input_ids"].device)
-        with torch.no_grad():
+        with torch.no_grad(), autocast(self.dtype, batch["input_ids"].device):  # the policy's precision
             return torch.stack(pair_logps(self.model, batch, self.length_normalize), -1)
 
 
@@ -295,7 +298,7 @@ def train_dpo(model, tokenizer, rows: list, config: DPOConfig, ref_model=None, r
 
     `ref_model` is the frozen reference (a copy of the starting policy when None).
     """
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(dtype=config.dtype)
     pad_id = tokenizer.pad_token_id
     log = run.log if run is not None else (lambda step, metrics: None)
 
@@ -321,15 +324,16 @@ def train_dpo(model, tokenizer, rows: list, config: DPOConfig, ref_model=None, r
     for p in ref_model.parameters():
         p.requires_grad_(False)
     if config.precompute_ref:
-        train_ref = Reference(
-            reference_logps(ref_model, train_pairs, pad_id, config.micro_batch_size, config.length_normalize)
-        )
-        eval_ref = Reference(
-            reference_logps(ref_model, eval_pairs, pad_id, config.micro_batch_size, config.length_normalize)
-        )
+        with autocast(config.dtype, accelerator.device):  # the policy's precision, so step 0's ratio is 1
+            train_ref = Reference(
+                reference_logps(ref_model, train_pairs, pad_id, config.micro_batch_size, config.length_normalize)
+            )
+            eval_ref = Reference(
+                reference_logps(ref_model, eval_pairs, pad_id, config.micro_batch_size, config.length_normalize)
+            )
         del ref_model
     else:
-        train_ref = eval_ref = Reference(model=ref_model, length_normalize=config.length_normalize)
+        train_ref = eval_ref = Reference(model=ref_model, length_normalize=config.length_normalize, dtype=config.dtype)
 
     # 3. optimiser and budget
     optimizer = torch.optim.AdamW(

@@ -263,7 +263,7 @@ def train_member(
     )
     freeze_lower_layers(model, config.train_layers)
     model.backbone = add_lora(model.backbone, config, base=config.model)  # --lora-r: adapters + the head train
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(dtype=config.dtype)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
