@@ -1,5 +1,7 @@
 """Two processes (torchrun, gloo on CPU) give the same losses and parameters as one process with the same global
-batch: each takes every second item of a step, and the loss is scaled so DDP's averaging sums the shares."""
+batch: each takes every second item of a step, and the loss is scaled so DDP's averaging sums the shares. For the
+online stages (ppo, grpo, rloo) each process also samples every second rollout row, with the random numbers one
+process would draw, so the rollouts, and with them every logged metric, are the one-process ones."""
 
 from __future__ import annotations
 
@@ -15,8 +17,54 @@ from safetensors.torch import load_file
 TOLERANCE = 1e-5  # float sums in another order (per-process partial sums, then the all-reduce)
 
 
+ONLINE = [  # shares of a minibatch and of the eval prompts that split unevenly (3 + 2), micro-batches of 1
+    "--reward",
+    "preflab.world.rewards:length_closeness",
+    "--n-prompts",
+    "40",
+    "--eval-prompts",
+    "5",
+    "--max-new-tokens",
+    "8",
+    "--micro-batch-size",
+    "1",
+    "--epochs",
+    "2",
+]
+
+
 def argv_for(stage, model_dir, tmp_path):
     common = ["--max-steps", "3", "--seed", "1", "--log-every", "1", "--lr", "0.01"]
+    if stage == "ppo":  # adaptive KL, whitened rewards: every step's statistic over the whole batch
+        return [
+            "ppo",
+            "--model",
+            str(model_dir),
+            *ONLINE,
+            "--batch-size",
+            "10",
+            "--mini-batch-size",
+            "5",
+            "--target-kl",
+            "0.5",
+            "--whiten-rewards",
+            "true",
+            *common,
+        ]
+    if stage in ("grpo", "rloo"):  # groups of 3 rows, minibatches of 3: groups straddle the two processes
+        return [
+            stage,
+            "--model",
+            str(model_dir),
+            *ONLINE,
+            "--batch-size",
+            "3",
+            "--k",
+            "3",
+            "--mini-batch-size",
+            "3",
+            *common,
+        ]
     if stage == "pretrain":
         return [
             "pretrain",
@@ -96,13 +144,15 @@ def run(argv, out, processes):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["pretrain", "sft", "reward", "dpo"])
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "reward", "dpo", "ppo", "grpo", "rloo"])
 def test_two_processes_equal_one_with_the_same_global_batch(stage, model_dir, tmp_path):
     argv = argv_for(stage, model_dir, tmp_path)
     run(argv, tmp_path / "one", 1)
     run(argv, tmp_path / "two", 2)
-    for path in sorted((tmp_path / "one" / "model").glob("*.safetensors")):
-        a, b = load_file(path), load_file(tmp_path / "two" / "model" / path.name)
+    saved = [*(tmp_path / "one" / "model").glob("*.safetensors"), *(tmp_path / "one").glob("value_model/*.safetensors")]
+    assert saved
+    for path in sorted(saved):
+        a, b = load_file(path), load_file(tmp_path / "two" / path.relative_to(tmp_path / "one"))
         assert a.keys() == b.keys()
         worst = max((a[k] - b[k]).abs().max().item() for k in a)
         assert worst < TOLERANCE, (path.name, worst)

@@ -91,3 +91,48 @@ def test_temperature_divides_logits(model, tokenizer, prompts):
     expected = (logits / T).log_softmax(-1)[token]
     torch.testing.assert_close(rollout.logps[0, 0], expected, atol=1e-5, rtol=0)
     assert abs(float(logits.log_softmax(-1)[token]) - float(expected)) > 1e-3  # T = 1 would differ
+
+
+def test_processes_sampling_their_rows_draw_the_one_process_rollout(model, tokenizer, prompts):
+    """Three 'processes' (threads, a barrier for the all-done vote), each sampling every third row, draw the
+    tokens one process draws: chunks of 4 over 14 prompts (the last chunk leaves a process without rows) and rows
+    ending at varied lengths (the chunk stops when every process's rows are done)."""
+    import threading
+
+    from preflab.rollout import sample_rows
+
+    probs = torch.rand(5, 50).softmax(-1)
+    one = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(3)).squeeze(-1)
+    assert sample_rows(probs[[1, 4]], [1, 4], 5, torch.Generator().manual_seed(3)).tolist() == one[[1, 4]].tolist()
+
+    hook = eos_boost(model, tokenizer, 3.0)
+    many = (prompts * 7)[:14]
+    kw = dict(max_new_tokens=10, batch_size=4)
+    whole = generate(model, tokenizer, many, generator=torch.Generator().manual_seed(5), **kw)
+    world, flags, barrier, parts = 3, [False] * 3, threading.Barrier(3), [None] * 3
+
+    def process(k):
+        def all_done(flag):
+            flags[k] = flag
+            barrier.wait()
+            done = all(flags)
+            barrier.wait()
+            return done
+
+        rows = list(range(k, len(many), world))
+        generator = torch.Generator().manual_seed(5)
+        parts[k] = (rows, generate(model, tokenizer, many, generator=generator, rows=rows, all_done=all_done, **kw))
+
+    threads = [threading.Thread(target=process, args=(k,)) for k in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    hook.remove()
+    assert whole.finished.any() and not whole.finished.all()
+    for rows, part in parts:
+        assert part.completion_ids == [whole.completion_ids[i] for i in rows]
+        assert part.texts == [whole.texts[i] for i in rows]
+        assert part.finished.tolist() == whole.finished[rows].tolist()
+        n = part.logps.shape[1]
+        torch.testing.assert_close(part.logps, whole.logps[rows, :n], atol=1e-5, rtol=0)

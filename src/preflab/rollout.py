@@ -46,13 +46,53 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
+def sample_rows(probs: torch.Tensor, rows: list[int], n_rows: int, generator) -> torch.Tensor:
+    """`torch.multinomial(all_probs, 1, generator)[rows]` for one process holding only `probs = all_probs[rows]`
+    of an `n_rows`-row batch: multinomial draws one sample as argmax(p / q), q ~ Exp(1) drawn for the whole
+    [n_rows, V] tensor, so drawing that whole q here and keeping our rows gives the same tokens, bit for bit, and
+    leaves the generator where one process would (checked in tests/test_rollout.py)."""
+    q = torch.empty((n_rows, probs.shape[-1]), dtype=probs.dtype, device=probs.device).exponential_(
+        1, generator=generator
+    )
+    return (probs / q[rows]).argmax(-1)
+
+
+def _idle_batch(model, n_rows, max_new_tokens, greedy, generator, all_done, device):
+    """A process without rows in a chunk: the same draws from `generator` and the same `all_done` calls as the
+    processes that sample, so every generator stays in step."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    for _ in range(max_new_tokens):
+        if not greedy:
+            torch.empty((n_rows, vocab), device=device).exponential_(1, generator=generator)
+        if all_done(True):
+            break
+    return [], torch.zeros(0, 0), torch.zeros(0, dtype=torch.bool)
+
+
 @torch.no_grad()
-def _generate_batch(model, prompts, eos_id, pad_id, max_new_tokens, temperature, top_k, top_p, greedy, generator):
+def _generate_batch(
+    model,
+    prompts,
+    eos_id,
+    pad_id,
+    max_new_tokens,
+    temperature,
+    top_k,
+    top_p,
+    greedy,
+    generator,
+    rows=None,
+    all_done=None,
+):
     device = next(model.parameters()).device
     batch = collate(prompts, [[]] * len(prompts), pad_id)
     P = int(batch["prompt_length"])
     input_ids = batch["input_ids"][:, :P].to(device)
     attention = batch["attention_mask"][:, :P].to(device)
+    if rows is not None:  # one process's rows, padded as the whole batch is
+        input_ids, attention = input_ids[rows], attention[rows]
+        if not rows:  # none of this chunk: draw the chunk's noise and wait for the others, as if sampling
+            return _idle_batch(model, len(prompts), max_new_tokens, greedy, generator, all_done, device)
     B = input_ids.shape[0]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     tokens, logps = [], []
@@ -72,9 +112,11 @@ def _generate_batch(model, prompts, eos_id, pad_id, max_new_tokens, temperature,
         logits = out.logits[:, -1, :].float() / temperature
         if greedy:
             token = logits.argmax(-1)
-        else:
+        elif rows is None:
             probs = _filter_logits(logits, top_k, top_p).softmax(-1)
             token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        else:
+            token = sample_rows(_filter_logits(logits, top_k, top_p).softmax(-1), rows, len(prompts), generator)
         logp = logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         tokens.append(token)
@@ -84,7 +126,7 @@ def _generate_batch(model, prompts, eos_id, pad_id, max_new_tokens, temperature,
         attention = torch.cat([attention, alive[:, None]], dim=1)
         step_ids = token[:, None]
         step_pos = (attention.sum(-1, keepdim=True) - 1).clamp(min=0)
-        if bool(done.all()):
+        if bool(done.all()) if all_done is None else all_done(bool(done.all())):
             break
     tokens = torch.stack(tokens, 1).cpu()
     logps = torch.stack(logps, 1).cpu()
@@ -106,8 +148,30 @@ def generate(
     greedy: bool = False,
     batch_size: int = 64,
     generator: torch.Generator | None = None,
+    rows: list[int] | None = None,
+    all_done=None,
 ) -> Rollout:
-    """Sample one completion per prompt (repeat a prompt in the list for several samples)."""
+    """Sample one completion per prompt (repeat a prompt in the list for several samples).
+
+    With `rows` (one process of several; `all_done(flag)` is True when every process's rows are done) the
+    result holds only `prompts[rows]`, sampled exactly as one process sampling all of `prompts` would sample
+    them: each process walks the same chunks, pads as the whole chunk pads, draws the whole chunk's noise and
+    stops when every process's rows are done (`sample_rows`)."""
+    if rows is not None:
+        return _generate_rows(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            greedy,
+            batch_size,
+            generator,
+            rows,
+            all_done,
+        )
     was_training = model.training
     model.eval()
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -130,6 +194,36 @@ def generate(
     for lp in logps:
         padded[row : row + lp.shape[0], : min(C, lp.shape[1])] = lp[:, :C]
         row += lp.shape[0]
+    padded = padded * batch["completion_mask"]
+    texts = tokenizer.batch_decode([[t for t in c if t != eos_id] for c in completions], skip_special_tokens=True)
+    return Rollout(batch=batch, logps=padded, completion_ids=completions, texts=texts, finished=torch.cat(finished))
+
+
+def _generate_rows(
+    model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, greedy, batch_size, generator, rows, all_done
+) -> Rollout:
+    """`generate` over `prompts[rows]` only, as one process sampling all of `prompts` samples them."""
+    was_training = model.training
+    model.eval()
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    assert pad_id != eos_id, "pad must differ from eos (see preflab.models.ensure_pad_token)"
+    completions, logps, finished = [], [], []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        mine = [i - start for i in rows if start <= i < start + len(chunk)]
+        c, lp, f = _generate_batch(
+            model, chunk, eos_id, pad_id, max_new_tokens, temperature, top_k, top_p, greedy, generator, mine, all_done
+        )
+        completions += c
+        logps += list(lp)
+        finished.append(f)
+    if was_training:
+        model.train()
+    batch = collate([prompts[i] for i in rows], completions, pad_id)
+    C = batch["completion_mask"].shape[1]
+    padded = torch.zeros(len(rows), C)
+    for i, lp in enumerate(logps):
+        padded[i, : min(C, lp.shape[0])] = lp[:C]
     padded = padded * batch["completion_mask"]
     texts = tokenizer.batch_decode([[t for t in c if t != eos_id] for c in completions], skip_special_tokens=True)
     return Rollout(batch=batch, logps=padded, completion_ids=completions, texts=texts, finished=torch.cat(finished))

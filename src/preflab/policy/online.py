@@ -11,10 +11,19 @@ Every online method runs the same outer loop, one rollout batch per step:
     finish          `finish_online`: evaluate, save the policy as a HF directory, write the summary
 
 Only the method-specific maths lives in the method's file, so each reads like its paper's algorithm box.
+
+Several processes (`torchrun` / `accelerate launch`, DDP): each samples, scores and computes the log-probs of
+every world-th row of the step's rollout batch, drawing the same random numbers one process would draw (see
+`rollout.generate`), and the rows are gathered so every process holds the step's whole batch, exactly as one
+process holds it. Advantages, group baselines, whitening, the KL controller and the logged means are then the
+one-process computation on every process. The update gives each process every world-th row of each minibatch,
+normalised by the whole minibatch and scaled by the world size, since DDP averages the gradients: the same
+optimiser step as one process. Only rank 0 writes the run folder. In one process none of this runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,13 +32,13 @@ import torch
 
 from preflab.adapters import add_lora, reference_of
 from preflab.config import LoraConfig, OptimConfig, RunConfig, check, opt
-from preflab.data.tokenize import encode_prompt, take
+from preflab.data.tokenize import collate, encode_prompt, take
 from preflab.logps import chunked_logps
 from preflab.policy.kl_control import make_kl_controller
 from preflab.policy.losses import KL_ESTIMATORS
 from preflab.rollout import Rollout, generate
 from preflab.runs import Run, seed_everything
-from preflab.training import Budget, TrainingStopped, check_finite, make_accelerator, set_threads
+from preflab.training import Budget, TrainingStopped, check_finite, make_accelerator, set_threads, shard, sync_on_last
 
 
 @dataclass(kw_only=True)
@@ -125,6 +134,16 @@ class OnlineSetup:
     eval_prompts: list
     monitor: Any = None  # a RewardEnsemble that only watches (--monitor-ensemble), or None
     world: bool = False  # the prompts are the tutoring world's: the true utility of the samples can be logged
+    accelerator: Any = None  # several processes (torchrun / accelerate launch): DDP; None in one process
+
+    @property
+    def processes(self) -> int:
+        return self.accelerator.num_processes if self.accelerator is not None else 1
+
+    def for_training(self, module: torch.nn.Module) -> torch.nn.Module:
+        """`module` as the update's forward/backward should call it: DDP-wrapped with several processes (the
+        same parameters: sampling, evaluation and saving use `module` itself), `module` in one process."""
+        return self.accelerator.prepare_model(module) if self.accelerator is not None else module
 
 
 def load_monitor(spec: str, device: torch.device):
@@ -168,7 +187,13 @@ def setup_online(config: OnlineConfig, stage_name: str) -> OnlineSetup:
     policy, tokenizer = load_model(config.model)  # dropout off, pad != eos (details #1, #10)
     policy = add_lora(policy, config, base=config.model)  # --lora-r: only the adapters train
     run = Run(config.out or None, stage_name, config)
-    device = make_accelerator().device
+    accelerator = make_accelerator()
+    device = accelerator.device
+    check(
+        config.mini_batch_size >= accelerator.num_processes,
+        f"mini_batch_size ({config.mini_batch_size}) must be at least the number of processes "
+        f"({accelerator.num_processes}): each process takes every world-th row of a minibatch",
+    )
     policy.to(device)
     monitor = load_monitor(config.monitor_ensemble, device)
     # the reference: a frozen copy of the starting policy, or with LoRA the same weights with the adapter off
@@ -183,6 +208,7 @@ def setup_online(config: OnlineConfig, stage_name: str) -> OnlineSetup:
         eval_prompts=eval_prompts,
         monitor=monitor,
         world=config.prompts == "world",
+        accelerator=accelerator if accelerator.num_processes > 1 else None,
     )
 
 
@@ -202,6 +228,94 @@ class PromptCycle:
             self.order += torch.randperm(len(self.prompts), generator=self.generator).tolist()
         chosen, self.order = self.order[: self.batch_size], self.order[self.batch_size :]
         return [self.prompts[i] for i in chosen]
+
+
+# ---- several processes: each takes every world-th row, then every process holds them all --------------------
+
+
+def my_rows(setup: OnlineSetup, n: int) -> list[int]:
+    """The rows of an n-row batch this process samples, scores and computes log-probs for."""
+    return shard(list(range(n)), setup.accelerator)
+
+
+def all_processes_done(setup: OnlineSetup) -> Callable[[bool], bool]:
+    """`all_done(flag)`: True when `flag` is True on every process (one all-reduce per sampled token)."""
+    import torch.distributed as dist
+
+    def all_done(flag: bool) -> bool:
+        t = torch.tensor([int(flag)], device=setup.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+
+    return all_done
+
+
+def gather_rows(setup: OnlineSetup, local: torch.Tensor, rows: list[int], n: int) -> torch.Tensor:
+    """The n-row tensor whose `rows` each process holds in `local`: zeros elsewhere, summed over processes
+    (x + 0 is x, so every row arrives bit for bit)."""
+    import torch.distributed as dist
+
+    dtype = local.dtype
+    full = torch.zeros((n, *local.shape[1:]), dtype=torch.long if dtype == torch.bool else dtype, device=setup.device)
+    full[rows] = local.to(setup.device, full.dtype)
+    dist.all_reduce(full)
+    return full.to(dtype)
+
+
+def over_rows(setup: OnlineSetup, batch: dict, fn: Callable):
+    """`fn(batch)` ([B, ...] tensors, or a tuple of them); with several processes each computes its rows and
+    every process gets all of them."""
+    if setup.accelerator is None:
+        return fn(batch)
+    n = batch["input_ids"].shape[0]
+    rows = my_rows(setup, n)
+    out = fn(take(batch, rows))
+    if isinstance(out, tuple):
+        return tuple(gather_rows(setup, t, rows, n) for t in out)
+    return gather_rows(setup, out, rows, n)
+
+
+def reward_all(setup: OnlineSetup, prompts: list, texts: list[str]) -> torch.Tensor:
+    """The reward of every (prompt, response); with several processes each scores its rows."""
+    if setup.accelerator is None:
+        return setup.reward_fn(prompts, texts)
+    rows = my_rows(setup, len(prompts))
+    local = setup.reward_fn([prompts[i] for i in rows], [texts[i] for i in rows]).float()
+    return gather_rows(setup, local, rows, len(prompts)).cpu()
+
+
+def sample_all(setup: OnlineSetup, prompts: list, config: OnlineConfig, generator: torch.Generator) -> Rollout:
+    """`sample` on every prompt. With several processes each samples its rows, drawing what one process would
+    draw (`rollout.generate(rows=...)`), and every process gets the whole rollout: the one-process rollout."""
+    if setup.accelerator is None:
+        return sample(setup.policy, setup.tokenizer, prompts, config, generator)
+    import torch.distributed as dist
+
+    ids = [encode_prompt(setup.tokenizer, p) for p in prompts]
+    rows = my_rows(setup, len(prompts))
+    mine = generate(
+        setup.policy,
+        setup.tokenizer,
+        ids,
+        config.max_new_tokens,
+        temperature=config.temperature,
+        generator=generator,
+        rows=rows,
+        all_done=all_processes_done(setup),
+    )
+    lengths = mine.lengths.tolist()
+    part = (rows, mine.completion_ids, [lp[:n] for lp, n in zip(mine.logps, lengths)], mine.texts, mine.finished)
+    parts: list = [None] * setup.processes
+    dist.all_gather_object(parts, part)
+    completions, logps, texts, finished = [None] * len(ids), [None] * len(ids), [None] * len(ids), [None] * len(ids)
+    for rows_k, completions_k, logps_k, texts_k, finished_k in parts:
+        for j, i in enumerate(rows_k):
+            completions[i], logps[i], texts[i], finished[i] = completions_k[j], logps_k[j], texts_k[j], finished_k[j]
+    batch = collate(ids, completions, setup.tokenizer.pad_token_id)
+    padded = torch.zeros(batch["completion_mask"].shape)
+    for i, lp in enumerate(logps):
+        padded[i, : lp.shape[0]] = lp
+    return Rollout(batch=batch, logps=padded, completion_ids=completions, texts=texts, finished=torch.stack(finished))
 
 
 # ---- steps 1-3: rollout and score --------------------------------------------------------------------------
@@ -261,11 +375,17 @@ def rollout_and_score(setup: OnlineSetup, prompts: list, config: OnlineConfig, s
     """Steps 1-3 of every online loop. The old log-probs are recomputed by a full forward, not taken from
     sampling, so the first PPO ratio is exactly 1 (detail #17); temperature on policy and reference (detail #3)."""
     generator = torch.Generator(device=setup.device).manual_seed(config.seed * 100003 + step)
-    rollout = sample(setup.policy, setup.tokenizer, prompts, config, generator)
+    rollout = sample_all(setup, prompts, config, generator)
     batch = {k: v.to(setup.device) for k, v in rollout.batch.items()}
-    old_logps, entropy = chunked_logps(setup.policy, batch, config.temperature, config.mini_batch_size, entropy=True)
-    ref_logps = chunked_logps(setup.ref, batch, config.temperature, config.mini_batch_size)
-    scores = score_responses(setup.reward_fn, prompts, rollout, config.missing_eos_penalty).to(setup.device)
+    old_logps, entropy = over_rows(
+        setup, batch, lambda b: chunked_logps(setup.policy, b, config.temperature, config.mini_batch_size, entropy=True)
+    )
+    ref_logps = over_rows(
+        setup, batch, lambda b: chunked_logps(setup.ref, b, config.temperature, config.mini_batch_size)
+    )
+    scores = score_responses(lambda p, t: reward_all(setup, p, t), prompts, rollout, config.missing_eos_penalty).to(
+        setup.device
+    )
     watch = watch_samples(setup, prompts, rollout.texts)
     return ScoredRollout(rollout, batch, old_logps, entropy, ref_logps, scores, watch)
 
@@ -293,6 +413,29 @@ def micro_batches(minibatch: dict, size: int) -> Iterator[dict]:
         yield take(minibatch, slice(start, start + size))
 
 
+def sync_on_last_of(accelerator, models: list, i: int, n: int):
+    """`training.sync_on_last` for several DDP modules at once (PPO: policy and value model)."""
+    stack = contextlib.ExitStack()
+    for model in models:
+        stack.enter_context(sync_on_last(accelerator, model, i, n))
+    return stack
+
+
+MAX_STATS = ("ratio_max_dev", "first_ratio_dev")  # maxima over rows; every other statistic is a sum
+
+
+def reduce_stats(stats: dict, accelerator) -> dict:
+    """A step's statistics over every process: the sums summed, the maxima maxed."""
+    import torch.distributed as dist
+
+    keys = sorted(stats)
+    summed = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+    maxed = summed.clone()
+    dist.all_reduce(summed)
+    dist.all_reduce(maxed, op=dist.ReduceOp.MAX)
+    return {k: (m if k in MAX_STATS else s) for k, s, m in zip(keys, summed.tolist(), maxed.tolist())}
+
+
 def add_token_stats(stats: dict, values: dict, mask: torch.Tensor) -> None:
     """Accumulate masked per-token sums (divide by `stats['tokens']` for means over the step)."""
     for name, value in values.items():
@@ -309,13 +452,17 @@ def optimise(
     data: dict,
     config: OnlineConfig,
     generator: torch.Generator,
-    minibatch_step: Callable[[dict, dict], None],
+    minibatch_step: Callable[[dict, dict, dict], None],
     step: int = 0,
+    accelerator=None,
 ) -> dict:
     """`config.epochs` passes over the rollout batch `data`, reshuffled each pass, one optimiser step per
-    minibatch of `mini_batch_size` rows (detail #16). `minibatch_step(minibatch, stats)` runs the method's
-    forward/backward and accumulates its statistics. Returns the statistics of the whole step, with
-    `first_ratio_dev`: max |ratio - 1| on the first minibatch of the first epoch (0 up to rounding: detail #17)."""
+    minibatch of `mini_batch_size` rows (detail #16). `minibatch_step(share, stats, minibatch)` runs the method's
+    forward/backward on `share` (the minibatch in one process; with `accelerator`'s several processes, every
+    world-th row of it), normalised over the whole `minibatch`, and accumulates its statistics. Returns the
+    statistics of the whole step (over every process), with `first_ratio_dev`: max |ratio - 1| on the first
+    minibatch of the first epoch (0 up to rounding: detail #17)."""
+    world = accelerator.num_processes if accelerator is not None else 1
     params = [p for m in modules for p in m.parameters()]
     n_rows = data["input_ids"].shape[0]
     device = data["input_ids"].device
@@ -326,14 +473,16 @@ def optimise(
         order = torch.randperm(n_rows, generator=generator).to(device)
         for start in range(0, n_rows, config.mini_batch_size):
             optimizer.zero_grad(set_to_none=True)
-            minibatch_step(take(data, order[start : start + config.mini_batch_size]), stats)
+            minibatch = take(data, order[start : start + config.mini_batch_size])
+            share = minibatch if world == 1 else take(minibatch, slice(accelerator.process_index, None, world))
+            minibatch_step(share, stats, minibatch)
             stats.setdefault("first_ratio_dev", stats.get("ratio_max_dev", 0.0))
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
             check_finite(step, grad_norm=grad_norm)  # before a NaN reaches the weights
             optimizer.step()
     for m in modules:
         m.eval()
-    return stats
+    return stats if world == 1 else reduce_stats(stats, accelerator)
 
 
 # ---- checkpoints and resume -------------------------------------------------------------------------------
@@ -411,17 +560,11 @@ def evaluate_policy(setup: OnlineSetup, config: OnlineConfig, seed: int) -> dict
     """Mean reward, KL(pi || ref) per sequence (k1, summed over tokens), length and EOS rate on held-out prompts."""
     if not setup.eval_prompts:
         return {}
-    rollout = sample(
-        setup.policy,
-        setup.tokenizer,
-        setup.eval_prompts,
-        config,
-        torch.Generator(device=setup.device).manual_seed(seed),
-    )
+    rollout = sample_all(setup, setup.eval_prompts, config, torch.Generator(device=setup.device).manual_seed(seed))
     batch = {k: v.to(setup.device) for k, v in rollout.batch.items()}
-    logp = chunked_logps(setup.policy, batch, config.temperature, 64)
-    ref_logp = chunked_logps(setup.ref, batch, config.temperature, 64)
-    scores = setup.reward_fn(setup.eval_prompts, rollout.texts).float()
+    logp = over_rows(setup, batch, lambda b: chunked_logps(setup.policy, b, config.temperature, 64))
+    ref_logp = over_rows(setup, batch, lambda b: chunked_logps(setup.ref, b, config.temperature, 64))
+    scores = reward_all(setup, setup.eval_prompts, rollout.texts).float()
     return {
         "reward": scores.mean().item(),
         "kl": (logp - ref_logp).sum(-1).mean().item(),

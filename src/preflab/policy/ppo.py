@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -41,10 +42,12 @@ from preflab.policy.online import (
     finish_online,
     micro_batches,
     optimise,
+    over_rows,
     rollout_and_score,
     save_loop,
     setup_online,
     start_loop,
+    sync_on_last_of,
 )
 from preflab.policy.value import make_value_model, save_value_model
 from preflab.runs import progress
@@ -81,20 +84,26 @@ class PPOConfig(OnlineConfig):
         check(self.vf_coef >= 0, f"vf_coef must be >= 0, got {self.vf_coef}")
 
 
-def ppo_minibatch(policy, value_model, mb: dict, config: PPOConfig, stats: dict | None = None) -> dict:
+def ppo_minibatch(
+    policy, value_model, mb: dict, config: PPOConfig, stats: dict | None = None, whole: dict | None = None, ddp=None
+) -> dict:
     """Forward/backward over the micro-batches of one minibatch; gradients summed, loss normalised by the
     minibatch's token count so that 4 micro-batches of 1 equal 1 micro-batch of 4. `mb` holds the batch plus
-    old_logps, old_values, advantages, returns. Accumulates per-token sums into `stats`."""
+    old_logps, old_values, advantages, returns. Accumulates per-token sums into `stats`. With several processes
+    `mb` is this process's share of the minibatch `whole` (the normaliser's), `ddp` the accelerator: the loss
+    is scaled by the world size (DDP averages gradients), which are all-reduced on the last micro-batch."""
     stats = stats if stats is not None else {}
-    n_tokens = mb["completion_mask"].float().sum().clamp(min=1)
-    for mu in micro_batches(mb, config.micro_batch_size):
+    n_tokens = (mb if whole is None else whole)["completion_mask"].float().sum().clamp(min=1)
+    chunks = list(micro_batches(mb, config.micro_batch_size))
+    for i, mu in enumerate(chunks):
         mask = mu["completion_mask"].float()
-        logp, _, entropy = sequence_logps(policy, mu, config.temperature, return_entropy=True)
-        values = value_model(mu)
-        pg, ratio, pg_clipped = clipped_policy_loss(logp, mu["old_logps"], mu["advantages"], config.cliprange)
-        vf, vf_clipped = clipped_value_loss(values, mu["old_values"], mu["returns"], config.cliprange_value)
-        loss = ((pg + config.vf_coef * vf) * mask).sum() / n_tokens
-        loss.backward()
+        with sync_on_last_of(ddp, [policy, value_model], i, len(chunks)) if ddp else contextlib.nullcontext():
+            logp, _, entropy = sequence_logps(policy, mu, config.temperature, return_entropy=True)
+            values = value_model(mu)
+            pg, ratio, pg_clipped = clipped_policy_loss(logp, mu["old_logps"], mu["advantages"], config.cliprange)
+            vf, vf_clipped = clipped_value_loss(values, mu["old_values"], mu["returns"], config.cliprange_value)
+            loss = ((pg + config.vf_coef * vf) * mask).sum() / n_tokens
+            (loss * ddp.num_processes if ddp else loss).backward()
         with torch.no_grad():
             add_token_stats(
                 stats,
@@ -129,6 +138,8 @@ def ppo(config: PPOConfig) -> dict:
     )
     critic = {"value_model": value_model}
     loop = start_loop(s, config, optimizer, critic)
+    # the update's forward/backward: DDP-wrapped with several processes (torchrun / accelerate launch)
+    policy_ddp, value_ddp = s.for_training(s.policy), s.for_training(value_model)
     bar = progress(total=config.max_steps, initial=loop.step, desc="ppo")
     with s.run.guarded() as stop:
         while not loop.budget.done(loop.step):
@@ -147,7 +158,7 @@ def ppo(config: PPOConfig) -> dict:
                 if config.whiten_rewards:
                     rewards = masked_whiten(rewards, mask, shift_mean=False)
                 # 6. values, GAE, advantage whitening with mean shift (details #13, #14)
-                old_values = batch_values(value_model, r.batch, config.mini_batch_size)
+                old_values = over_rows(s, r.batch, lambda b: batch_values(value_model, b, config.mini_batch_size))
                 advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
                 advantages = masked_whiten(advantages, mask, shift_mean=True)
             data = {
@@ -164,8 +175,9 @@ def ppo(config: PPOConfig) -> dict:
                 data,
                 config,
                 loop.generator,
-                lambda mb, st: ppo_minibatch(s.policy, value_model, mb, config, st),
+                lambda mb, st, whole: ppo_minibatch(policy_ddp, value_ddp, mb, config, st, whole, s.accelerator),
                 loop.step + 1,
+                s.accelerator,
             )
             loop.step += 1
             # 8. KL controller on the mean per-sequence KL of this batch (detail #12)
@@ -200,5 +212,7 @@ def ppo(config: PPOConfig) -> dict:
             bar.set_postfix(score=f"{r.scores.mean().item():.3f}", kl=f"{mean_kl:.2f}")
             s.run.step_end(loop.step, config.checkpoint_every, stop, lambda: save_loop(s, loop, optimizer, critic))
     bar.close()
-    value_dir = save_value_model(value_model, s.run.dir / "value_model")
+    value_dir = s.run.dir / "value_model"
+    if s.run.main:
+        save_value_model(value_model, value_dir)
     return finish_online(s, "ppo", config, loop, extra={"value_model": str(value_dir)})

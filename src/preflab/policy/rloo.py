@@ -19,6 +19,7 @@ accumulation is exact.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,7 @@ from preflab.policy.online import (
 )
 from preflab.runs import progress
 from preflab.stages import stage
+from preflab.training import sync_on_last
 
 
 @dataclass(kw_only=True)
@@ -68,26 +70,38 @@ class GRPOConfig(RLOOConfig):
 
 
 def critic_free_minibatch(
-    policy, mb: dict, config: RLOOConfig, method: str, beta: float, stats: dict | None = None
+    policy,
+    mb: dict,
+    config: RLOOConfig,
+    method: str,
+    beta: float,
+    stats: dict | None = None,
+    whole: dict | None = None,
+    ddp=None,
 ) -> dict:
     """Forward/backward over the micro-batches of one minibatch; the loss is the mean over its sequences, so
-    accumulation over micro-batches is exact. `mb` holds the batch plus old_logps, ref_logps, advantages [B]."""
+    accumulation over micro-batches is exact. `mb` holds the batch plus old_logps, ref_logps, advantages [B].
+    With several processes `mb` is this process's share of the minibatch `whole` (the mean is over `whole`),
+    `ddp` the accelerator: the loss is scaled by the world size (DDP averages gradients), which are all-reduced
+    on the last micro-batch."""
     stats = stats if stats is not None else {}
-    n_rows = mb["input_ids"].shape[0]
-    for mu in micro_batches(mb, config.micro_batch_size):
+    n_rows = (mb if whole is None else whole)["input_ids"].shape[0]
+    chunks = list(micro_batches(mb, config.micro_batch_size))
+    for i, mu in enumerate(chunks):
         mask = mu["completion_mask"].float()
         length = mask.sum(-1).clamp(min=1)
-        logp, _, entropy = sequence_logps(policy, mu, config.temperature, return_entropy=True)
-        adv = mu["advantages"][:, None].expand_as(logp)
-        pg, ratio, clipped = clipped_policy_loss(logp, mu["old_logps"], adv, config.cliprange)
-        if method == "rloo":
-            per_seq = (pg * mask).sum(-1)  # REINFORCE on the whole sequence
-            kl_term = torch.zeros_like(per_seq)
-        else:
-            per_seq = (pg * mask).sum(-1) / length  # GRPO eq. 3: 1/|o_i| sum_t
-            kl_term = beta * (kl_k3(logp, mu["ref_logps"]) * mask).sum(-1) / length  # GRPO eq. 3-4
-        loss = (per_seq + kl_term).sum() / n_rows
-        loss.backward()
+        with sync_on_last(ddp, policy, i, len(chunks)) if ddp else contextlib.nullcontext():
+            logp, _, entropy = sequence_logps(policy, mu, config.temperature, return_entropy=True)
+            adv = mu["advantages"][:, None].expand_as(logp)
+            pg, ratio, clipped = clipped_policy_loss(logp, mu["old_logps"], adv, config.cliprange)
+            if method == "rloo":
+                per_seq = (pg * mask).sum(-1)  # REINFORCE on the whole sequence
+                kl_term = torch.zeros_like(per_seq)
+            else:
+                per_seq = (pg * mask).sum(-1) / length  # GRPO eq. 3: 1/|o_i| sum_t
+                kl_term = beta * (kl_k3(logp, mu["ref_logps"]) * mask).sum(-1) / length  # GRPO eq. 3-4
+            loss = (per_seq + kl_term).sum() / n_rows
+            (loss * ddp.num_processes if ddp else loss).backward()
         with torch.no_grad():
             stats["loss/policy"] = stats.get("loss/policy", 0.0) + per_seq.sum().item()
             stats["loss/kl"] = stats.get("loss/kl", 0.0) + kl_term.sum().item()
@@ -108,6 +122,7 @@ def critic_free(config: RLOOConfig, method: str) -> dict:
     s = setup_online(config, method)
     optimizer = torch.optim.AdamW(s.policy.parameters(), lr=config.lr, eps=1e-5, weight_decay=config.weight_decay)
     loop = start_loop(s, config, optimizer)
+    policy_ddp = s.for_training(s.policy)  # DDP-wrapped with several processes (torchrun / accelerate launch)
     bar = progress(total=config.max_steps, initial=loop.step, desc=method)
     k = config.k
     with s.run.guarded() as stop:
@@ -133,8 +148,11 @@ def critic_free(config: RLOOConfig, method: str) -> dict:
                 data,
                 config,
                 loop.generator,
-                lambda mb, st: critic_free_minibatch(s.policy, mb, config, method, beta_used, st),
+                lambda mb, st, whole: critic_free_minibatch(
+                    policy_ddp, mb, config, method, beta_used, st, whole, s.accelerator
+                ),
                 loop.step + 1,
+                s.accelerator,
             )
             loop.step += 1
             # 6. KL controller, then 7. log means over the step
