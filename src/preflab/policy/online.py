@@ -213,15 +213,33 @@ class ScoredRollout:
 
     rollout: Rollout  # texts, lengths, finished
     batch: dict  # collate layout, on the device
-    old_logps: torch.Tensor  # [B, C] policy log-probs at sampling time (recomputed by a full forward)
-    entropy: torch.Tensor  # [B, C] policy entropy per token
-    ref_logps: torch.Tensor  # [B, C] reference log-probs
+    old_logps: torch.Tensor | None  # [B, C] policy log-probs at sampling time (recomputed by a full forward);
+    #                                 None when the update's own forward supplies them (`single_pass`)
+    entropy: torch.Tensor | None  # [B, C] policy entropy per token (None with old_logps)
+    ref_logps: torch.Tensor | None  # [B, C] reference log-probs; None when no KL is needed (`needs_reference`)
     scores: torch.Tensor  # [B] reward minus the missing-EOS penalty
     watch: dict = field(default_factory=dict)  # what `watch_samples` measured, logged beside the method's metrics
 
     @property
     def mask(self) -> torch.Tensor:
         return self.batch["completion_mask"].float()
+
+
+def single_pass(config: OnlineConfig, n_rows: int) -> bool:
+    """One epoch, one minibatch and one micro-batch per rollout batch: the update's single forward runs the very
+    policy that sampled, on the very batch, so its own log-probs (detached) are the old log-probs (and, for PPO,
+    its values the old values) and the recompute after sampling is skipped. Exactly equivalent: the recompute is
+    the same forward of the same model on the same rows (dropout is off), so the first ratio is 1 either way
+    (detail #17); tests/policy check that the losses agree within 1e-5. Sampling's own log-probs are not used
+    instead: the cached decode differs from a full forward by rounding."""
+    return config.epochs == 1 and config.mini_batch_size >= n_rows and config.micro_batch_size >= n_rows
+
+
+def needs_reference(config: OnlineConfig) -> bool:
+    """Does a critic-free run need the reference's log-probs? Not with beta 0 and nothing reading the KL (no
+    adaptive target, no max_kl): the loss and the advantages never see it (TRL skips it too). PPO always runs
+    the reference: its KL is logged and plotted (the demo's sweep shows it growing at beta 0)."""
+    return config.beta > 0 or config.target_kl > 0 or config.max_kl > 0
 
 
 def score_responses(reward_fn, prompts: list, rollout: Rollout, missing_eos_penalty: float) -> torch.Tensor:
@@ -257,17 +275,34 @@ def sample(policy, tokenizer, prompts: list, config: OnlineConfig, generator: to
 
 
 @torch.no_grad()
-def rollout_and_score(setup: OnlineSetup, prompts: list, config: OnlineConfig, step: int) -> ScoredRollout:
+def rollout_and_score(
+    setup: OnlineSetup,
+    prompts: list,
+    config: OnlineConfig,
+    step: int,
+    old_logps: bool = True,
+    reference: bool = True,
+) -> ScoredRollout:
     """Steps 1-3 of every online loop. The old log-probs are recomputed by a full forward, not taken from
-    sampling, so the first PPO ratio is exactly 1 (detail #17); temperature on policy and reference (detail #3)."""
+    sampling, so the first PPO ratio is exactly 1 (detail #17); temperature on policy and reference (detail #3).
+    `old_logps=False` skips that recompute (the update's own forward supplies them: `single_pass`);
+    `reference=False` skips the reference (`needs_reference`). The reference and the reward run under
+    `torch.inference_mode` (no autograd bookkeeping; the results are cloned into ordinary tensors)."""
     generator = torch.Generator(device=setup.device).manual_seed(config.seed * 100003 + step)
     rollout = sample(setup.policy, setup.tokenizer, prompts, config, generator)
     batch = {k: v.to(setup.device) for k, v in rollout.batch.items()}
-    old_logps, entropy = chunked_logps(setup.policy, batch, config.temperature, config.mini_batch_size, entropy=True)
-    ref_logps = chunked_logps(setup.ref, batch, config.temperature, config.mini_batch_size)
-    scores = score_responses(setup.reward_fn, prompts, rollout, config.missing_eos_penalty).to(setup.device)
+    old, entropy = None, None
+    if old_logps:
+        old, entropy = chunked_logps(setup.policy, batch, config.temperature, config.mini_batch_size, entropy=True)
+    ref_logps = None
+    with torch.inference_mode():
+        if reference:
+            ref_logps = chunked_logps(setup.ref, batch, config.temperature, config.mini_batch_size)
+        scores = score_responses(setup.reward_fn, prompts, rollout, config.missing_eos_penalty)
+    ref_logps = None if ref_logps is None else ref_logps.clone()
+    scores = scores.clone().to(setup.device)
     watch = watch_samples(setup, prompts, rollout.texts)
-    return ScoredRollout(rollout, batch, old_logps, entropy, ref_logps, scores, watch)
+    return ScoredRollout(rollout, batch, old, entropy, ref_logps, scores, watch)
 
 
 def check_scores(step: int, scores: torch.Tensor, kl: torch.Tensor, config: OnlineConfig) -> None:
