@@ -100,7 +100,8 @@ def test_grpo_at_beta_0_skips_the_reference_and_loses_nothing(model_dir, tmp_pat
 def test_when_the_shortcuts_apply():
     cfg = GRPOConfig(model="m", reward=REWARD, batch_size=2, k=4, mini_batch_size=8, micro_batch_size=8, epochs=1)
     assert single_pass(cfg, 8) and not needs_reference(GRPOConfig(model="m", reward=REWARD, beta=0.0))
-    assert not single_pass(GRPOConfig(model="m", reward=REWARD, batch_size=2, k=4, mini_batch_size=8), 8)  # 2 epochs
+    two_epochs = GRPOConfig(model="m", reward=REWARD, batch_size=2, k=4, mini_batch_size=8, micro_batch_size=8)
+    assert not single_pass(two_epochs, 8)
     cfg.micro_batch_size = 4
     assert not single_pass(cfg, 8)  # two micro-batches
     for kw in ({"beta": 0.04}, {"beta": 0.0, "max_kl": 5.0}, {"beta": 0.0, "target_kl": 1.0}):
