@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from conftest import make_model
+from torch.nn.modules.module import register_module_forward_hook
 
 from preflab.config import ConfigError
 from preflab.data import collate_pairs, tokenize_rows
@@ -93,3 +94,30 @@ def test_sft_cli_in_bf16_trains_close_to_fp32(model_dir, tmp_path):
     assert losses["bf16"] != losses["fp32"]  # it did run in another precision
     for a, b in zip(losses["bf16"], losses["fp32"], strict=True):
         assert a == pytest.approx(b, abs=0.05)
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_online_rl_in_bf16_starts_at_ratio_one_and_kl_zero(stage, model_dir, tmp_path):
+    """Sampling, old and reference log-probs, values and the update's forwards all autocast: the first minibatch's
+    ratio is 1 and the KL 0, as in fp32, with minibatches smaller than the rollout (the recompute path)."""
+    from preflab.cli import main
+
+    argv = [stage, "--model", str(model_dir), "--reward", "preflab.world.rewards:length_closeness", "--dtype", "bf16"]
+    argv += ["--max-steps", "1", "--max-new-tokens", "5", "--eval-prompts", "0", "--n-prompts", "8"]
+    argv += ["--batch-size", "4", "--mini-batch-size", "2", "--micro-batch-size", "2", "--out", str(tmp_path / "r")]
+    if stage == "grpo":
+        argv += ["--k", "2", "--beta", "0.04"]
+    seen = []
+
+    def linear_output(module, inputs, output):
+        if isinstance(module, torch.nn.Linear):
+            seen.append(output.dtype)
+
+    hook = register_module_forward_hook(linear_output)
+    try:
+        assert main(argv) == 0
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}  # every linear layer ran in bf16, sampling and update alike
+    first = read_metrics(tmp_path / "r")[0]
+    assert first[f"{stage}/objective/kl"] == 0.0 and first[f"{stage}/policy/first_ratio_dev"] < 1e-6

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -136,3 +138,93 @@ def test_processes_sampling_their_rows_draw_the_one_process_rollout(model, token
         assert part.finished.tolist() == whole.finished[rows].tolist()
         n = part.logps.shape[1]
         torch.testing.assert_close(part.logps, whole.logps[rows, :n], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def plain_decode(model, prompts, eos_id, pad_id, max_new_tokens, temperature, top_k, top_p, greedy, generator):
+    """The decode loop before it was optimised (the reference the engine must match): a concatenated attention
+    mask, HF's own growing cache, the temperature division and a full log-softmax every token."""
+    from preflab.data.tokenize import position_ids
+    from preflab.rollout import _filter_logits
+
+    batch = collate(prompts, [[]] * len(prompts), pad_id)
+    P = int(batch["prompt_length"])
+    input_ids, attention = batch["input_ids"][:, :P], batch["attention_mask"][:, :P]
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+    tokens, logps, cache = [], [], None
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    step_ids, step_pos = input_ids, position_ids(attention)
+    for _ in range(max_new_tokens):
+        out = model(
+            input_ids=step_ids,
+            attention_mask=attention,
+            position_ids=step_pos,
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_kw: cache},
+        )
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        logits = out.logits[:, -1, :].float() / temperature
+        if greedy:
+            token = logits.argmax(-1)
+        else:
+            token = torch.multinomial(_filter_logits(logits, top_k, top_p).softmax(-1), 1, generator=generator)[:, 0]
+        logp = logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        tokens.append(token)
+        logps.append(torch.where(done, torch.zeros_like(logp), logp))
+        alive = (~done).long()
+        done = done | (token == eos_id)
+        attention = torch.cat([attention, alive[:, None]], dim=1)
+        step_ids, step_pos = token[:, None], (attention.sum(-1, keepdim=True) - 1).clamp(min=0)
+        if bool(done.all()):
+            break
+    return torch.stack(tokens, 1), torch.stack(logps, 1)
+
+
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p,greedy",
+    [(1.0, 0, 1.0, False), (0.7, 0, 1.0, False), (1.0, 5, 0.9, False), (1.0, 0, 1.0, True)],
+)
+def test_optimised_decode_samples_the_plain_loops_tokens(model, tokenizer, prompts, temperature, top_k, top_p, greedy):
+    """Same seed, same tokens, bit for bit (the demo's numbers depend on it), and the same log-probs within 1e-5;
+    with EOS at varied steps, left padding, and past the preallocated cache's first fill."""
+    from preflab.rollout import _generate_batch
+
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    hook = eos_boost(model, tokenizer, 3.0)
+    try:
+        for seed in range(4):
+            batch = [prompts[i % 2][: len(prompts[i % 2]) - (i % 3)] for i in range(6)]
+            args = (eos, pad, 12, temperature, top_k, top_p, greedy)
+            want, want_logps = plain_decode(model, batch, *args, torch.Generator().manual_seed(seed))
+            got, got_logps, finished = _generate_batch(model, batch, *args, torch.Generator().manual_seed(seed))
+            assert [row[: len(c)] for row, c in zip(want.tolist(), got)] == got
+            assert all(len(c) == want.shape[1] or c[-1] == eos for c in got)
+            assert got_logps.shape == want_logps.shape
+            torch.testing.assert_close(got_logps, want_logps, atol=1e-5, rtol=0)
+    finally:
+        hook.remove()
+
+
+def test_preallocated_cache_gives_the_concatenated_caches_logits(model, tokenizer, prompts):
+    """The decode loop's cache buffer hands attention views with the values (and logits) of HF's own cache."""
+    from transformers import DynamicCache
+
+    from preflab.rollout import _preallocate_cache
+
+    batch = collate(prompts, [[]] * len(prompts), tokenizer.pad_token_id)
+    P = int(batch["prompt_length"])
+    ids, mask = batch["input_ids"][:, :P], batch["attention_mask"][:, :P]
+    caches = [DynamicCache(config=model.config), DynamicCache(config=model.config)]
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        outs = [model(input_ids=ids, attention_mask=mask, use_cache=True, **{kw: c}) for c in caches]
+        _preallocate_cache(caches[1], P + 4)
+        assert type(caches[1].layers[0]).__name__ == "BufferedLayer"
+        step = torch.tensor([[7], [8]])
+        for t in range(6):  # 6 > 4: past the buffer it grows by concatenation
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+            outs = [model(input_ids=step, attention_mask=mask, use_cache=True, **{kw: c}) for c in caches]
+            assert torch.equal(outs[0].logits, outs[1].logits), t
+            assert torch.equal(caches[0].layers[0].keys, caches[1].layers[0].keys)

@@ -12,6 +12,7 @@ The result is laid out exactly as `preflab.data.tokenize.collate` lays out train
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -69,6 +70,51 @@ def _idle_batch(model, n_rows, max_new_tokens, greedy, generator, all_done, devi
     return [], torch.zeros(0, 0), torch.zeros(0, dtype=torch.bool)
 
 
+def _preallocate_cache(cache, capacity: int) -> None:
+    """Give each layer of a `transformers` DynamicCache a buffer of `capacity` positions, so that the decode loop
+    writes each new key and value in place instead of concatenating the whole cache every token. The keys and
+    values handed to attention are views of the filled part, with the same values as the concatenated ones.
+    Any other cache (a model's own, a sliding window) is left as it is."""
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    if type(cache) is not DynamicCache or not all(type(layer) is DynamicLayer for layer in cache.layers):
+        return
+    for layer in cache.layers:
+        if not layer.is_initialized or layer.keys.dim() != 4 or layer.keys.shape[-2] >= capacity:
+            continue
+        layer.__class__ = _buffered_layer_class()
+        layer.grow_into(capacity)
+
+
+@functools.cache
+def _buffered_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class BufferedLayer(DynamicLayer):
+        """A DynamicLayer whose keys and values live in a preallocated buffer (see `_preallocate_cache`)."""
+
+        def grow_into(self, capacity: int) -> None:
+            B, H, L, D = self.keys.shape
+            self.key_buffer = self.keys.new_empty(B, H, capacity, D)
+            self.value_buffer = self.values.new_empty(B, H, capacity, self.values.shape[-1])
+            self.key_buffer[..., :L, :] = self.keys
+            self.value_buffer[..., :L, :] = self.values
+            self.keys, self.values = self.key_buffer[..., :L, :], self.value_buffer[..., :L, :]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            L, n = self.keys.shape[-2], key_states.shape[-2]
+            if L + n > self.key_buffer.shape[-2]:  # past the buffer: grow by concatenation, as DynamicLayer does
+                return super().update(key_states, value_states, *args, **kwargs)
+            self.key_buffer[..., L : L + n, :] = key_states
+            self.value_buffer[..., L : L + n, :] = value_states
+            self.keys, self.values = self.key_buffer[..., : L + n, :], self.value_buffer[..., : L + n, :]
+            return self.keys, self.values
+
+    return BufferedLayer
+
+
 @torch.no_grad()
 def _generate_batch(
     model,
@@ -84,22 +130,42 @@ def _generate_batch(
     rows=None,
     all_done=None,
 ):
+    """One batch through the decode loop: a prefill forward over the prompts, then one cached forward per token.
+
+    Per token it does what sampling needs and no more: the temperature division only when T != 1 (x / 1 is x),
+    one softmax of the (filtered) logits for sampling, and, when nothing is filtered, the sampled token's log-prob
+    read off that softmax (log p[token]) instead of a second pass over the vocabulary for the log-softmax; the
+    attention mask, positions, tokens and log-probs are preallocated and filled in place, and a `transformers`
+    DynamicCache gets a preallocated buffer after the prefill (`_preallocate_cache`). The sampled tokens are the
+    same as with the plain loop (the same softmax goes to the same `torch.multinomial` call with the same
+    generator: tests/test_rollout.py checks it against a copy of the plain loop); the log-probs agree within
+    rounding (1e-6), as they do with `sequence_logps`' full forward.
+
+    With `rows` (one process of several: `policy/online.py`) it samples only those rows of the batch, drawing the
+    whole batch's noise (`sample_rows`), and asks `all_done` whether every process's rows have ended."""
     device = next(model.parameters()).device
     batch = collate(prompts, [[]] * len(prompts), pad_id)
     P = int(batch["prompt_length"])
     input_ids = batch["input_ids"][:, :P].to(device)
-    attention = batch["attention_mask"][:, :P].to(device)
+    prompt_mask = batch["attention_mask"][:, :P].to(device)
     if rows is not None:  # one process's rows, padded as the whole batch is
-        input_ids, attention = input_ids[rows], attention[rows]
+        input_ids, prompt_mask = input_ids[rows], prompt_mask[rows]
         if not rows:  # none of this chunk: draw the chunk's noise and wait for the others, as if sampling
             return _idle_batch(model, len(prompts), max_new_tokens, greedy, generator, all_done, device)
     B = input_ids.shape[0]
+    attention_buffer = torch.zeros(B, P + max_new_tokens, dtype=torch.long, device=device)
+    attention_buffer[:, :P] = prompt_mask
+    attention = attention_buffer[:, :P]
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    tokens, logps = [], []
+    tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logps = torch.zeros(B, max_new_tokens, device=device)
+    filtered = bool(top_k and top_k > 0) or top_p < 1.0
     cache = None
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     step_ids, step_pos = input_ids, position_ids(attention)
-    for _ in range(max_new_tokens):
+    seen = attention.sum(-1, keepdim=True)  # real tokens so far per row: the next token's position + 1
+    n = 0
+    for t in range(max_new_tokens):
         out = model(
             input_ids=step_ids,
             attention_mask=attention,
@@ -109,27 +175,38 @@ def _generate_batch(
             **{cache_kw: cache},
         )
         cache = out.cache if hasattr(out, "cache") else out.past_key_values
-        logits = out.logits[:, -1, :].float() / temperature
+        if t == 0:
+            _preallocate_cache(cache, P + max_new_tokens)
+        logits = out.logits[:, -1, :].float()
+        if temperature != 1.0:
+            logits = logits / temperature
         if greedy:
             token = logits.argmax(-1)
-        elif rows is None:
-            probs = _filter_logits(logits, top_k, top_p).softmax(-1)
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            logp = logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
         else:
-            token = sample_rows(_filter_logits(logits, top_k, top_p).softmax(-1), rows, len(prompts), generator)
-        logp = logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
-        token = torch.where(done, torch.full_like(token, pad_id), token)
-        tokens.append(token)
-        logps.append(torch.where(done, torch.zeros_like(logp), logp))
-        alive = (~done).long()
-        done = done | (token == eos_id)
-        attention = torch.cat([attention, alive[:, None]], dim=1)
-        step_ids = token[:, None]
-        step_pos = (attention.sum(-1, keepdim=True) - 1).clamp(min=0)
+            probs = _filter_logits(logits, top_k, top_p).softmax(-1)
+            if rows is None:
+                token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            else:
+                token = sample_rows(probs, rows, len(prompts), generator)
+            if filtered:  # the recorded log-prob is the unfiltered policy's
+                logp = logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
+            else:
+                logp = probs.gather(-1, token[:, None]).squeeze(-1).log()
+        alive = ~done
+        tokens[:, t] = torch.where(done, pad_id, token)
+        logps[:, t] = torch.where(done, 0.0, logp)
+        done = done | (tokens[:, t] == eos_id)
+        n = t + 1
+        attention_buffer[:, P + t] = alive
+        attention = attention_buffer[:, : P + n]
+        seen = seen + alive[:, None]
+        step_ids = tokens[:, t : t + 1]
+        step_pos = (seen - 1).clamp(min=0)
         if bool(done.all()) if all_done is None else all_done(bool(done.all())):
             break
-    tokens = torch.stack(tokens, 1).cpu()
-    logps = torch.stack(logps, 1).cpu()
+    tokens = tokens[:, :n].cpu()
+    logps = logps[:, :n].cpu()
     completions = []
     for i in range(B):
         row = tokens[i].tolist()

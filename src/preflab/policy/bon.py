@@ -27,7 +27,7 @@ from preflab.policy.online import SamplingConfig, score_responses
 from preflab.rollout import generate
 from preflab.runs import Run, progress, seed_everything
 from preflab.stages import stage
-from preflab.training import make_accelerator, set_threads
+from preflab.training import autocast, make_accelerator, set_threads
 
 
 @dataclass(kw_only=True)
@@ -70,7 +70,7 @@ def best_of_n(config: BoNConfig) -> dict:
     reward_fn = load_reward(config.reward)
     policy, tokenizer = load_model(config.model)
     run = Run(config.out or None, "bon", config)
-    device = make_accelerator().device
+    device = make_accelerator(dtype=config.dtype).device
     policy.to(device)
     gen = torch.Generator(device=device).manual_seed(config.seed)
     group = config.n + 1  # n candidates + 1 independent reference sample
@@ -80,16 +80,17 @@ def best_of_n(config: BoNConfig) -> dict:
     per_chunk = max(1, config.batch_size // group) * group
     for start in progress(range(0, len(rows), per_chunk), desc="bon"):
         chunk = rows[start : start + per_chunk]
-        rollout = generate(
-            policy,
-            tokenizer,
-            [encode_prompt(tokenizer, p) for p in chunk],
-            config.max_new_tokens,
-            temperature=config.temperature,
-            batch_size=config.batch_size,
-            generator=gen,
-        )
-        scores.append(score_responses(reward_fn, chunk, rollout, config.missing_eos_penalty))
+        with autocast(config.dtype, device):
+            rollout = generate(
+                policy,
+                tokenizer,
+                [encode_prompt(tokenizer, p) for p in chunk],
+                config.max_new_tokens,
+                temperature=config.temperature,
+                batch_size=config.batch_size,
+                generator=gen,
+            )
+            scores.append(score_responses(reward_fn, chunk, rollout, config.missing_eos_penalty))
         texts += rollout.texts
         finished.append(rollout.finished)
     scores, finished = torch.cat(scores).view(-1, group), torch.cat(finished).view(-1, group)

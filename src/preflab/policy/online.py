@@ -31,18 +31,27 @@ from typing import Any
 import torch
 
 from preflab.adapters import add_lora, reference_of
-from preflab.config import LoraConfig, OptimConfig, RunConfig, check, opt
+from preflab.config import LoraConfig, OptimConfig, PrecisionConfig, check, opt
 from preflab.data.tokenize import collate, encode_prompt, take
 from preflab.logps import chunked_logps
 from preflab.policy.kl_control import make_kl_controller
 from preflab.policy.losses import KL_ESTIMATORS
 from preflab.rollout import Rollout, generate
 from preflab.runs import Run, seed_everything
-from preflab.training import Budget, TrainingStopped, check_finite, make_accelerator, set_threads, shard, sync_on_last
+from preflab.training import (
+    Budget,
+    TrainingStopped,
+    autocast,
+    check_finite,
+    make_accelerator,
+    set_threads,
+    shard,
+    sync_on_last,
+)
 
 
 @dataclass(kw_only=True)
-class SamplingConfig(RunConfig):
+class SamplingConfig(PrecisionConfig):
     """What every stage that samples from a policy and scores the samples shares (online RL, best-of-n)."""
 
     model: str = opt("", "the policy to start from: a HF directory, a run folder, a .gguf file or 'smollm2'")
@@ -135,6 +144,11 @@ class OnlineSetup:
     monitor: Any = None  # a RewardEnsemble that only watches (--monitor-ensemble), or None
     world: bool = False  # the prompts are the tutoring world's: the true utility of the samples can be logged
     accelerator: Any = None  # several processes (torchrun / accelerate launch): DDP; None in one process
+    dtype: str = "fp32"  # --dtype: the forward passes' precision (`precision()`)
+
+    def precision(self):
+        """The forward passes' autocast (--dtype bf16); a no-op context in fp32."""
+        return autocast(self.dtype, self.device)
 
     @property
     def processes(self) -> int:
@@ -187,7 +201,7 @@ def setup_online(config: OnlineConfig, stage_name: str) -> OnlineSetup:
     policy, tokenizer = load_model(config.model)  # dropout off, pad != eos (details #1, #10)
     policy = add_lora(policy, config, base=config.model)  # --lora-r: only the adapters train
     run = Run(config.out or None, stage_name, config)
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(dtype=config.dtype)
     device = accelerator.device
     check(
         config.mini_batch_size >= accelerator.num_processes,
@@ -209,6 +223,7 @@ def setup_online(config: OnlineConfig, stage_name: str) -> OnlineSetup:
         monitor=monitor,
         world=config.prompts == "world",
         accelerator=accelerator if accelerator.num_processes > 1 else None,
+        dtype=config.dtype,
     )
 
 
@@ -327,15 +342,36 @@ class ScoredRollout:
 
     rollout: Rollout  # texts, lengths, finished
     batch: dict  # collate layout, on the device
-    old_logps: torch.Tensor  # [B, C] policy log-probs at sampling time (recomputed by a full forward)
-    entropy: torch.Tensor  # [B, C] policy entropy per token
-    ref_logps: torch.Tensor  # [B, C] reference log-probs
+    old_logps: torch.Tensor | None  # [B, C] policy log-probs at sampling time (recomputed by a full forward);
+    #                                 None when the update's own forward supplies them (`single_pass`)
+    entropy: torch.Tensor | None  # [B, C] policy entropy per token (None with old_logps)
+    ref_logps: torch.Tensor | None  # [B, C] reference log-probs; None when no KL is needed (`needs_reference`)
     scores: torch.Tensor  # [B] reward minus the missing-EOS penalty
     watch: dict = field(default_factory=dict)  # what `watch_samples` measured, logged beside the method's metrics
 
     @property
     def mask(self) -> torch.Tensor:
         return self.batch["completion_mask"].float()
+
+
+def single_pass(config: OnlineConfig, n_rows: int, processes: int = 1) -> bool:
+    """One epoch, one minibatch and one micro-batch per rollout batch: the update's single forward runs the very
+    policy that sampled, on the very batch, so its own log-probs (detached) are the old log-probs (and, for PPO,
+    its values the old values) and the recompute after sampling is skipped. Exactly equivalent: the recompute is
+    the same forward of the same model on the same rows (dropout is off), so the first ratio is 1 either way
+    (detail #17); tests/policy check that the losses agree within 1e-5. Sampling's own log-probs are not used
+    instead: the cached decode differs from a full forward by rounding. One process only: with several, steps 4-6
+    need the whole batch (global whitening), which the update's forward of one share does not see."""
+    return (
+        processes == 1 and config.epochs == 1 and config.mini_batch_size >= n_rows and config.micro_batch_size >= n_rows
+    )
+
+
+def needs_reference(config: OnlineConfig) -> bool:
+    """Does a critic-free run need the reference's log-probs? Not with beta 0 and nothing reading the KL (no
+    adaptive target, no max_kl): the loss and the advantages never see it (TRL skips it too). PPO always runs
+    the reference: its KL is logged and plotted (the demo's sweep shows it growing at beta 0)."""
+    return config.beta > 0 or config.target_kl > 0 or config.max_kl > 0
 
 
 def score_responses(reward_fn, prompts: list, rollout: Rollout, missing_eos_penalty: float) -> torch.Tensor:
@@ -371,23 +407,41 @@ def sample(policy, tokenizer, prompts: list, config: OnlineConfig, generator: to
 
 
 @torch.no_grad()
-def rollout_and_score(setup: OnlineSetup, prompts: list, config: OnlineConfig, step: int) -> ScoredRollout:
+def rollout_and_score(
+    setup: OnlineSetup,
+    prompts: list,
+    config: OnlineConfig,
+    step: int,
+    old_logps: bool = True,
+    reference: bool = True,
+) -> ScoredRollout:
     """Steps 1-3 of every online loop. The old log-probs are recomputed by a full forward, not taken from
-    sampling, so the first PPO ratio is exactly 1 (detail #17); temperature on policy and reference (detail #3)."""
+    sampling, so the first PPO ratio is exactly 1 (detail #17); temperature on policy and reference (detail #3).
+    `old_logps=False` skips that recompute (the update's own forward supplies them: `single_pass`);
+    `reference=False` skips the reference (`needs_reference`). The reference and the reward run under
+    `torch.inference_mode` (no autograd bookkeeping; the results are cloned into ordinary tensors)."""
     generator = torch.Generator(device=setup.device).manual_seed(config.seed * 100003 + step)
-    rollout = sample_all(setup, prompts, config, generator)
-    batch = {k: v.to(setup.device) for k, v in rollout.batch.items()}
-    old_logps, entropy = over_rows(
-        setup, batch, lambda b: chunked_logps(setup.policy, b, config.temperature, config.mini_batch_size, entropy=True)
-    )
-    ref_logps = over_rows(
-        setup, batch, lambda b: chunked_logps(setup.ref, b, config.temperature, config.mini_batch_size)
-    )
-    scores = score_responses(lambda p, t: reward_all(setup, p, t), prompts, rollout, config.missing_eos_penalty).to(
-        setup.device
-    )
+    with setup.precision():
+        rollout = sample_all(setup, prompts, config, generator)
+        batch = {k: v.to(setup.device) for k, v in rollout.batch.items()}
+        old, entropy = None, None
+        if old_logps:
+            old, entropy = over_rows(
+                setup,
+                batch,
+                lambda b: chunked_logps(setup.policy, b, config.temperature, config.mini_batch_size, entropy=True),
+            )
+        ref_logps = None
+        with torch.inference_mode():
+            if reference:
+                ref_logps = over_rows(
+                    setup, batch, lambda b: chunked_logps(setup.ref, b, config.temperature, config.mini_batch_size)
+                )
+            scores = score_responses(lambda p, t: reward_all(setup, p, t), prompts, rollout, config.missing_eos_penalty)
+        ref_logps = None if ref_logps is None else ref_logps.clone()
+        scores = scores.clone().to(setup.device)
     watch = watch_samples(setup, prompts, rollout.texts)
-    return ScoredRollout(rollout, batch, old_logps, entropy, ref_logps, scores, watch)
+    return ScoredRollout(rollout, batch, old, entropy, ref_logps, scores, watch)
 
 
 def check_scores(step: int, scores: torch.Tensor, kl: torch.Tensor, config: OnlineConfig) -> None:
@@ -560,11 +614,13 @@ def evaluate_policy(setup: OnlineSetup, config: OnlineConfig, seed: int) -> dict
     """Mean reward, KL(pi || ref) per sequence (k1, summed over tokens), length and EOS rate on held-out prompts."""
     if not setup.eval_prompts:
         return {}
-    rollout = sample_all(setup, setup.eval_prompts, config, torch.Generator(device=setup.device).manual_seed(seed))
-    batch = {k: v.to(setup.device) for k, v in rollout.batch.items()}
-    logp = over_rows(setup, batch, lambda b: chunked_logps(setup.policy, b, config.temperature, 64))
-    ref_logp = over_rows(setup, batch, lambda b: chunked_logps(setup.ref, b, config.temperature, 64))
-    scores = reward_all(setup, setup.eval_prompts, rollout.texts).float()
+    with setup.precision():
+        generator = torch.Generator(device=setup.device).manual_seed(seed)
+        rollout = sample_all(setup, setup.eval_prompts, config, generator)
+        batch = {k: v.to(setup.device) for k, v in rollout.batch.items()}
+        logp = over_rows(setup, batch, lambda b: chunked_logps(setup.policy, b, config.temperature, 64))
+        ref_logp = over_rows(setup, batch, lambda b: chunked_logps(setup.ref, b, config.temperature, 64))
+        scores = reward_all(setup, setup.eval_prompts, rollout.texts).float()
     return {
         "reward": scores.mean().item(),
         "kl": (logp - ref_logp).sum(-1).mean().item(),

@@ -46,12 +46,14 @@ from preflab.policy.online import (
     rollout_and_score,
     save_loop,
     setup_online,
+    single_pass,
     start_loop,
     sync_on_last_of,
 )
 from preflab.policy.value import make_value_model, save_value_model
 from preflab.runs import progress
 from preflab.stages import stage
+from preflab.training import autocast
 
 
 @dataclass(kw_only=True)
@@ -84,24 +86,78 @@ class PPOConfig(OnlineConfig):
         check(self.vf_coef >= 0, f"vf_coef must be >= 0, got {self.vf_coef}")
 
 
+def rollout_targets(old_logps, ref_logps, old_values, scores, mask, beta: float, config: PPOConfig, step: int):
+    """Steps 4-6 on a rollout batch: per-token rewards (-beta KL_t, the score at the last real token), the KL
+    check, optional reward whitening, GAE and whitened advantages. Returns (advantages, returns, kl [B, C],
+    rlhf_reward [B])."""
+    # 4. per-token reward: -beta KL_t, score at the last real token (details #5, #11)
+    rewards, kl = rlhf_rewards(old_logps, ref_logps, scores, mask, beta, config.kl_estimator)
+    rlhf_reward = rewards.sum(-1)
+    check_scores(step, scores, kl.sum(-1), config)  # NaN, a broken reward, KL past max_kl
+    # 5. reward whitening without mean shift (detail #14)
+    if config.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    # 6. GAE, advantage whitening with mean shift (details #13, #14)
+    advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
+    advantages = masked_whiten(advantages, mask, shift_mean=True)
+    return advantages, returns, kl, rlhf_reward
+
+
 def ppo_minibatch(
-    policy, value_model, mb: dict, config: PPOConfig, stats: dict | None = None, whole: dict | None = None, ddp=None
+    policy,
+    value_model,
+    mb: dict,
+    config: PPOConfig,
+    stats: dict | None = None,
+    whole: dict | None = None,
+    ddp=None,
+    beta: float = 0.0,
+    step: int = 0,
 ) -> dict:
     """Forward/backward over the micro-batches of one minibatch; gradients summed, loss normalised by the
     minibatch's token count so that 4 micro-batches of 1 equal 1 micro-batch of 4. `mb` holds the batch plus
     old_logps, old_values, advantages, returns. Accumulates per-token sums into `stats`. With several processes
     `mb` is this process's share of the minibatch `whole` (the normaliser's), `ddp` the accelerator: the loss
-    is scaled by the world size (DDP averages gradients), which are all-reduced on the last micro-batch."""
+    is scaled by the world size (DDP averages gradients), which are all-reduced on the last micro-batch.
+
+    Single pass (`online.single_pass`, one process only: `mb` is the whole rollout in one micro-batch, with
+    ref_logps and scores instead of old_logps, old_values, advantages, returns): the forwards' own log-probs and
+    values, detached, are the old ones; steps 4-6 (`rollout_targets`, with `beta`) run on them before the loss,
+    and `stats['rollout']` returns what the step logs (rows in the minibatch's order)."""
     stats = stats if stats is not None else {}
     n_tokens = (mb if whole is None else whole)["completion_mask"].float().sum().clamp(min=1)
     chunks = list(micro_batches(mb, config.micro_batch_size))
     for i, mu in enumerate(chunks):
         mask = mu["completion_mask"].float()
         with sync_on_last_of(ddp, [policy, value_model], i, len(chunks)) if ddp else contextlib.nullcontext():
-            logp, _, entropy = sequence_logps(policy, mu, config.temperature, return_entropy=True)
-            values = value_model(mu)
-            pg, ratio, pg_clipped = clipped_policy_loss(logp, mu["old_logps"], mu["advantages"], config.cliprange)
-            vf, vf_clipped = clipped_value_loss(values, mu["old_values"], mu["returns"], config.cliprange_value)
+            with autocast(config.dtype, mask.device):  # --dtype: the forwards only, the backward outside
+                logp, _, entropy = sequence_logps(policy, mu, config.temperature, return_entropy=True)
+                values = value_model(mu)
+            if "old_logps" in mu:
+                old_logps, old_values, advantages, returns = (
+                    mu["old_logps"],
+                    mu["old_values"],
+                    mu["advantages"],
+                    mu["returns"],
+                )
+            else:
+                assert ddp is None and len(chunks) == 1, "single pass: one process, one micro-batch"
+                old_logps, old_values = logp.detach(), values.detach()
+                with torch.no_grad():
+                    advantages, returns, kl, rlhf_reward = rollout_targets(
+                        old_logps, mu["ref_logps"], old_values, mu["scores"], mask, beta, config, step
+                    )
+                stats["rollout"] = {
+                    "kl": kl,
+                    "rlhf_reward": rlhf_reward,
+                    "old_values": old_values,
+                    "returns": returns,
+                    "entropy": entropy,
+                    "mask": mask,
+                    "scores": mu["scores"],
+                }
+            pg, ratio, pg_clipped = clipped_policy_loss(logp, old_logps, advantages, config.cliprange)
+            vf, vf_clipped = clipped_value_loss(values, old_values, returns, config.cliprange_value)
             loss = ((pg + config.vf_coef * vf) * mask).sum() / n_tokens
             (loss * ddp.num_processes if ddp else loss).backward()
         with torch.no_grad():
@@ -111,7 +167,7 @@ def ppo_minibatch(
                     "loss/policy": pg,
                     "loss/value": vf,
                     "policy/clipfrac": pg_clipped.float(),
-                    "policy/approxkl": approx_kl(logp, mu["old_logps"]),
+                    "policy/approxkl": approx_kl(logp, old_logps),
                     "val/ratio": ratio,
                     "val/clipfrac": vf_clipped.float(),
                     "policy/entropy": entropy,
@@ -145,29 +201,30 @@ def ppo(config: PPOConfig) -> dict:
         while not loop.budget.done(loop.step):
             # 1-3. rollout (pure sampling at temperature T, stop at EOS: details #3, #4); old and reference log-probs
             #      with the one log-prob function (temperature on both); scores with the missing-EOS penalty
-            r = rollout_and_score(s, next(loop.prompts), config, loop.step)
+            prompts = next(loop.prompts)
+            one_pass = single_pass(config, len(prompts), s.processes)
+            r = rollout_and_score(s, prompts, config, loop.step, old_logps=not one_pass)
             mask = r.mask
-            with torch.no_grad():
-                # 4. per-token reward: -beta KL_t, score at the last real token (details #5, #11)
-                rewards, kl = rlhf_rewards(
-                    r.old_logps, r.ref_logps, r.scores, mask, loop.kl_ctl.value, config.kl_estimator
-                )
-                rlhf_reward = rewards.sum(-1)
-                check_scores(loop.step + 1, r.scores, kl.sum(-1), config)  # NaN, a broken reward, KL past max_kl
-                # 5. reward whitening without mean shift (detail #14)
-                if config.whiten_rewards:
-                    rewards = masked_whiten(rewards, mask, shift_mean=False)
-                # 6. values, GAE, advantage whitening with mean shift (details #13, #14)
-                old_values = over_rows(s, r.batch, lambda b: batch_values(value_model, b, config.mini_batch_size))
-                advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
-                advantages = masked_whiten(advantages, mask, shift_mean=True)
-            data = {
-                **r.batch,
-                "old_logps": r.old_logps,
-                "old_values": old_values,
-                "advantages": advantages,
-                "returns": returns,
-            }
+            beta_used = loop.kl_ctl.value
+            if one_pass:  # steps 4-6 inside the update, on its forwards' own log-probs and values
+                data = {**r.batch, "ref_logps": r.ref_logps, "scores": r.scores}
+            else:
+                with torch.no_grad():
+                    # 6. values: one forward of the value model over the rollout
+                    with s.precision():
+                        old_values = over_rows(
+                            s, r.batch, lambda b: batch_values(value_model, b, config.mini_batch_size)
+                        )
+                    advantages, returns, kl, rlhf_reward = rollout_targets(
+                        r.old_logps, r.ref_logps, old_values, r.scores, mask, beta_used, config, loop.step + 1
+                    )
+                data = {
+                    **r.batch,
+                    "old_logps": r.old_logps,
+                    "old_values": old_values,
+                    "advantages": advantages,
+                    "returns": returns,
+                }
             # 7. several epochs over reshuffled minibatches; one optimiser step per minibatch (details #16, #17)
             stats = optimise(
                 [s.policy, value_model],
@@ -175,15 +232,21 @@ def ppo(config: PPOConfig) -> dict:
                 data,
                 config,
                 loop.generator,
-                lambda mb, st, whole: ppo_minibatch(policy_ddp, value_ddp, mb, config, st, whole, s.accelerator),
+                lambda mb, st, whole: ppo_minibatch(
+                    policy_ddp, value_ddp, mb, config, st, whole, s.accelerator, beta_used, loop.step + 1
+                ),
                 loop.step + 1,
                 s.accelerator,
             )
+            entropy, scores = r.entropy, r.scores
+            if one_pass:  # what the update computed, rows in its order
+                got = stats["rollout"]
+                kl, rlhf_reward, old_values, returns = got["kl"], got["rlhf_reward"], got["old_values"], got["returns"]
+                entropy, mask, scores = got["entropy"], got["mask"], got["scores"]
             loop.step += 1
             # 8. KL controller on the mean per-sequence KL of this batch (detail #12)
             mean_kl = kl.sum(-1).mean().item()
-            beta_used = loop.kl_ctl.value
-            loop.kl_ctl.update(mean_kl, len(r.scores))
+            loop.kl_ctl.update(mean_kl, len(scores))
             # 9. log: means over the whole step
             n = max(stats["tokens"], 1.0)
             if loop.step % config.log_every == 0 or loop.step == config.max_steps:
@@ -193,7 +256,7 @@ def ppo(config: PPOConfig) -> dict:
                         "ppo/objective/kl": mean_kl,
                         "ppo/objective/scores": r.scores.mean(),
                         "ppo/objective/rlhf_reward": rlhf_reward.mean(),
-                        "ppo/objective/entropy": masked_mean(r.entropy, mask),
+                        "ppo/objective/entropy": masked_mean(entropy, mask),
                         "ppo/policy/approxkl": stats["policy/approxkl"] / n,
                         "ppo/policy/clipfrac": stats["policy/clipfrac"] / n,
                         "ppo/policy/first_ratio_dev": stats["first_ratio_dev"],

@@ -33,15 +33,17 @@ from preflab.policy.online import (
     check_scores,
     finish_online,
     micro_batches,
+    needs_reference,
     optimise,
     rollout_and_score,
     save_loop,
     setup_online,
+    single_pass,
     start_loop,
 )
 from preflab.runs import progress
 from preflab.stages import stage
-from preflab.training import sync_on_last
+from preflab.training import autocast, sync_on_last
 
 
 @dataclass(kw_only=True)
@@ -69,6 +71,20 @@ class GRPOConfig(RLOOConfig):
     kl_estimator: str = opt("k3", "KL estimator for the logged KL; the loss term is always k3 (GRPO eq. 4)")
 
 
+def rollout_kl(old_logps, ref_logps, mask, estimator: str) -> torch.Tensor:
+    """sum_t KL_t per sequence [B] (0 without a reference: nothing reads it then)."""
+    if ref_logps is None:
+        return torch.zeros(old_logps.shape[0], device=old_logps.device)
+    return (kl_estimate(old_logps, ref_logps, estimator) * mask).sum(-1)
+
+
+def advantages_of(scores, kl, k: int, method: str, beta: float) -> torch.Tensor:
+    """Leave-one-out on the KL-penalised reward (RLOO), or group-normalised scores (GRPO); rows prompt-major."""
+    if method == "rloo":
+        return rloo_advantages(scores - beta * kl, k)
+    return grpo_advantages(scores, k)
+
+
 def critic_free_minibatch(
     policy,
     mb: dict,
@@ -78,12 +94,19 @@ def critic_free_minibatch(
     stats: dict | None = None,
     whole: dict | None = None,
     ddp=None,
+    step: int = 0,
 ) -> dict:
     """Forward/backward over the micro-batches of one minibatch; the loss is the mean over its sequences, so
     accumulation over micro-batches is exact. `mb` holds the batch plus old_logps, ref_logps, advantages [B].
     With several processes `mb` is this process's share of the minibatch `whole` (the mean is over `whole`),
     `ddp` the accelerator: the loss is scaled by the world size (DDP averages gradients), which are all-reduced
-    on the last micro-batch."""
+    on the last micro-batch.
+
+    Single-pass (`online.single_pass`, one process only: `mb` is the whole rollout in one micro-batch, with `row`
+    (each row's index in the rollout) and `scores` instead of old_logps and advantages): the forward's own
+    log-probs, detached, are the old log-probs; the KL and the advantages are computed from them, in rollout
+    order, before the loss; `stats['rollout']` returns the KL [B] and entropy [B, C] in rollout order for the
+    step's log."""
     stats = stats if stats is not None else {}
     n_rows = (mb if whole is None else whole)["input_ids"].shape[0]
     chunks = list(micro_batches(mb, config.micro_batch_size))
@@ -91,15 +114,35 @@ def critic_free_minibatch(
         mask = mu["completion_mask"].float()
         length = mask.sum(-1).clamp(min=1)
         with sync_on_last(ddp, policy, i, len(chunks)) if ddp else contextlib.nullcontext():
-            logp, _, entropy = sequence_logps(policy, mu, config.temperature, return_entropy=True)
-            adv = mu["advantages"][:, None].expand_as(logp)
-            pg, ratio, clipped = clipped_policy_loss(logp, mu["old_logps"], adv, config.cliprange)
+            with autocast(config.dtype, mask.device):  # --dtype: the forward only, the backward outside
+                logp, _, entropy = sequence_logps(policy, mu, config.temperature, return_entropy=True)
+            ref_logps = mu.get("ref_logps")
+            if "old_logps" in mu:
+                old_logps, advantages = mu["old_logps"], mu["advantages"]
+            else:
+                assert ddp is None and mu["input_ids"].shape[0] == n_rows, "single pass: one process, one micro-batch"
+                old_logps = logp.detach()
+                kl = rollout_kl(old_logps, ref_logps, mask, config.kl_estimator)
+                row = mu["row"]
+                in_order = torch.empty_like(kl)
+                in_order[row] = kl
+                scores = torch.empty_like(mu["scores"])
+                scores[row] = mu["scores"]
+                check_scores(step, scores, in_order, config)  # before the update, as in the plain loop
+                advantages = advantages_of(scores, in_order, config.k, method, beta)[row]
+                ent = torch.empty_like(entropy)
+                ent[row] = entropy
+                stats["rollout"] = {"kl": in_order, "entropy": ent}
+            adv = advantages[:, None].expand_as(logp)
+            pg, ratio, clipped = clipped_policy_loss(logp, old_logps, adv, config.cliprange)
             if method == "rloo":
                 per_seq = (pg * mask).sum(-1)  # REINFORCE on the whole sequence
                 kl_term = torch.zeros_like(per_seq)
             else:
                 per_seq = (pg * mask).sum(-1) / length  # GRPO eq. 3: 1/|o_i| sum_t
-                kl_term = beta * (kl_k3(logp, mu["ref_logps"]) * mask).sum(-1) / length  # GRPO eq. 3-4
+                kl_term = torch.zeros_like(per_seq)
+                if beta:
+                    kl_term = beta * (kl_k3(logp, ref_logps) * mask).sum(-1) / length  # GRPO eq. 3-4
             loss = (per_seq + kl_term).sum() / n_rows
             (loss * ddp.num_processes if ddp else loss).backward()
         with torch.no_grad():
@@ -111,7 +154,7 @@ def critic_free_minibatch(
                 {
                     "policy/clipfrac": clipped.float(),
                     "val/ratio": ratio,
-                    "policy/approxkl": approx_kl(logp, mu["old_logps"]),
+                    "policy/approxkl": approx_kl(logp, old_logps),
                 },
                 mask,
             )
@@ -128,20 +171,28 @@ def critic_free(config: RLOOConfig, method: str) -> dict:
     with s.run.guarded() as stop:
         while not loop.budget.done(loop.step):
             prompts = [p for p in next(loop.prompts) for _ in range(k)]  # prompt-major groups of k
-            # 1-3. rollout, old and reference log-probs (temperature on both), scores with the missing-EOS penalty
-            r = rollout_and_score(s, prompts, config, loop.step)
+            one_pass = single_pass(config, len(prompts), s.processes)
+            # 1-3. rollout, old and reference log-probs (temperature on both), scores with the missing-EOS penalty;
+            #      single pass: the old log-probs come from the update's forward; beta 0: no reference
+            r = rollout_and_score(
+                s, prompts, config, loop.step, old_logps=not one_pass, reference=needs_reference(config)
+            )
             mask = r.mask
-            with torch.no_grad():
-                kl = (kl_estimate(r.old_logps, r.ref_logps, config.kl_estimator) * mask).sum(-1)
-                check_scores(loop.step + 1, r.scores, kl, config)  # NaN, a broken reward, KL past max_kl
-                # 4. advantages: leave-one-out on the KL-penalised reward, or group-normalised scores
-                if method == "rloo":
-                    advantages = rloo_advantages(r.scores - loop.kl_ctl.value * kl, k)
-                else:
-                    advantages = grpo_advantages(r.scores, k)
-            data = {**r.batch, "old_logps": r.old_logps, "ref_logps": r.ref_logps, "advantages": advantages}
-            # 5. epochs over reshuffled minibatches, one optimiser step per minibatch
             beta_used = loop.kl_ctl.value
+            if one_pass:
+                data = {**r.batch, "scores": r.scores, "row": torch.arange(len(prompts), device=s.device)}
+                if r.ref_logps is not None:
+                    data["ref_logps"] = r.ref_logps
+            else:
+                with torch.no_grad():
+                    kl = rollout_kl(r.old_logps, r.ref_logps, mask, config.kl_estimator)
+                    check_scores(loop.step + 1, r.scores, kl, config)  # NaN, a broken reward, KL past max_kl
+                    # 4. advantages: leave-one-out on the KL-penalised reward, or group-normalised scores
+                    advantages = advantages_of(r.scores, kl, k, method, beta_used)
+                data = {**r.batch, "old_logps": r.old_logps, "advantages": advantages}
+                if r.ref_logps is not None:
+                    data["ref_logps"] = r.ref_logps
+            # 5. epochs over reshuffled minibatches, one optimiser step per minibatch
             stats = optimise(
                 [s.policy],
                 optimizer,
@@ -149,21 +200,25 @@ def critic_free(config: RLOOConfig, method: str) -> dict:
                 config,
                 loop.generator,
                 lambda mb, st, whole: critic_free_minibatch(
-                    policy_ddp, mb, config, method, beta_used, st, whole, s.accelerator
+                    policy_ddp, mb, config, method, beta_used, st, whole, s.accelerator, loop.step + 1
                 ),
                 loop.step + 1,
                 s.accelerator,
             )
+            if one_pass:
+                kl, entropy = stats["rollout"]["kl"], stats["rollout"]["entropy"]
+            else:
+                entropy = r.entropy
             loop.step += 1
             # 6. KL controller, then 7. log means over the step
             loop.kl_ctl.update(kl.mean().item(), len(prompts))
             n, rows = max(stats["tokens"], 1.0), max(stats["rows"], 1.0)
             if loop.step % config.log_every == 0 or loop.step == config.max_steps:
                 metrics = {
-                    "objective/kl": kl.mean(),
+                    **({"objective/kl": kl.mean()} if r.ref_logps is not None else {}),
                     "objective/scores": r.scores.mean(),
                     "objective/rlhf_reward": (r.scores - beta_used * kl).mean(),
-                    "objective/entropy": masked_mean(r.entropy, mask),
+                    "objective/entropy": masked_mean(entropy, mask),
                     "policy/approxkl": stats["policy/approxkl"] / n,
                     "policy/clipfrac": stats["policy/clipfrac"] / n,
                     "policy/first_ratio_dev": stats["first_ratio_dev"],
