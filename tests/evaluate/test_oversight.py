@@ -98,6 +98,8 @@ def test_dpo_table_compares_each_trained_policy_with_the_mean_sft_sample_paired_
     assert lim["true_gain"]["mean"] == -1.0 and lim["bluff_gain"]["mean"] == 0.5
     assert un["full"]["proxy_gain"]["mean"] == 1.0 and un["full"]["bluff_gain"]["mean"] == -0.5  # the full RM on sft: 0
     assert ver["full"]["proxy_gain"]["mean"] == 1.0 and ver["full"]["true_gain"]["mean"] == 0.0
+    assert lim["bluff_vs_full"]["mean"] == 1.0 and lim["true_vs_full"]["mean"] == -2.0  # against dpo on full votes
+    assert "bluff_vs_full" not in un["full"] and un["aid@1"]["true_vs_full"]["mean"] == -0.5
     assert table["all"]["limited"]["true_utility"]["mean"] == 0.0
     assert u["limited"].tolist() == [-1.0, 1.0] and u["aid@1"].tolist() == [0.5, 1.0] and u["sft"].tolist() == [0, 1]
     back = recovered_from(u, split, [1.0], n_boot=50, seed=0)

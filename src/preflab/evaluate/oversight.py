@@ -255,7 +255,8 @@ def dpo_table(
     samples, arrays [P, K] of the same and "proxy" (the arm's own reward model, normalised); sft_proxy: per arm
     its reward model's scores of the SFT samples [P, N]. Each policy's value on a prompt is the mean over its
     samples there; the "sft" row is the mean over the N SFT samples (its proxy by the limited raters' reward
-    model); the gains (true utility, bluff rate, the arm's own proxy) are paired by prompt.
+    model); the gains (true utility, bluff rate, the arm's own proxy) are paired by prompt, against the SFT policy
+    and (`true_vs_full`, `bluff_vs_full`, every arm but sft and full) against the full raters' DPO policy.
     """
     keys = ("utility", "right", "bluff")
     per = {"sft": {k: cand[k].mean(1) for k in keys} | {"proxy": sft_proxy["limited"].mean(1)}}
@@ -275,6 +276,10 @@ def dpo_table(
                 sft = per["sft"] | {"proxy": sft_proxy[arm].mean(1)}  # the gain in proxy: by the arm's own RM
                 for key, gain in (("proxy", "proxy_gain"), ("utility", "true_gain"), ("bluff", "bluff_gain")):
                     e[gain] = paired_difference(v[key][mask], sft[key][mask], n_boot, seed=seed).as_dict()
+            if arm not in ("sft", "full") and "full" in per:  # against the policy trained on the full raters' votes
+                full = per["full"]
+                e["true_vs_full"] = paired_difference(v["utility"][mask], full["utility"][mask], n_boot, seed).as_dict()
+                e["bluff_vs_full"] = paired_difference(v["bluff"][mask], full["bluff"][mask], n_boot, seed).as_dict()
             entry[arm] = e
         table[name] = entry
     return table, {arm: v["utility"] for arm, v in per.items()}
@@ -368,18 +373,20 @@ def dpo_markdown(report: dict) -> list[str]:
             f"## DPO: {title} ({t['prompts']} prompts)",
             "",
             "| policy | true utility [95% CI] | right answers | bluffs [95% CI] | bluffs vs sft [95% CI] | "
-            "proxy reward [95% CI] | proxy gain vs sft [95% CI] | true gain vs sft [95% CI] |",
-            "|---|---|---|---|---|---|---|---|",
+            "proxy reward [95% CI] | proxy gain vs sft [95% CI] | true gain vs sft [95% CI] | "
+            "bluffs vs dpo on full votes [95% CI] | true utility vs dpo on full votes [95% CI] |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for arm, e in t.items():
             if arm == "prompts":
                 continue
             label = f"sft ({c['bon_n']} samples)" if arm == "sft" else f"dpo on {arm} votes"
-            gains = [_ci(e[k]) if k in e else "-" for k in ("bluff_gain", "proxy_gain", "true_gain")]
+            keys = ("bluff_gain", "proxy_gain", "true_gain", "bluff_vs_full", "true_vs_full")
+            gains = [_ci(e[k]) if k in e else "-" for k in keys]
             lines.append(
                 f"| {label} | {_ci(e['true_utility'])} | {e['right_rate']['mean']:.0%} | "
                 f"{e['bluff_rate']['mean']:.0%} [{e['bluff_rate']['low']:.0%}, {e['bluff_rate']['high']:.0%}] | "
-                f"{gains[0]} | {_ci(e['proxy_reward'])} | {gains[1]} | {gains[2]} |"
+                f"{gains[0]} | {_ci(e['proxy_reward'])} | {gains[1]} | {gains[2]} | {gains[3]} | {gains[4]} |"
             )
     lines += [
         "",

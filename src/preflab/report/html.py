@@ -227,6 +227,7 @@ def oversight_dpo_table(over: dict) -> str:
                 _ci(e["bluff_rate"], 2),
                 _ci(e.get("bluff_gain"), 2, "+") if arm != "sft" else "-",
                 _ci(e.get("proxy_gain"), 2, "+") if arm != "sft" else "-",
+                _ci(e.get("bluff_vs_full"), 2, "+") if "bluff_vs_full" in e else "-",
             ]
         )
     shares = ", ".join(f"recall {r}: {_ci(e, 2, '+')}" for r, e in d["recovered"]["unverified"].items())
@@ -243,6 +244,7 @@ def oversight_dpo_table(over: dict) -> str:
                 "bluff rate [95% CI]",
                 "bluffs vs sft [95% CI]",
                 "proxy gain vs sft [95% CI]",
+                "bluffs vs dpo on full votes [95% CI]",
             ],
             rows,
         )
