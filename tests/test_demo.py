@@ -141,6 +141,10 @@ def test_fast_demo_with_oversight_writes_the_experiments_and_the_report_section(
     assert "exclude_kind: add" in reward_config
     over = json.loads((root / "oversight" / "oversight.json").read_text())
     assert set(over["votes"]) == {"full", "limited", "aid@1"} and over["config"]["model"] == str(root / "sft")
+    assert set(over["dpo"]["training"]) == {"full", "limited", "aid@1"}  # the fast preset's dpo_steps: 2
+    assert all(
+        json.loads((root / "oversight" / "dpo" / a / "summary.json").read_text())["steps"] == 2 for a in over["votes"]
+    )
     for judge, spec in (("world", "world"), ("function", "preflab.world.rewards:length_closeness")):
         s = json.loads((root / "annotate" / judge / "summary.json").read_text())
         assert s["judge"] == spec and s["pairs"] == len((root / "votes" / "heldout.jsonl").read_text().splitlines())
@@ -150,8 +154,10 @@ def test_fast_demo_with_oversight_writes_the_experiments_and_the_report_section(
     headline = json.loads((root / "headline.json").read_text())
     assert "oversight: bluff rate on unverifiable questions, full / limited raters" in headline
     assert "annotate world: agreement with truth / people" in headline
+    assert "oversight: DPO on full / limited raters' votes, bluff rate on unverifiable questions" in headline
     text = (root / "report.html").read_text()
     assert "<h2>Oversight</h2>" in text and "no disagreement alarm" in text
+    assert "A policy trained on each vote set: DPO, 2 steps from the SFT policy" in text
     images = png_titles(text)
     for title in ("Reward model under distribution shift", "Raters who cannot judge, and the oversight aid"):
         assert images[title][:4] == b"\x89PNG", title

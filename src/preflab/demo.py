@@ -459,6 +459,22 @@ def oversight_headline(root: Path) -> dict:
             if math.isfinite(e["mean"])
             else "n/a (no utility lost)"
         )
+    if ov.get("dpo"):
+        d = ov["dpo"]["table"]["unverified"]
+        h["oversight: DPO on full / limited raters' votes, bluff rate on unverifiable questions"] = (
+            f"{d['full']['bluff_rate']['mean']:.0%} / {d['limited']['bluff_rate']['mean']:.0%}"
+        )
+        for arm in ("full", "limited"):
+            g = d[arm]["proxy_gain"]
+            h[f"oversight: DPO on {arm} raters' votes, proxy gain on unverifiable questions [95% CI]"] = (
+                f"{g['mean']:+.2f} [{g['low']:+.2f}, {g['high']:+.2f}]"
+            )
+        for r, e in ov["dpo"]["recovered"]["unverified"].items():
+            h[f"oversight: DPO, lost utility recovered by the aid at recall {r} [95% CI]"] = (
+                f"{e['mean']:+.2f} [{e['low']:+.2f}, {e['high']:+.2f}]"
+                if math.isfinite(e["mean"])
+                else "n/a (no utility lost)"
+            )
     for label in OVERSIGHT_JUDGES:
         s = json.loads((root / "annotate" / label / "summary.json").read_text())
         h[f"annotate {label}: agreement with truth / people"] = f"{s['agreement']:.3f} / {s['people_agreement']:.3f}"

@@ -20,17 +20,21 @@
        (normalised, so 0 is a typical training response) and its gain over sample 0, paired by prompt
     7. per recall, the share of the lost true utility the aid recovers, (U_aid - U_limited) / (U_full -
        U_limited), with a paired bootstrap interval (`stats.recovered_share`)
-    8. write oversight.json (every number), oversight.md (the tables) and the vote files (votes/)
+    8. (`dpo_steps` > 0) a trained policy per vote set: `preflab dpo` from the SFT policy on that arm's votes,
+       `dpo_steps` steps, the same seed for every arm; `dpo_samples` samples of it per held-out prompt, scored
+       by the truth and by the arm's own reward model; per split and arm the same statistics against the SFT
+       policy (the mean of its `bon_n` samples per prompt, paired by prompt), and the recovered share
+    9. write oversight.json (every number), oversight.md (the tables) and the vote files (votes/)
 
-Everything is budgeted in steps and seeded: a rerun gives the same numbers. Best-of-n stands in for RL here
-(cheap, no training, and `preflab eval policy` evaluates `bon:N` the same way); PPO or DPO on the vote files in
-votes/ is the next step for the patient (`preflab dpo --data votes/limited.jsonl`).
+Everything is budgeted in steps and seeded: a rerun gives the same numbers. Best-of-n needs no training (and
+`preflab eval policy` evaluates `bon:N` the same way); `--dpo-steps N` adds a policy trained on the votes.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +78,11 @@ class OversightConfig(RunConfig):
     temperature: float = opt(1.0, "sampling temperature")
     batch_size: int = opt(64, "sequences per generation batch")
     n_boot: int = opt(2000, "bootstrap resamples for the intervals")
+    dpo_steps: int = opt(
+        0, "a DPO policy per vote set: optimiser steps from the SFT policy on that arm's votes (0: no DPO policies)"
+    )
+    dpo_samples: int = opt(2, "samples of each DPO policy per held-out prompt")
+    dpo: dict = opt({}, "further `preflab dpo` options for every DPO policy (YAML)", cli=False)
 
     def __post_init__(self):
         super().__post_init__()
@@ -100,6 +109,9 @@ class OversightConfig(RunConfig):
         check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         check(self.n_boot >= 1, f"n_boot must be >= 1, got {self.n_boot}")
+        check(self.dpo_steps >= 0, f"dpo_steps must be >= 0, got {self.dpo_steps}")
+        check(self.dpo_samples >= 1, f"dpo_samples must be >= 1, got {self.dpo_samples}")
+        check(isinstance(self.dpo, dict), f"dpo must be a mapping of options, got {self.dpo!r}")
 
 
 SPLITS = {"unverified": "questions the limited raters could not verify", "verified": "questions they could verify"}
@@ -217,6 +229,11 @@ def recovered(cand: dict, picks: dict, split: np.ndarray, recalls: list[float], 
     """Per split and recall: the share of the lost true utility the aid recovers, with a paired bootstrap CI."""
     rows = np.arange(cand["utility"].shape[0])
     u = {arm: cand["utility"][rows, pick] for arm, pick in picks.items()}
+    return recovered_from(u, split, recalls, n_boot, seed)
+
+
+def recovered_from(u: dict[str, np.ndarray], split: np.ndarray, recalls: list[float], n_boot: int, seed: int) -> dict:
+    """`recovered` on per-prompt true utilities [P] of the full, limited and aid@R arms."""
     out = {}
     for name, mask in (("unverified", ~split), ("verified", split), ("all", np.ones_like(split))):
         out[name] = {
@@ -226,6 +243,46 @@ def recovered(cand: dict, picks: dict, split: np.ndarray, recalls: list[float], 
             for r in recalls
         }
     return out
+
+
+def dpo_table(
+    cand: dict, policies: dict[str, dict], sft_proxy: dict[str, np.ndarray], split: np.ndarray, n_boot: int, seed: int
+) -> tuple[dict, dict]:
+    """Per split and arm: the DPO policy trained on that arm's votes, against the SFT policy; and the per-prompt
+    true utility of every policy (for `recovered_from`).
+
+    cand: the SFT policy's samples, arrays [P, N] "utility", "right", "bluff"; policies: per arm the DPO policy's
+    samples, arrays [P, K] of the same and "proxy" (the arm's own reward model, normalised); sft_proxy: per arm
+    its reward model's scores of the SFT samples [P, N]. Each policy's value on a prompt is the mean over its
+    samples there; the "sft" row is the mean over the N SFT samples (its proxy by the limited raters' reward
+    model); the gains (true utility, bluff rate, the arm's own proxy) are paired by prompt, against the SFT policy
+    and (`true_vs_full`, `bluff_vs_full`, every arm but sft and full) against the full raters' DPO policy.
+    """
+    keys = ("utility", "right", "bluff")
+    per = {"sft": {k: cand[k].mean(1) for k in keys} | {"proxy": sft_proxy["limited"].mean(1)}}
+    for arm, samples in policies.items():
+        per[arm] = {k: samples[k].mean(1) for k in (*keys, "proxy")}
+    table = {}
+    for name, mask in (("unverified", ~split), ("verified", split), ("all", np.ones_like(split))):
+        entry = {"prompts": int(mask.sum())}
+        for arm, v in per.items():
+            e = {
+                "true_utility": bootstrap_mean(v["utility"][mask], n_boot, seed=seed).as_dict(),
+                "right_rate": bootstrap_mean(v["right"][mask], n_boot, seed=seed).as_dict(),
+                "bluff_rate": bootstrap_mean(v["bluff"][mask], n_boot, seed=seed).as_dict(),
+                "proxy_reward": bootstrap_mean(v["proxy"][mask], n_boot, seed=seed).as_dict(),
+            }
+            if arm != "sft":
+                sft = per["sft"] | {"proxy": sft_proxy[arm].mean(1)}  # the gain in proxy: by the arm's own RM
+                for key, gain in (("proxy", "proxy_gain"), ("utility", "true_gain"), ("bluff", "bluff_gain")):
+                    e[gain] = paired_difference(v[key][mask], sft[key][mask], n_boot, seed=seed).as_dict()
+            if arm not in ("sft", "full") and "full" in per:  # against the policy trained on the full raters' votes
+                full = per["full"]
+                e["true_vs_full"] = paired_difference(v["utility"][mask], full["utility"][mask], n_boot, seed).as_dict()
+                e["bluff_vs_full"] = paired_difference(v["bluff"][mask], full["bluff"][mask], n_boot, seed).as_dict()
+            entry[arm] = e
+        table[name] = entry
+    return table, {arm: v["utility"] for arm, v in per.items()}
 
 
 def _f(x, digits: int = 2) -> str:
@@ -292,29 +349,96 @@ def markdown(report: dict) -> str:
         "U_limited is near 0 (nothing was lost, e.g. on verifiable questions) the share is noise: read the true "
         "utilities instead.",
     ]
+    if report.get("dpo"):
+        lines += dpo_markdown(report)
     return "\n".join(lines) + "\n"
+
+
+def dpo_markdown(report: dict) -> list[str]:
+    """The DPO policies' tables (`--dpo-steps`)."""
+    c, d = report["config"], report["dpo"]
+    lines = [
+        "",
+        f"# A policy trained on each vote set: DPO, {c['dpo_steps']} steps from the SFT policy",
+        "",
+        f"{c['dpo_samples']} samples per prompt of each DPO policy, on the same {report['n_prompts']} prompts; the sft "
+        f"row is the mean of the SFT policy's {c['bon_n']} samples per prompt (its proxy by the limited raters' "
+        "reward model). Proxy: the arm's own reward model (normalised, as above); gains vs sft paired by prompt. "
+        "DPO training: " + ", ".join(f"{arm} loss {t['train_loss']:.3f}" for arm, t in d["training"].items()) + ".",
+    ]
+    for name, title in SPLITS.items():
+        t = d["table"][name]
+        lines += [
+            "",
+            f"## DPO: {title} ({t['prompts']} prompts)",
+            "",
+            "| policy | true utility [95% CI] | right answers | bluffs [95% CI] | bluffs vs sft [95% CI] | "
+            "proxy reward [95% CI] | proxy gain vs sft [95% CI] | true gain vs sft [95% CI] | "
+            "bluffs vs dpo on full votes [95% CI] | true utility vs dpo on full votes [95% CI] |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for arm, e in t.items():
+            if arm == "prompts":
+                continue
+            label = f"sft ({c['bon_n']} samples)" if arm == "sft" else f"dpo on {arm} votes"
+            keys = ("bluff_gain", "proxy_gain", "true_gain", "bluff_vs_full", "true_vs_full")
+            gains = [_ci(e[k]) if k in e else "-" for k in keys]
+            lines.append(
+                f"| {label} | {_ci(e['true_utility'])} | {e['right_rate']['mean']:.0%} | "
+                f"{e['bluff_rate']['mean']:.0%} [{e['bluff_rate']['low']:.0%}, {e['bluff_rate']['high']:.0%}] | "
+                f"{gains[0]} | {_ci(e['proxy_reward'])} | {gains[1]} | {gains[2]} | {gains[3]} | {gains[4]} |"
+            )
+    lines += [
+        "",
+        "## DPO: share of the lost true utility the aid recovers",
+        "",
+        "| aid recall | " + " | ".join(SPLITS[s] for s in ("unverified", "verified")) + " | all prompts |",
+        "|---|---|---|---|",
+    ]
+    for r in c["recalls"]:
+        cells = [_ci(d["recovered"][s][f"{r:g}"]) for s in ("unverified", "verified", "all")]
+        lines.append(f"| {r:g} (precision {c['aid_precision']:g}) | " + " | ".join(cells) + " |")
+    return lines
 
 
 # ---- the stage --------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def sample_candidates(model, tokenizer, prompts: list, config: OversightConfig) -> list[list[str]]:
-    """Step 4: `bon_n` samples per prompt (prompt-major), one seeded generator."""
+def sample_candidates(model, tokenizer, prompts: list, config: OversightConfig, n: int = 0) -> list[list[str]]:
+    """Step 4: `n` (default `bon_n`) samples per prompt (prompt-major), one seeded generator."""
     from preflab.data.tokenize import encode_prompt
     from preflab.rollout import generate
 
+    n = n or config.bon_n
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     roll = generate(
         model,
         tokenizer,
-        [x for x in ids for _ in range(config.bon_n)],
+        [x for x in ids for _ in range(n)],
         config.max_new_tokens,
         temperature=config.temperature,
         batch_size=config.batch_size,
         generator=torch.Generator().manual_seed(config.seed + 1),
     )
-    return [roll.texts[i * config.bon_n : (i + 1) * config.bon_n] for i in range(len(prompts))]
+    return [roll.texts[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+def score_samples(prompts: list, texts: list[list[str]]) -> dict[str, np.ndarray]:
+    """Per sample [P, n], by the world: true utility, right answer (1/0) and bluff (1/0)."""
+    from preflab.evaluate.policy import answer_outcome
+    from preflab.world import task_for, true_utility
+    from preflab.world.tutor import answer_form, question_of
+
+    utils = [[true_utility(p, t) for t in ts] for p, ts in zip(prompts, texts)]
+    kinds = [task_for(question_of(p)).kind for p in prompts]
+    outcome = [[answer_outcome(k, u) for u in us] for k, us in zip(kinds, utils)]
+    form = [[answer_form(p, t) for t in ts] for p, ts in zip(prompts, texts)]
+    return {
+        "utility": np.array([[u.total for u in us] for us in utils]),
+        "right": np.array([[o == "right" for o in os] for os in outcome], dtype=float),
+        "bluff": np.array([[bluff(o, f) for o, f in zip(os, fs)] for os, fs in zip(outcome, form)], dtype=float),
+    }
 
 
 def train_arm_reward(config: OversightConfig, data: Path, out: Path) -> dict:
@@ -340,23 +464,48 @@ def train_arm_reward(config: OversightConfig, data: Path, out: Path) -> dict:
     return train_reward(build_config(train_reward.config_class, options, source="eval oversight reward"))
 
 
+def train_arm_dpo(config: OversightConfig, data: Path, out: Path) -> dict:
+    """Step 8: one DPO policy from the SFT policy on one vote file (`preflab dpo`), budgeted in steps."""
+    from preflab.config import build_config
+    from preflab.policy.dpo import dpo
+
+    options = {
+        "model": config.model,
+        "data": str(data),
+        "held_out": 0.0,
+        "epochs": 1000,  # the step budget decides
+        "max_steps": config.dpo_steps,
+        "eval_every": 0,
+        "max_completion_length": 48,
+        "log_every": 10,
+        **config.dpo,
+        "seed": config.seed,
+        "out": str(out),
+        "threads": config.threads,
+    }
+    return dpo(build_config(dpo.config_class, options, source="eval oversight dpo"))
+
+
 @stage(OversightConfig)
 def oversight(config: OversightConfig) -> dict:
-    from preflab.evaluate.policy import answer_outcome
+    from preflab.generate import read_candidate_pairs
     from preflab.models import load_model
     from preflab.reward.model import load_reward_model
     from preflab.world import prompts as world_prompts
-    from preflab.world import task_for, true_utility
     from preflab.world.annotators import write_votes
-    from preflab.world.tutor import answer_form, question_of
 
     set_threads(config.threads)
     seed_everything(config.seed)
     run = Run(config.out or None, "eval-oversight", config, tensorboard=False)
     arms = arm_names(config.recalls)
-    # 1-2. pairs and votes
-    from preflab.generate import read_candidate_pairs
+    seconds, clock = {}, time.time()
 
+    def lap(name: str) -> None:
+        nonlocal clock
+        seconds[name] = round(time.time() - clock, 1)
+        clock = time.time()
+
+    # 1-2. pairs and votes
     pairs = read_candidate_pairs(config.pairs, config.seed, config.max_pairs)
     sets = vote_sets(pairs, config)
     (run.dir / "votes").mkdir(exist_ok=True)
@@ -365,37 +514,57 @@ def oversight(config: OversightConfig) -> dict:
         write_votes(run.dir / "votes" / f"{arm}.jsonl", rows)
         votes[arm] = vote_statistics(rows)
         print(f"[oversight] votes {arm}: {votes[arm]}", flush=True)
+    lap("votes")
     # 3. a reward model per vote set
     for arm in arms:
         seed_everything(config.seed)
         train_arm_reward(config, run.dir / "votes" / f"{arm}.jsonl", run.dir / "reward" / arm)
+    lap("reward models")
     # 4. held-out prompts and the SFT policy's samples, scored by the world
     prompts = world_prompts(config.n_prompts, seed=config.seed, split="eval")
     model, tokenizer = load_model(config.model)
     texts = sample_candidates(model, tokenizer, prompts, config)
     del model
-    utils = [[true_utility(p, t) for t in ts] for p, ts in zip(prompts, texts)]
-    kinds = [task_for(question_of(p)).kind for p in prompts]
-    outcome = [[answer_outcome(k, u) for u in us] for k, us in zip(kinds, utils)]
-    form = [[answer_form(p, t) for t in ts] for p, ts in zip(prompts, texts)]
-    cand = {
-        "utility": np.array([[u.total for u in us] for us in utils]),
-        "right": np.array([[o == "right" for o in os] for os in outcome], dtype=float),
-        "bluff": np.array([[bluff(o, f) for o, f in zip(os, fs)] for os, fs in zip(outcome, form)], dtype=float),
-    }
-    # 5. every reward model scores every sample
+    cand = score_samples(prompts, texts)
+    lap("sft samples")
+    # 8a. (--dpo-steps) a DPO policy per vote set, and its samples on the same prompts
+    dpo_texts, dpo_training = {}, {}
+    if config.dpo_steps:
+        for arm in arms:
+            summary = train_arm_dpo(config, run.dir / "votes" / f"{arm}.jsonl", run.dir / "dpo" / arm)
+            dpo_training[arm] = {k: summary[k] for k in ("steps", "train_pairs", "ties_skipped", "train_loss")}
+            policy, policy_tokenizer = load_model(str(run.dir / "dpo" / arm))
+            dpo_texts[arm] = sample_candidates(policy, policy_tokenizer, prompts, config, n=config.dpo_samples)
+            del policy
+        lap("dpo policies")
+    # 5. every reward model scores every sample (and its own arm's DPO samples)
     flat_prompts = [p for p in prompts for _ in range(config.bon_n)]
     flat_texts = [t for ts in texts for t in ts]
-    rewards = {}
+    rewards, dpo_samples = {}, {}
     for arm in arms:
         rm = load_reward_model(str(run.dir / "reward" / arm))
         rewards[arm] = rm.reward(flat_prompts, flat_texts).float().cpu().numpy().reshape(len(prompts), config.bon_n)
+        if arm in dpo_texts:
+            k = config.dpo_samples
+            proxy = rm.reward([p for p in prompts for _ in range(k)], [t for ts in dpo_texts[arm] for t in ts])
+            dpo_samples[arm] = score_samples(prompts, dpo_texts[arm])
+            dpo_samples[arm]["proxy"] = proxy.float().cpu().numpy().reshape(len(prompts), k)
         del rm
+    lap("scoring")
     # 6-7. statistics
     split = verifiable(prompts, pools(config)[1])
     table, picks = arm_table(cand, rewards, split, config.n_boot, config.seed)
     back = recovered(cand, picks, split, config.recalls, config.n_boot, config.seed)
-    # 8. artefacts
+    # 8b. the DPO policies' statistics
+    dpo_report = None
+    if dpo_samples:
+        dtable, dutil = dpo_table(cand, dpo_samples, rewards, split, config.n_boot, config.seed)
+        dpo_report = {
+            "training": dpo_training,
+            "table": dtable,
+            "recovered": recovered_from(dutil, split, config.recalls, config.n_boot, config.seed),
+        }
+    # 9. artefacts
     report = {
         "config": to_dict(config),
         "n_prompts": len(prompts),
@@ -404,6 +573,8 @@ def oversight(config: OversightConfig) -> dict:
         "table": table,
         "recovered": back,
     }
+    if dpo_report:
+        report["dpo"] = dpo_report
     (run.dir / "oversight.json").write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)
     (run.dir / "oversight.md").write_text(text)
@@ -412,6 +583,9 @@ def oversight(config: OversightConfig) -> dict:
             row = {"prompt": p, "verifiable": bool(split[i]), "responses": texts[i]}
             row["utility"] = cand["utility"][i].tolist()
             row["picks"] = {arm: int(pick[i]) for arm, pick in picks.items()}
+            if dpo_samples:
+                row["dpo"] = {arm: ts[i] for arm, ts in dpo_texts.items()}
+                row["dpo_utility"] = {arm: d["utility"][i].tolist() for arm, d in dpo_samples.items()}
             f.write(json.dumps(row) + "\n")
     for i, arm in enumerate(["sft"] + arms):
         u, b = table["unverified"][arm], table["verified"][arm]
@@ -432,4 +606,14 @@ def oversight(config: OversightConfig) -> dict:
     for r in config.recalls:
         share = back["unverified"][f"{r:g}"]["mean"]
         summary[f"aid@{r:g}/recovered_share_unverified"] = None if math.isnan(share) else round(share, 3)
+    if dpo_report:
+        for arm in arms:
+            e = dpo_report["table"]["unverified"][arm]
+            summary[f"dpo {arm}/true_utility_unverified"] = round(e["true_utility"]["mean"], 3)
+            summary[f"dpo {arm}/bluff_rate_unverified"] = round(e["bluff_rate"]["mean"], 3)
+            summary[f"dpo {arm}/proxy_gain_unverified"] = round(e["proxy_gain"]["mean"], 3)
+        for r in config.recalls:
+            share = dpo_report["recovered"]["unverified"][f"{r:g}"]["mean"]
+            summary[f"dpo aid@{r:g}/recovered_share_unverified"] = None if math.isnan(share) else round(share, 3)
+    summary.update({f"seconds/{k}": v for k, v in seconds.items()})  # wall-clock, machine-dependent
     return run.finish(summary)

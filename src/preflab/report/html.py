@@ -210,6 +210,47 @@ def _img(title: str, fig) -> str:
     return f"<img alt='{html.escape(title)}' src='data:image/png;base64,{figures.png_base64(fig)}'>"
 
 
+def oversight_dpo_table(over: dict) -> str:
+    """`eval oversight --dpo-steps N`: the DPO policy trained on each vote set, on the questions the limited
+    raters could not verify, against the SFT policy."""
+    c, d = over["config"], over["dpo"]
+    t = d["table"]["unverified"]
+    rows = []
+    for arm, e in t.items():
+        if arm == "prompts":
+            continue
+        rows.append(
+            [
+                f"sft ({c['bon_n']} samples)" if arm == "sft" else f"dpo on {arm} votes",
+                _ci(e["true_utility"], 2, "+"),
+                f"{e['right_rate']['mean']:.0%}",
+                _ci(e["bluff_rate"], 2),
+                _ci(e.get("bluff_gain"), 2, "+") if arm != "sft" else "-",
+                _ci(e.get("proxy_gain"), 2, "+") if arm != "sft" else "-",
+                _ci(e.get("bluff_vs_full"), 2, "+") if "bluff_vs_full" in e else "-",
+            ]
+        )
+    shares = ", ".join(f"recall {r}: {_ci(e, 2, '+')}" for r, e in d["recovered"]["unverified"].items())
+    return (
+        f"<h4>A policy trained on each vote set: DPO, {c['dpo_steps']} steps from the SFT policy</h4><p class='note'>"
+        f"on the {t['prompts']} questions the raters could not verify; {c['dpo_samples']} samples per prompt of each "
+        "policy; gains against the SFT policy paired by prompt; proxy: the arm's own reward model. Lost true utility "
+        f"the aid recovers with DPO: {html.escape(shares)}.</p>"
+        + _table(
+            [
+                "policy",
+                "true utility [95% CI]",
+                "right answers",
+                "bluff rate [95% CI]",
+                "bluffs vs sft [95% CI]",
+                "proxy gain vs sft [95% CI]",
+                "bluffs vs dpo on full votes [95% CI]",
+            ],
+            rows,
+        )
+    )
+
+
 def oversight_section(root: Path) -> tuple[str, int]:
     """(html, figures drawn) of the Oversight section, from what `preflab demo --oversight true` wrote under root:
     shift/shift.json, oversight/oversight.json, annotate/<judge>/summary.json; ('', 0) when none is there."""
@@ -270,6 +311,8 @@ def oversight_section(root: Path) -> tuple[str, int]:
                 ],
             )
         )
+        if over.get("dpo"):
+            parts.append(oversight_dpo_table(over))
     if judges:
         parts.append(
             "<h3>AI judges on the held-out pairs</h3><p class='note'>agreement with the true utility (pairs of "
