@@ -234,21 +234,6 @@ def generate(
     result holds only `prompts[rows]`, sampled exactly as one process sampling all of `prompts` would sample
     them: each process walks the same chunks, pads as the whole chunk pads, draws the whole chunk's noise and
     stops when every process's rows are done (`sample_rows`)."""
-    if rows is not None:
-        return _generate_rows(
-            model,
-            tokenizer,
-            prompts,
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            greedy,
-            batch_size,
-            generator,
-            rows,
-            all_done,
-        )
     was_training = model.training
     model.eval()
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -256,49 +241,19 @@ def generate(
     completions, logps, finished = [], [], []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        c, lp, f = _generate_batch(
-            model, chunk, eos_id, pad_id, max_new_tokens, temperature, top_k, top_p, greedy, generator
-        )
-        completions += c
-        logps.append(lp)
-        finished.append(f)
-    if was_training:
-        model.train()
-    batch = collate(prompts, completions, pad_id)
-    C = batch["completion_mask"].shape[1]
-    padded = torch.zeros(len(prompts), C)
-    row = 0
-    for lp in logps:
-        padded[row : row + lp.shape[0], : min(C, lp.shape[1])] = lp[:, :C]
-        row += lp.shape[0]
-    padded = padded * batch["completion_mask"]
-    texts = tokenizer.batch_decode([[t for t in c if t != eos_id] for c in completions], skip_special_tokens=True)
-    return Rollout(batch=batch, logps=padded, completion_ids=completions, texts=texts, finished=torch.cat(finished))
-
-
-def _generate_rows(
-    model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, greedy, batch_size, generator, rows, all_done
-) -> Rollout:
-    """`generate` over `prompts[rows]` only, as one process sampling all of `prompts` samples them."""
-    was_training = model.training
-    model.eval()
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    assert pad_id != eos_id, "pad must differ from eos (see preflab.models.ensure_pad_token)"
-    completions, logps, finished = [], [], []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        mine = [i - start for i in rows if start <= i < start + len(chunk)]
+        mine = None if rows is None else [i - start for i in rows if start <= i < start + len(chunk)]
         c, lp, f = _generate_batch(
             model, chunk, eos_id, pad_id, max_new_tokens, temperature, top_k, top_p, greedy, generator, mine, all_done
         )
         completions += c
-        logps += list(lp)
+        logps += list(lp)  # one row each
         finished.append(f)
     if was_training:
         model.train()
-    batch = collate([prompts[i] for i in rows], completions, pad_id)
+    kept = prompts if rows is None else [prompts[i] for i in rows]
+    batch = collate(kept, completions, pad_id)
     C = batch["completion_mask"].shape[1]
-    padded = torch.zeros(len(rows), C)
+    padded = torch.zeros(len(kept), C)
     for i, lp in enumerate(logps):
         padded[i, : min(C, lp.shape[0])] = lp[:C]
     padded = padded * batch["completion_mask"]
