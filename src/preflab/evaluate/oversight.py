@@ -293,6 +293,21 @@ def _ci(e: dict, digits: int = 2) -> str:
     return f"{_f(e['mean'], digits)} [{_f(e['low'], digits)}, {_f(e['high'], digits)}]"
 
 
+def recovered_table(title: str, recovered: dict, c: dict) -> list[str]:
+    """The aid's recovered share per recall (rows) and split (columns), as markdown lines under `## title`."""
+    lines = [
+        "",
+        f"## {title}",
+        "",
+        "| aid recall | " + " | ".join(SPLITS[s] for s in ("unverified", "verified")) + " | all prompts |",
+        "|---|---|---|---|",
+    ]
+    for r in c["recalls"]:
+        cells = [_ci(recovered[s][f"{r:g}"]) for s in ("unverified", "verified", "all")]
+        lines.append(f"| {r:g} (precision {c['aid_precision']:g}) | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(report: dict) -> str:
     c = report["config"]
     lines = [
@@ -333,16 +348,11 @@ def markdown(report: dict) -> str:
                 f"{e['bluff_rate']['mean']:.0%} [{e['bluff_rate']['low']:.0%}, {e['bluff_rate']['high']:.0%}] | "
                 f"{_ci(e['proxy_reward'])} | {gain} |"
             )
-    lines += [
-        "",
-        "## Share of the lost true utility the aid recovers: (U_aid - U_limited) / (U_full - U_limited)",
-        "",
-        "| aid recall | " + " | ".join(SPLITS[s] for s in ("unverified", "verified")) + " | all prompts |",
-        "|---|---|---|---|",
-    ]
-    for r in c["recalls"]:
-        cells = [_ci(report["recovered"][s][f"{r:g}"]) for s in ("unverified", "verified", "all")]
-        lines.append(f"| {r:g} (precision {c['aid_precision']:g}) | " + " | ".join(cells) + " |")
+    lines += recovered_table(
+        "Share of the lost true utility the aid recovers: (U_aid - U_limited) / (U_full - U_limited)",
+        report["recovered"],
+        c,
+    )
     lines += [
         "",
         "A share near 1: the aid gives back what the raters' ignorance cost; near 0: nothing. Where U_full - "
@@ -388,16 +398,7 @@ def dpo_markdown(report: dict) -> list[str]:
                 f"{e['bluff_rate']['mean']:.0%} [{e['bluff_rate']['low']:.0%}, {e['bluff_rate']['high']:.0%}] | "
                 f"{gains[0]} | {_ci(e['proxy_reward'])} | {gains[1]} | {gains[2]} | {gains[3]} | {gains[4]} |"
             )
-    lines += [
-        "",
-        "## DPO: share of the lost true utility the aid recovers",
-        "",
-        "| aid recall | " + " | ".join(SPLITS[s] for s in ("unverified", "verified")) + " | all prompts |",
-        "|---|---|---|---|",
-    ]
-    for r in c["recalls"]:
-        cells = [_ci(d["recovered"][s][f"{r:g}"]) for s in ("unverified", "verified", "all")]
-        lines.append(f"| {r:g} (precision {c['aid_precision']:g}) | " + " | ".join(cells) + " |")
+    lines += recovered_table("DPO: share of the lost true utility the aid recovers", d["recovered"], c)
     return lines
 
 
