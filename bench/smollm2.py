@@ -25,6 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from flops import matmul_gflops  # bench/ itself: run as a script, its folder is on the path
+from worker import step_seconds
+
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl"
 STAGES = ("sft", "reward", "dpo", "ppo")
@@ -63,7 +66,7 @@ def child(argv: list[str]) -> None:
     t0 = time.perf_counter()
     rc = main(argv)
     wall = time.perf_counter() - t0
-    per_step = (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) >= 2 else float("nan")
+    per_step = step_seconds(ends, int(argv[argv.index("--max-steps") + 1]))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     print(
         "SMOLLM2_RESULT "
@@ -97,19 +100,6 @@ def write_inputs(directory: Path, n_pairs: int = 64) -> dict:
     Path(files["demos"]).write_text("".join(json.dumps(d) + "\n" for d in demos))
     Path(files["prompts"]).write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
     return files
-
-
-def matmul_gflops(threads: int) -> float:
-    import torch
-
-    torch.set_num_threads(threads)
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    for _ in range(3):
-        a @ b
-    t0, n = time.perf_counter(), 20
-    for _ in range(n):
-        a @ b
-    return 2 * 1024**3 * n / (time.perf_counter() - t0) / 1e9
 
 
 def main(argv=None) -> None:
