@@ -230,3 +230,33 @@ def test_held_out_split_eval_data_and_reference_responses(tokenizer, prefs, tmp_
     prompts, completions, source = reference_ids(config, tokenizer, train)
     assert prompts == [encode_prompt(tokenizer, "What is 4 plus 4?")] and source == str(ref)
     assert completions == [encode_completion(tokenizer, "The answer is 8, as four and four make eight.")[:4]]
+
+
+def test_group_by_length_batches_like_lengths_and_keeps_every_pair_once_an_epoch():
+    from preflab.data.tokenize import TokenizedPair
+    from preflab.reward.train import pair_length, step_batches
+
+    rng = random.Random(1)
+    pairs = [
+        TokenizedPair([1] * rng.randint(3, 8), [2] * rng.randint(1, 40), [3] * rng.randint(1, 40), source=str(i))
+        for i in range(1000)
+    ]
+
+    def epoch(group: bool) -> list[list]:
+        gen = step_batches(pairs, 8, random.Random(0), group)
+        return [next(gen) for _ in range(125)]  # 1000 pairs / 8: one epoch
+
+    def padded(batches) -> int:  # chosen and rejected rows padded to the batch's longest sequence
+        return sum(2 * len(b) * max(map(pair_length, b)) for b in batches)
+
+    plain, grouped = epoch(False), epoch(True)
+    assert sorted(p.source for b in grouped for p in b) == sorted(p.source for p in pairs)
+    assert all(len(b) == 8 for b in grouped)
+    # the default is the plain shuffled order, unchanged
+    order = pairs[:]
+    random.Random(0).shuffle(order)
+    assert [p.source for b in plain for p in b] == [p.source for p in order]
+    # batches of like lengths: a fifth less padded compute here (uniform lengths; 35% less on the demo's votes)
+    assert padded(grouped) < 0.8 * padded(plain)
+    lengths = [max(map(pair_length, b)) for b in grouped]
+    assert lengths != sorted(lengths)  # the batches themselves are shuffled
