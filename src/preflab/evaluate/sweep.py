@@ -52,6 +52,7 @@ class SweepConfig(RunConfig):
     )
     n_prompts: int = opt(200, "held-out prompts for each evaluation")
     max_new_tokens: int = opt(32, "longest response, in training and evaluation")
+    batch_size: int = opt(64, "prompts per generation batch in each evaluation")
     seed: int = opt(0, "random seed")
 
     def __post_init__(self):
@@ -124,12 +125,22 @@ def checkpoints(config: SweepConfig, run_dir: Path) -> dict[int, Path]:
     return {n: Path(run_dir) / "checkpoints" / f"step-{n:08d}" for n in sorted(config.steps)}
 
 
-def run_rl(config: SweepConfig, beta: float, reward: str, out: Path) -> dict[int, Path]:
-    """One ordinary run of the RL stage to the longest length, checkpointed at every length; {steps: folder}."""
+def rl_stage(algorithm: str):
+    """The stage function of `algorithm` (ppo, rloo or grpo)."""
     from preflab.policy.ppo import ppo
     from preflab.policy.rloo import grpo, rloo
 
-    fn = {"ppo": ppo, "rloo": rloo, "grpo": grpo}[config.algorithm]
+    return {"ppo": ppo, "rloo": rloo, "grpo": grpo}[algorithm]
+
+
+def arm_folder(run_dir: Path, label: str) -> Path:
+    """Where the sweep trains an arm's run: runs/<label> in its folder."""
+    return Path(run_dir) / "runs" / label.replace(" ", "_")
+
+
+def run_rl(config: SweepConfig, beta: float, reward: str, out: Path) -> dict[int, Path]:
+    """One ordinary run of the RL stage to the longest length, checkpointed at every length; {steps: folder}."""
+    fn = rl_stage(config.algorithm)
     fn(build_config(fn.config_class, rl_options(config, beta, reward, out), source="sweep"))
     return checkpoints(config, out)
 
@@ -192,7 +203,12 @@ def sweep(config: SweepConfig) -> dict:
     prompts = world_prompts(config.n_prompts, seed=config.seed, split="eval")
     prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
     proxy = load_reward(config.reward)
-    ev = EvalConfig(reference=config.model, n_prompts=config.n_prompts, max_new_tokens=config.max_new_tokens)
+    ev = EvalConfig(
+        reference=config.model,
+        n_prompts=config.n_prompts,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+    )
 
     def measure(model) -> dict:
         s = score(
@@ -226,7 +242,7 @@ def sweep(config: SweepConfig) -> dict:
         if label in given:
             folders = trained_arm(config, label, given[label])
         else:
-            folders = run_rl(config, beta, reward, run.dir / "runs" / label.replace(" ", "_"))
+            folders = run_rl(config, beta, reward, arm_folder(run.dir, label))
         for steps, folder in folders.items():
             point = {
                 "arm": label,
