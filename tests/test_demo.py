@@ -64,7 +64,8 @@ def test_the_ppo_run_doubles_as_the_sweep_arm_only_when_their_options_agree(tmp_
 @pytest.mark.slow
 def test_fast_demo_end_to_end_twice_gives_the_same_headline(tmp_path, monkeypatch, capsys):
     """The `fast` preset, end to end: every artefact exists, every figure is a finite PNG, SFT beats the base model;
-    a second run with the same seed reuses the cached base model and writes the same headline.json."""
+    a second run with the same seed, its stages one after another instead of side by side, reuses the cached base
+    model and writes the same headline.json and the same models."""
     monkeypatch.setenv("PREFLAB_CACHE_DIR", str(tmp_path / "cache"))
     values = load_preset("fast")["demo"]
     summary = demo(build_config(DemoConfig, {**values, "out": str(tmp_path / "demo")}, source="fast"))
@@ -111,10 +112,25 @@ def test_fast_demo_end_to_end_twice_gives_the_same_headline(tmp_path, monkeypatc
     assert len(headline["claims"]) == 6 and headline["claims"] == summary["claims"]
     assert "The lesson's claims" in capsys.readouterr().out
 
-    again = demo(build_config(DemoConfig, {**values, "out": str(tmp_path / "again")}, source="fast"))
+    # PPO, DPO and the beta=0 arm trained side by side (two processes), then eval beside the sweep's measurements
+    assert {p.name for p in (root / "logs").iterdir()} == {
+        "ppo.log",
+        "dpo.log",
+        "sweep_beta=0.log",
+        "eval.log",
+        "sweep.log",
+    }
+    assert (root / "sweep" / "runs" / "beta=0" / "checkpoints" / "step-00000002").is_dir()
+
+    again = demo(build_config(DemoConfig, {**values, "out": str(tmp_path / "again"), "parallel": False}, source="fast"))
     assert "reusing the base model cached at" in capsys.readouterr().out
+    assert not (tmp_path / "again" / "logs").exists()
     assert (tmp_path / "again" / "headline.json").read_text() == (root / "headline.json").read_text()
     assert again["numbers"] == summary["numbers"]
+    for model in ("ppo/model", "dpo/model", "sweep/runs/beta=0/model"):
+        assert (tmp_path / "again" / model / "model.safetensors").read_bytes() == (
+            root / model / "model.safetensors"
+        ).read_bytes(), model
 
 
 def png_titles(text: str) -> dict[str, bytes]:

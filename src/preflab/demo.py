@@ -95,6 +95,11 @@ class DemoConfig(RunConfig):
     bon_n: int = opt(4, "best-of-n's n (0: no best-of-n policy)")
     run_rloo: bool = opt(False, "also train RLOO")
     run_sweep: bool = opt(True, "run the over-optimisation sweep")
+    parallel: bool = opt(
+        True,
+        "on a CPU, train independent stages at once (PPO, DPO and the sweep's arms; then eval and the sweep's "
+        "measurements), two processes of half the threads each: the same files, sooner",
+    )
     ensemble: int = opt(
         0,
         "K > 1: the reward stage trains K members (member 0 is the demo's reward model, the min over all K an extra "
@@ -176,12 +181,92 @@ class Pipeline:
     def run_stage(self, name: str, fn, options: dict, title: str, **values) -> dict:
         """`fn` (a stage function) on `options` < `values`, seeded with the demo's seed, timed as `name`."""
         start = self.banner(title)
+        summary = fn(build_config(fn.config_class, self.options(name, options, values), source=f"demo {name}"))
+        self.times[name] = time.time() - start
+        return summary
+
+    def options(self, name: str, options: dict, values: dict) -> dict:
         options = {**options, **values}
         options.setdefault("seed", self.config.seed)
         options.setdefault("out", str(self.root / name))
-        summary = fn(build_config(fn.config_class, options, source=f"demo {name}"))
-        self.times[name] = time.time() - start
-        return summary
+        return options
+
+    def job(self, section: str, title: str, **values) -> Job:
+        """A `run` to hand to `side_by_side`."""
+        options = {**DEFAULTS.get(section, {}), **getattr(self.config, section, {})}
+        return Job(section, STAGE_FUNCTIONS[section], self.options(section, options, values), title)
+
+    def side_by_side(self, jobs: list[Job]) -> dict[str, dict]:
+        """Independent stages at once, two processes of half the cores each, when `parallel` is on and the stages
+        run on a CPU; one after another otherwise. Every stage seeds itself and the results do not depend on the
+        thread count, so both ways write the same files (tests/test_demo.py). Returns {name: summary}."""
+        cores = self.config.threads or os.cpu_count() or 1
+        if not self.config.parallel or len(jobs) < 2 or cores < 2 or torch_cuda():
+            return {j.name: self.run_stage(j.name, j.fn, j.options, j.title) for j in jobs}
+        logs = self.root / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log = {j.name: logs / f"{j.name.replace('/', '_')}.log" for j in jobs}
+        for j in jobs:
+            self.banner(f"{j.title}  [side by side; console: {log[j.name]}]")
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        out = {}
+        with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {
+                pool.submit(run_job, j.fn.__module__, j.fn.__name__, j.options, cores // 2, log[j.name]): j.name
+                for j in jobs
+            }
+            for future in as_completed_or_raise(futures):
+                name = futures[future]
+                out[name], self.times[name] = future.result()
+                print(f"[demo] {name} done in {self.times[name]:.0f}s", flush=True)
+        return {j.name: out[j.name] for j in jobs}
+
+
+@dataclass
+class Job:
+    """One stage for `Pipeline.side_by_side`: its name (folder and timing key), function, options and banner."""
+
+    name: str
+    fn: object
+    options: dict
+    title: str
+
+
+def run_job(module: str, function: str, options: dict, threads: int, log: Path) -> tuple[dict, float]:
+    """One stage in a worker process with `threads` torch threads, its console output into `log`."""
+    import contextlib
+    import importlib
+
+    fn = getattr(importlib.import_module(module), function)
+    start = time.time()
+    with open(log, "w", buffering=1) as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        summary = fn(build_config(fn.config_class, {**options, "threads": threads}, source=f"demo {log.stem}"))
+    return summary, time.time() - start
+
+
+def as_completed_or_raise(futures: dict):
+    """Futures as they finish; the first failure cancels what has not started and raises, naming the stage."""
+    from concurrent.futures import FIRST_EXCEPTION, wait
+
+    pending = set(futures)
+    while pending:
+        done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+        for future in done:
+            if future.exception() is not None:
+                for other in pending:
+                    other.cancel()
+                raise RuntimeError(
+                    f"demo stage {futures[future]!r} failed: {future.exception()}"
+                ) from future.exception()
+            yield future
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def annotate(root: Path, pairs_file: Path, config: DemoConfig) -> dict:
@@ -346,11 +431,7 @@ def shared_ppo_run(config: DemoConfig, root: Path, reward: Path) -> dict | None:
     if not config.run_sweep:
         return None
     common = {"model": str(root / "sft"), "reward": str(reward), "seed": config.seed}
-    sw = build_config(
-        sweep.config_class,
-        {**DEFAULTS["sweep"], **config.sweep, **common, "out": str(root / "sweep")},
-        source="demo sweep",
-    )
+    sw = sweep_config(config, root, common)
     own = build_config(ppo.config_class, {**DEFAULTS["ppo"], **config.ppo, **common}, source="demo ppo")
     if sw.algorithm != "ppo" or own.beta not in sw.betas or own.max_steps not in sw.steps:
         return None
@@ -362,6 +443,29 @@ def shared_ppo_run(config: DemoConfig, root: Path, reward: Path) -> dict | None:
         return None
     extra = {k: getattr(arm, k) for k in ("max_steps", "checkpoint_every", "keep_checkpoints")}
     return {"options": extra, "label": f"beta={own.beta:g}", "steps": own.max_steps}
+
+
+def sweep_config(config: DemoConfig, root: Path, options: dict):
+    """The demo's sweep options (preset < config < `options`) as the sweep stage reads them."""
+    return build_config(
+        sweep.config_class,
+        {**DEFAULTS["sweep"], **config.sweep, "seed": config.seed, "out": str(root / "sweep"), **options},
+        source="demo sweep",
+    )
+
+
+def sweep_arms(config: DemoConfig, root: Path, options: dict, skip: str | None) -> dict[str, tuple]:
+    """The sweep's arms as runs for the demo to train beside its other stages: {label: (stage function, options)},
+    each exactly the run `preflab eval sweep` would train itself (to the longest length, checkpointed at every
+    length, into sweep/runs/<label>), then handed to it as trained; `skip`: the arm the demo's PPO run is."""
+    from preflab.evaluate.sweep import arm_folder, arms, rl_options, rl_stage
+
+    sw = sweep_config(config, root, options)
+    return {
+        label: (rl_stage(sw.algorithm), rl_options(sw, beta, spec, arm_folder(root / "sweep", label)))
+        for label, beta, spec in arms(sw)
+        if label != skip
+    }
 
 
 # ---- the oversight experiments (--oversight true) --------------------------------------------------------------
@@ -522,52 +626,62 @@ def demo_once(config: DemoConfig, root: Path) -> dict:
         flush=True,
     )
     bias = p.run("bias", "bias audit of the votes", file=str(root / "votes" / "all.jsonl"))
-    # 7. policies (the PPO run doubles as the sweep's arm at its beta when their options agree)
+    # 7. policies, side by side: PPO, DPO (and RLOO), and the sweep's other arms, each an ordinary run of its stage
+    #    (the PPO run doubles as the sweep's arm at its beta when their options agree)
+    sweep_options = {
+        "model": str(root / "sft"),
+        "reward": str(reward),
+        "extra_rewards": [f"ensemble={root / 'reward'}"] if ensemble else [],
+    }
     shared = shared_ppo_run(config, root, reward)
     ppo_policy = root / "ppo"
     watch = {"monitor_ensemble": str(root / "reward")} if ensemble else {}  # its disagreement beside true utility
+    common = {"model": str(root / "sft"), "reward": str(reward)}
     if shared:
-        p.run(
-            "ppo",
+        title = (
             f"ppo: against the reward model (to step {shared['options']['max_steps']}, also the sweep's "
-            f"{shared['label']} arm; the policy evaluated is step {shared['steps']})",
-            model=str(root / "sft"),
-            reward=str(reward),
-            **shared["options"],
-            **watch,
+            f"{shared['label']} arm; the policy evaluated is step {shared['steps']})"
         )
+        jobs = [p.job("ppo", title, **common, **shared["options"], **watch)]
         ppo_policy = root / "ppo" / "checkpoints" / f"step-{shared['steps']:08d}"
     else:
-        p.run("ppo", "ppo: against the reward model", model=str(root / "sft"), reward=str(reward), **watch)
-    p.run("dpo", "dpo: on the votes", model=str(root / "sft"), data=str(root / "votes" / "train.jsonl"))
+        jobs = [p.job("ppo", "ppo: against the reward model", **common, **watch)]
+    arms = sweep_arms(config, root, sweep_options, skip=shared["label"] if shared else None) if config.run_sweep else {}
+    jobs += [Job(f"sweep/{label}", fn, options, f"sweep: the {label} arm") for label, (fn, options) in arms.items()]
+    p.n += len(arms)
+    # DPO first: the longest job, so that the two processes finish together
+    dpo_job = p.job("dpo", "dpo: on the votes", model=str(root / "sft"), data=str(root / "votes" / "train.jsonl"))
+    jobs.insert(0, dpo_job)
     policies = [f"base={root / 'pretrain'}", f"ppo={ppo_policy}", f"dpo={root / 'dpo'}"]
     if config.run_rloo:
-        p.run("rloo", "rloo: against the reward model", model=str(root / "sft"), reward=str(reward))
+        jobs.append(p.job("rloo", "rloo: against the reward model", **common))
         policies.append(f"rloo={root / 'rloo'}")
     if config.bon_n:
         policies.append(f"bon{config.bon_n}=bon:{config.bon_n}")
-    # 8. evaluation against the truth
-    p.run(
-        "eval",
-        "eval: policies on held-out prompts",
-        reference=str(root / "sft"),
-        policies=policies,
-        reward_model=str(reward),
-    )
-    ev = json.loads((root / "eval" / "eval.json").read_text())
-    # 9. over-optimisation sweep
-    swept = None
-    if config.run_sweep:
-        extra = [f"ensemble={root / 'reward'}"] if ensemble else []
-        p.run(
-            "sweep",
-            "sweep: KL coefficient x training length",
-            model=str(root / "sft"),
-            reward=str(reward),
-            extra_rewards=extra,
-            trained=[f"{shared['label']}={root / 'ppo'}"] if shared else [],
+    p.side_by_side(jobs)
+    # 8-9. evaluation against the truth, and the over-optimisation sweep's measurements, side by side
+    jobs = [
+        p.job(
+            "eval",
+            "eval: policies on held-out prompts",
+            reference=str(root / "sft"),
+            policies=policies,
+            reward_model=str(reward),
         )
-        swept = json.loads((root / "sweep" / "sweep.json").read_text())
+    ]
+    if config.run_sweep:
+        trained = {**({shared["label"]: root / "ppo"} if shared else {}), **{k: v[1]["out"] for k, v in arms.items()}}
+        jobs.append(
+            p.job(
+                "sweep",
+                "sweep: KL coefficient x training length (measured)",
+                **sweep_options,
+                trained=[f"{label}={folder}" for label, folder in trained.items()],
+            )
+        )
+    p.side_by_side(jobs)
+    ev = json.loads((root / "eval" / "eval.json").read_text())
+    swept = json.loads((root / "sweep" / "sweep.json").read_text()) if config.run_sweep else None
     # (--oversight) distribution shift, raters who cannot judge, AI feedback
     if config.oversight:
         oversight_experiments(p, config, root, ppo_policy)
