@@ -56,7 +56,7 @@ def parse_args(argv=None):
         help="busy: the matmul before or after a point below this share of the run's best (the point is redone)",
     )
     p.add_argument("--out", default=str(HERE / "results"))
-    p.add_argument("--plots", default="", help="folder for the two PNGs (named bench-scaling-length/-batch.png)")
+    p.add_argument("--plots", default="", help="folder for the two PNGs (bench-scaling-METHODS-length.png, -batch.png)")
     p.add_argument("--render", default="", metavar="FILE.json", help="only re-write FILE.md and the plots")
     p.add_argument("--work", default="", help="folder for models and data (default: OUT/work-scaling[-quick])")
     args = p.parse_args(argv)
@@ -214,7 +214,9 @@ def write(path: Path, results: list, points: list, gflops: list, meta: dict, arg
     path.with_suffix(".md").write_text(table)
     report = {"meta": meta, "points": points, "rows": rows, "results": results}
     path.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    folder, prefix = (Path(args.plots), "bench-scaling") if args.plots else (path.parent, path.name)
+    folder, prefix = (
+        (Path(args.plots), f"bench-scaling-{'-'.join(args.methods)}") if args.plots else (path.parent, path.name)
+    )
     plot(rows, meta, folder, prefix)
     return table
 
