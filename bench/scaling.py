@@ -58,6 +58,13 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--plots", default="", help="folder for the two PNGs (bench-scaling-METHODS-length.png, -batch.png)")
     p.add_argument("--render", default="", metavar="FILE.json", help="only re-write FILE.md and the plots")
+    p.add_argument(
+        "--merge",
+        nargs="*",
+        default=[],
+        metavar="MORE.json",
+        help="with --render: add these runs' measurements to FILE.json (a point measured again replaces the old)",
+    )
     p.add_argument("--work", default="", help="folder for models and data (default: OUT/work-scaling[-quick])")
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -89,15 +96,20 @@ def point_sizes(args, batch: int, length: int) -> assets_mod.Sizes:
 
 
 def point_rows(results: list, points: list, methods: list, libs: list, params: int, peak: float) -> list:
-    """bench/run.py's summary rows, one per (point, method), with the point's batch and length."""
+    """bench/run.py's summary rows, one per (method, point) measured, with the point's batch and length."""
     rows = []
-    for pt in points:
-        rs = [r for r in results if r["batch"] == pt["batch"] and r["length"] == pt["length"]]
-        if not rs:
-            continue
-        for row in bench.summarise(rs, methods, libs, params, rs[0]["sizes"], peak):
-            rows.append({**pt, **row})
+    for method in methods:
+        for pt in points:
+            rs = [r for r in results if (r["batch"], r["length"], r["method"]) == (pt["batch"], pt["length"], method)]
+            if rs:
+                rows += [{**pt, **row} for row in bench.summarise(rs, [method], libs, params, rs[0]["sizes"], peak)]
     return rows
+
+
+def runs(meta: dict) -> list:
+    """The runs a results file holds: its own, then those merged into it (`--merge`)."""
+    keys = ["command", "started", "ended", "minutes"]
+    return [{k: meta[k] for k in keys}, *meta.get("merged", [])]
 
 
 def markdown(rows: list, meta: dict) -> str:
@@ -131,7 +143,9 @@ def markdown(rows: list, meta: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     m, z = meta, meta["sizes"]
     notes = [
-        f"Command: `{m['command']}`; {m['started']} to {m['ended']} UTC ({m['minutes']:.1f} min).",
+        "Commands: "
+        + "; ".join(f"`{r['command']}`, {r['started']} to {r['ended']} UTC ({r['minutes']:.1f} min)" for r in runs(m))
+        + ".",
         f"Machine: {m['machine']}; torch threads {m['threads']}; fp32 matmul (1024x1024) "
         f"{', '.join(f'{g:.0f}' for g in m['matmul_gflops'])} GFLOP/s (at the start and after each point and attempt); "
         f"MFU against the fastest, {m['peak_gflops']:.1f}.",
@@ -145,11 +159,11 @@ def markdown(rows: list, meta: dict) -> str:
         f"(t({m['steps'][1]} steps) - t({m['steps'][0]} steps)) / {m['steps'][1] - m['steps'][0]}.",
     ]
     if m.get("discarded"):
-        redone = sorted({(r["batch"], r["length"]) for r in m["discarded"]})
+        redone = dict.fromkeys(f"{r['method']} batch {r['batch']} length {r['length']}" for r in m["discarded"])
         notes.append(
-            f"Measured again (the machine was busy: the matmul around the point below {m.get('quiet', 0.8):.0%} of "
-            f"the best): {', '.join(f'batch {b} length {n}' for b, n in redone)}; the first measurements are "
-            "kept in the JSON (`discarded`)."
+            f"Measured again: {', '.join(redone)} (a point is redone when the matmul before or after it falls below "
+            f"{m.get('quiet', 0.8):.0%} of the run's best, or by hand, merged with `--merge`); the first measurements "
+            "and why they were replaced are kept in the JSON (`discarded`)."
         )
     if m.get("skipped"):
         notes.append(m["skipped"])
@@ -198,7 +212,7 @@ def plot(rows: list, meta: dict, folder: Path, prefix: str) -> list[Path]:
         rax.grid(True, alpha=0.3)
         if rax.get_legend_handles_labels()[0]:
             rax.legend(fontsize=8)
-        fig.suptitle(f"preflab and TRL, fp32, {meta['threads']} CPU threads ({meta['params'] / 1e6:.1f}M Llama)")
+        fig.suptitle(f"preflab and TRL, fp32, {meta['threads']} torch thread(s) ({meta['params'] / 1e6:.1f}M Llama)")
         fig.tight_layout()
         path = folder / f"{prefix}-{axis}.png"
         fig.savefig(path, dpi=110)
@@ -221,8 +235,30 @@ def write(path: Path, results: list, points: list, gflops: list, meta: dict, arg
     return table
 
 
+def merge(report: dict, other: dict, name: str) -> None:
+    """Put `other`'s measurements into `report`: a (point, method, library) measured in both takes `other`'s
+    (the re-measurement), the replaced one kept under `discarded`; new points and methods are added."""
+    new = {(r["batch"], r["length"], r["method"], r["lib"]) for r in other["results"]}
+    meta, om = report["meta"], other["meta"]
+    keep = []
+    for r in report["results"]:
+        if (r["batch"], r["length"], r["method"], r["lib"]) in new:
+            meta["discarded"].append({**r, "discarded": f"measured again in {name}"})
+        else:
+            keep.append(r)
+    report["results"] = keep + other["results"]
+    meta["discarded"] += om.get("discarded", [])
+    seen = {(p["batch"], p["length"]) for p in report["points"]}
+    report["points"] += [p for p in other["points"] if (p["batch"], p["length"]) not in seen]
+    meta["methods"] = list(dict.fromkeys(meta["methods"] + om["methods"]))
+    meta["matmul_gflops"] = meta["matmul_gflops"] + om["matmul_gflops"]
+    meta["merged"] = [*meta.get("merged", []), *runs(om)]
+
+
 def render(path: Path, args) -> str:
     report = json.loads(path.read_text())
+    for other in args.merge:
+        merge(report, json.loads(Path(other).read_text()), Path(other).name)
     meta = report["meta"]
     args.methods, args.libs, args.repeats = meta["methods"], meta["libs"], meta["repeats"]
     return write(path.with_suffix(""), report["results"], report["points"], meta["matmul_gflops"], meta, args)
