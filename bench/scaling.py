@@ -188,15 +188,15 @@ def plot(rows: list, meta: dict, folder: Path, prefix: str) -> list[Path]:
         if not on:
             continue
         fig, (ax, rax) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [3, 2]})
-        for method in dict.fromkeys(r["method"] for r in on):
+        for k, method in enumerate(dict.fromkeys(r["method"] for r in on)):  # a colour per method, a style per lib
             mine = sorted((r for r in on if r["method"] == method), key=lambda r: r[axis])
             for lib, style in [("preflab", "o-"), ("trl", "s--")]:
                 pts = [(r[axis], r[lib]["seconds_per_step"]) for r in mine if lib in r]
                 if pts:
-                    ax.plot(*zip(*pts), style, label=f"{lib} {method}")
+                    ax.plot(*zip(*pts), style, color=f"C{k}", label=f"{lib} {method}")
             ratio = [(r[axis], r["speed_ratio"]) for r in mine if "speed_ratio" in r]
             if ratio:
-                rax.plot(*zip(*ratio), "o-", label=method)
+                rax.plot(*zip(*ratio), "o-", color=f"C{k}", label=method)
         fixed = on[0][other]
         ax.set(xscale="log", yscale="log", xlabel=label, ylabel="seconds per optimiser step")
         ax.set_title(f"time per step against {axis} ({other} {fixed})", fontsize=10)
