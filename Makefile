@@ -1,13 +1,14 @@
 # The two commands users need: `make demo` and `make test`. Both set up .venv first.
 # For development: `make test-fast` (the suite without the slow end-to-end tests) and `make lint` (ruff).
 # `make bench` installs TRL (the benchmark-only `bench` extra) and runs preflab beside it (docs/benchmarks.md);
-# BENCH_ARGS passes options, e.g. `make bench BENCH_ARGS=--quick`.
+# BENCH_ARGS passes options, e.g. `make bench BENCH_ARGS=--quick`. `make bench-scaling` runs bench/scaling.py: time
+# per step against sequence length and batch for both libraries, its plots into docs/img.
 PY      := .venv/bin/python
 STAMP   := .venv/.preflab-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast lint setup clean bench
+.PHONY: demo test test-fast lint setup clean bench bench-scaling
 
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -38,6 +39,9 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 
 bench: $(BENCH_STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+bench-scaling: $(BENCH_STAMP)
+	$(PY) bench/scaling.py --plots docs/img $(BENCH_ARGS)
 
 # Every Python file under the repository (ruff skips .venv and what .gitignore lists).
 lint: $(STAMP)

@@ -90,8 +90,9 @@ def trl_available() -> bool:
     return importlib.util.find_spec("trl") is not None
 
 
-def sizes_for(args) -> assets_mod.Sizes:
-    base = assets_mod.QUICK if args.quick else assets_mod.Sizes()
+def sizes_for(args, base: assets_mod.Sizes | None = None) -> assets_mod.Sizes:
+    """The run's sizes (`base`, default the quick or full ones, with --batch) and enough data rows for them."""
+    base = base or (assets_mod.QUICK if args.quick else assets_mod.Sizes())
     base = replace(base, batch=args.batch) if args.batch else base
     rows = max(base.rows, math.ceil(base.batch * (args.steps[1] + 2) / 0.9))  # a fresh batch each step, 5% held out
     return replace(base, rows=rows)
@@ -244,6 +245,10 @@ def markdown(rows: list, libs: list, meta: dict) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} CPUs ({platform.platform()})"
+
+
 def versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -261,7 +266,7 @@ def write_report(path: Path, results, gflops, args, built, skipped, argv, done: 
     rows = summarise(results, args.methods, args.libs, built["params"], built["sizes"], peak)
     meta = {
         "command": shlex.join(["python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs ({platform.platform()})",
+        "machine": machine(),
         "threads": args.threads,
         "matmul_gflops": gflops,
         "peak_gflops": peak,

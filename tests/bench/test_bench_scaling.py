@@ -1,0 +1,51 @@
+"""bench/scaling.py --quick end to end for preflab alone (`make test` does not install TRL), on one point of each
+grid: the table has a finite row per point and both plots are PNG files."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_quick_scaling_for_preflab_gives_finite_rows_and_two_plots(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "scaling.py"),
+            "--quick",
+            "--libs",
+            "preflab",
+            "--threads",
+            "1",
+            "--points",
+            "2x16,1x32",  # one on the length grid (batch 2), one on the batch grid (length 32)
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    (raw,) = tmp_path.glob("scaling-quick-*.json")
+    report = json.loads(raw.read_text())
+    assert [(r["batch"], r["length"], r["method"]) for r in report["rows"]] == [(2, 16, "sft"), (1, 32, "sft")]
+    for row in report["rows"]:
+        assert row["tokens_per_step"] == row["batch"] * (row["length"] + 1)  # BOS + prompt + completion
+        figures = row["preflab"]
+        for key in ["seconds_per_step", "tokens_per_second", "mfu", "peak_rss_gib"]:
+            assert math.isfinite(figures[key]) and figures[key] > 0, (row, key)
+    md = raw.with_suffix(".md").read_text()
+    assert md.count("\n| sft |") == 2 and "nan" not in md and "GFLOP/s" in md
+    for axis in ["length", "batch"]:
+        png = raw.with_name(f"{raw.stem}-{axis}.png")
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
