@@ -205,7 +205,7 @@ class Pipeline:
             return {j.name: self.run_stage(j.name, j.fn, j.options, j.title) for j in jobs}
         logs = self.root / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        log = {j.name: logs / f"{j.name.replace('/', '_')}.log" for j in jobs}
+        log = {j.name: logs / f"{j.name.replace('/', '_').replace(' ', '_')}.log" for j in jobs}
         for j in jobs:
             self.banner(f"{j.title}  [side by side; console: {log[j.name]}]")
         import multiprocessing
