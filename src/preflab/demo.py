@@ -592,7 +592,18 @@ def demo_once(config: DemoConfig, root: Path) -> dict:
     """The whole loop once, with `config.seed`, into `root`. Returns headline, claims and numbers."""
     root.mkdir(parents=True, exist_ok=True)
     n_oversight = (4 + bool(oversight_options(config, "shift").get("left_out"))) if config.oversight else 0
-    p = Pipeline(root, config, n_stages=10 + config.run_rloo + config.run_sweep + n_oversight)
+    # the reward model PPO trains against (with --ensemble K: member 0, the single reward model) and the sweep's
+    # arms the demo trains itself (all but the one its PPO run is), known before any stage runs
+    ensemble = {"ensemble": config.ensemble, "reduce": "min"} if config.ensemble > 1 else {}
+    reward = root / "reward" / "model" / "member-0" if ensemble else root / "reward"
+    sweep_options = {
+        "model": str(root / "sft"),
+        "reward": str(reward),
+        "extra_rewards": [f"ensemble={root / 'reward'}"] if ensemble else [],
+    }
+    shared = shared_ppo_run(config, root, reward)
+    arms = sweep_arms(config, root, sweep_options, skip=shared["label"] if shared else None) if config.run_sweep else {}
+    p = Pipeline(root, config, n_stages=10 + config.run_rloo + config.run_sweep + len(arms) + n_oversight)
     print(f"[demo] writing to {root} (seed {config.seed})", flush=True)
 
     # 1-3. pretrain (cached), SFT, candidates from the SFT policy
@@ -606,7 +617,6 @@ def demo_once(config: DemoConfig, root: Path) -> dict:
     votes = annotate(root, Path(gen["run_dir"]) / "pairs.jsonl", config)
     # 5-6. reward model (with --ensemble K: K members trained in one run, member 0 the single reward model, the
     #      min over members the ensemble arm of the sweep), bias audit
-    ensemble = {"ensemble": config.ensemble, "reduce": "min"} if config.ensemble > 1 else {}
     rm = p.run(
         "reward",
         f"reward: Bradley-Terry reward model{f' ({config.ensemble}-member ensemble, min)' if ensemble else ''}",
@@ -616,7 +626,6 @@ def demo_once(config: DemoConfig, root: Path) -> dict:
         held_out=0.0,
         **ensemble,
     )
-    reward = root / "reward" / "model" / "member-0" if ensemble else root / "reward"
     if ensemble:  # member 0 is the reward model a one-member run trains (same seed, data order and head)
         rm = {**rm, "ensemble_accuracy": rm["eval_accuracy"], "eval_accuracy": rm["eval_accuracy_members"][0]}
     print(
@@ -628,12 +637,6 @@ def demo_once(config: DemoConfig, root: Path) -> dict:
     bias = p.run("bias", "bias audit of the votes", file=str(root / "votes" / "all.jsonl"))
     # 7. policies, side by side: PPO, DPO (and RLOO), and the sweep's other arms, each an ordinary run of its stage
     #    (the PPO run doubles as the sweep's arm at its beta when their options agree)
-    sweep_options = {
-        "model": str(root / "sft"),
-        "reward": str(reward),
-        "extra_rewards": [f"ensemble={root / 'reward'}"] if ensemble else [],
-    }
-    shared = shared_ppo_run(config, root, reward)
     ppo_policy = root / "ppo"
     watch = {"monitor_ensemble": str(root / "reward")} if ensemble else {}  # its disagreement beside true utility
     common = {"model": str(root / "sft"), "reward": str(reward)}
@@ -646,9 +649,7 @@ def demo_once(config: DemoConfig, root: Path) -> dict:
         ppo_policy = root / "ppo" / "checkpoints" / f"step-{shared['steps']:08d}"
     else:
         jobs = [p.job("ppo", "ppo: against the reward model", **common, **watch)]
-    arms = sweep_arms(config, root, sweep_options, skip=shared["label"] if shared else None) if config.run_sweep else {}
     jobs += [Job(f"sweep/{label}", fn, options, f"sweep: the {label} arm") for label, (fn, options) in arms.items()]
-    p.n += len(arms)
     # DPO first: the longest job, so that the two processes finish together
     dpo_job = p.job("dpo", "dpo: on the votes", model=str(root / "sft"), data=str(root / "votes" / "train.jsonl"))
     jobs.insert(0, dpo_job)

@@ -82,6 +82,19 @@ class Budget:
         return self.progress(step) >= 1.0
 
 
+def length_grouped(items: list, batch_size: int, rng, length) -> list:
+    """`items` (already in a random order) reordered so that each consecutive run of `batch_size` holds items of
+    like `length`: each run of 50 batches is sorted by length before it is cut, the full batches are shuffled
+    with `rng`, and an incomplete one stays last. A batch pads to its longest sequence, so this computes on less
+    padding (TRL's `group_by_length`) while every item is still seen once an epoch."""
+    mega = 50 * batch_size
+    ordered = [item for start in range(0, len(items), mega) for item in sorted(items[start : start + mega], key=length)]
+    batches = [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
+    full, tail = (batches[:-1], batches[-1:]) if batches and len(batches[-1]) < batch_size else (batches, [])
+    rng.shuffle(full)
+    return [item for batch in full + tail for item in batch]
+
+
 def shard(items: list, accelerator) -> list:
     """This process's share of an optimiser step's items: every world-th one (all of them in one process)."""
     return items[accelerator.process_index :: accelerator.num_processes] if accelerator else items

@@ -233,8 +233,8 @@ def test_held_out_split_eval_data_and_reference_responses(tokenizer, prefs, tmp_
 
 
 def test_group_by_length_batches_like_lengths_and_keeps_every_pair_once_an_epoch():
-    from preflab.data.tokenize import TokenizedPair
-    from preflab.reward.train import pair_length, step_batches
+    from preflab.data.tokenize import TokenizedPair, pair_length
+    from preflab.reward.train import step_batches
 
     rng = random.Random(1)
     pairs = [
@@ -251,7 +251,7 @@ def test_group_by_length_batches_like_lengths_and_keeps_every_pair_once_an_epoch
 
     plain, grouped = epoch(False), epoch(True)
     assert sorted(p.source for b in grouped for p in b) == sorted(p.source for p in pairs)
-    assert all(len(b) == 8 for b in grouped)
+    assert all(len(b) == 8 for b in grouped)  # 1000 = 125 x 8: no incomplete batch
     # the default is the plain shuffled order, unchanged
     order = pairs[:]
     random.Random(0).shuffle(order)
@@ -260,3 +260,20 @@ def test_group_by_length_batches_like_lengths_and_keeps_every_pair_once_an_epoch
     assert padded(grouped) < 0.8 * padded(plain)
     lengths = [max(map(pair_length, b)) for b in grouped]
     assert lengths != sorted(lengths)  # the batches themselves are shuffled
+
+
+def test_length_grouped_keeps_an_incomplete_batch_last():
+    """DPO drops an epoch's incomplete tail, so the grouped order must keep it at the end, whole batches before."""
+    from preflab.training import length_grouped
+
+    items = list(range(103))
+    random.Random(0).shuffle(items)
+    grouped = length_grouped(items, 10, random.Random(1), length=lambda i: i % 37)
+    assert sorted(grouped) == list(range(103))
+    batches = [grouped[i : i + 10] for i in range(0, 103, 10)]
+    assert len(batches[-1]) == 3
+    # within the first run of 50 batches (all of them here) each batch is a slice of the length-sorted order
+    ranks = {item: r for r, item in enumerate(sorted(items, key=lambda i: i % 37))}
+    for batch in batches:
+        spots = sorted(ranks[i] for i in batch)
+        assert spots[-1] - spots[0] == len(batch) - 1

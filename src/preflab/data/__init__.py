@@ -22,6 +22,7 @@ from preflab.data.tokenize import (
     encode_preference,
     encode_prompt,
     last_token_index,
+    pair_length,
     position_ids,
     tokenize_rows,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "collate",
     "collate_examples",
     "collate_pairs",
+    "pair_length",
     "encode_completion",
     "encode_preference",
     "encode_prompt",

@@ -155,6 +155,11 @@ def take(batch: dict, index) -> dict:
     return {k: (v if k == "prompt_length" else v[index]) for k, v in batch.items()}
 
 
+def pair_length(pair: TokenizedPair) -> int:
+    """The tokens of a pair's longer sequence, prompt + the longer response: what its batch pads to."""
+    return len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
+
+
 def collate_pairs(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
     """Chosen rows first (0..B-1), rejected rows after (B..2B-1): one forward pass for both."""
     prompts = [p.prompt_ids for p in pairs] * 2

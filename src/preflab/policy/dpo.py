@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from preflab.adapters import add_lora, reference_of
 from preflab.config import LoraConfig, OptimConfig, check, opt
-from preflab.data import DataError, collate_pairs, split_rows, tokenize_rows
+from preflab.data import DataError, collate_pairs, pair_length, split_rows, tokenize_rows
 from preflab.data.preferences import SPLIT_BY, SPLIT_BY_HELP
 from preflab.logps import sequence_logps
 from preflab.runs import Run, progress, seed_everything
@@ -40,6 +40,7 @@ from preflab.training import (
     autocast,
     check_finite,
     join_without_data,
+    length_grouped,
     lr_factor,
     make_accelerator,
     set_lr,
@@ -108,6 +109,9 @@ class DPOConfig(OptimConfig, LoraConfig):
     )
     warmup: float = opt(0.1, "share of the budget spent warming the learning rate up")
     batch_size: int = opt(32, "pairs per optimiser step")
+    group_by_length: bool = opt(
+        False, "batches of pairs of like lengths (each run of 50 batches sorted by length): less padding, same epoch"
+    )
     micro_batch_size: int = opt(
         0, "pairs per forward (0: batch_size); batch_size / micro_batch_size = accumulation steps"
     )
@@ -375,6 +379,8 @@ def train_dpo(model, tokenizer, rows: list, config: DPOConfig, ref_model=None, r
             if len(order) < config.batch_size:  # a new epoch: reshuffle, drop the incomplete tail
                 order = list(range(len(train_pairs)))
                 rng.shuffle(order)
+                if config.group_by_length:
+                    order = length_grouped(order, config.batch_size, rng, lambda i: pair_length(train_pairs[i]))
             indices, order = order[: config.batch_size], order[config.batch_size :]
             lr = config.lr * lr_factor(budget.progress(step), config.warmup)
             set_lr(optimizer, lr)
