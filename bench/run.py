@@ -191,6 +191,30 @@ def render(path: Path) -> str:
     return table
 
 
+def library_cells(row: dict, libs: list[str]) -> list[str]:
+    """A table row's cells per library (s/step [spread], tokens/s, MFU, peak RSS) and, for two, the speed ratio."""
+    cells = []
+    for lib in libs:
+        d = row.get(lib)
+        cells += (
+            [
+                spread(d["seconds_per_step"], d["all_seconds_per_step"]),
+                fmt(d["tokens_per_second"], ".4g"),
+                fmt(100 * d["mfu"], ".1f") + "%",
+                fmt(d["peak_rss_gib"], ".2f"),
+            ]
+            if d
+            else ["-"] * 4
+        )
+    if len(libs) == 2:
+        cells.append(
+            f"{fmt(row['speed_ratio'], '.2f')}x ({fmt(row['diff_speed_ratio'], '.2f')}x)"
+            if "speed_ratio" in row
+            else "-"
+        )
+    return cells
+
+
 def markdown(rows: list, libs: list, meta: dict) -> str:
     head = ["method", "tokens/step"]
     for lib in libs:
@@ -199,25 +223,7 @@ def markdown(rows: list, libs: list, meta: dict) -> str:
         head.append("preflab speed / TRL (from run lengths)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row["label"], f"{row['tokens_per_step']} {row['token_kind']}"]
-        for lib in libs:
-            d = row.get(lib)
-            cells += (
-                [
-                    spread(d["seconds_per_step"], d["all_seconds_per_step"]),
-                    fmt(d["tokens_per_second"], ".4g"),
-                    fmt(100 * d["mfu"], ".1f") + "%",
-                    fmt(d["peak_rss_gib"], ".2f"),
-                ]
-                if d
-                else ["-"] * 4
-            )
-        if len(libs) == 2:
-            cells.append(
-                f"{fmt(row['speed_ratio'], '.2f')}x ({fmt(row['diff_speed_ratio'], '.2f')}x)"
-                if "speed_ratio" in row
-                else "-"
-            )
+        cells = [row["label"], f"{row['tokens_per_step']} {row['token_kind']}", *library_cells(row, libs)]
         lines.append("| " + " | ".join(cells) + " |")
     m, z = meta, meta["sizes"]
     notes = [

@@ -122,24 +122,7 @@ def markdown(rows: list, meta: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["method"], str(row["batch"]), str(row["length"]), str(row["tokens_per_step"])]
-        for lib in libs:
-            d = row.get(lib)
-            cells += (
-                [
-                    bench.spread(d["seconds_per_step"], d["all_seconds_per_step"]),
-                    bench.fmt(d["tokens_per_second"], ".4g"),
-                    bench.fmt(100 * d["mfu"], ".1f") + "%",
-                    bench.fmt(d["peak_rss_gib"], ".2f"),
-                ]
-                if d
-                else ["-"] * 4
-            )
-        if len(libs) == 2:
-            cells.append(
-                f"{bench.fmt(row['speed_ratio'], '.2f')}x ({bench.fmt(row['diff_speed_ratio'], '.2f')}x)"
-                if "speed_ratio" in row
-                else "-"
-            )
+        cells += bench.library_cells(row, libs)
         lines.append("| " + " | ".join(cells) + " |")
     m, z = meta, meta["sizes"]
     notes = [
