@@ -197,9 +197,11 @@ class Pipeline:
         return Job(section, STAGE_FUNCTIONS[section], self.options(section, options, values), title)
 
     def side_by_side(self, jobs: list[Job]) -> dict[str, dict]:
-        """Independent stages at once, two processes of half the cores each, when `parallel` is on and the stages
-        run on a CPU; one after another otherwise. Every stage seeds itself and the results do not depend on the
-        thread count, so both ways write the same files (tests/test_demo.py). Returns {name: summary}."""
+        """Independent stages at once, a process each with an equal share of the cores (at least one thread: with
+        more stages than cores the system shares the cores out, which single-threaded processes bear well), when
+        `parallel` is on and the stages run on a CPU; one after another otherwise. Every stage seeds itself and the
+        results do not depend on the thread count, so both ways write the same files (tests/test_demo.py).
+        Returns {name: summary}."""
         cores = self.config.threads or os.cpu_count() or 1
         if not self.config.parallel or len(jobs) < 2 or cores < 2 or torch_cuda():
             return {j.name: self.run_stage(j.name, j.fn, j.options, j.title) for j in jobs}
@@ -212,9 +214,10 @@ class Pipeline:
         from concurrent.futures import ProcessPoolExecutor
 
         out = {}
-        with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        threads = max(1, cores // len(jobs))
+        with ProcessPoolExecutor(max_workers=len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {
-                pool.submit(run_job, j.fn.__module__, j.fn.__name__, j.options, cores // 2, log[j.name]): j.name
+                pool.submit(run_job, j.fn.__module__, j.fn.__name__, j.options, threads, log[j.name]): j.name
                 for j in jobs
             }
             for future in as_completed_or_raise(futures):
@@ -650,7 +653,6 @@ def demo_once(config: DemoConfig, root: Path) -> dict:
     else:
         jobs = [p.job("ppo", "ppo: against the reward model", **common, **watch)]
     jobs += [Job(f"sweep/{label}", fn, options, f"sweep: the {label} arm") for label, (fn, options) in arms.items()]
-    # DPO first: the longest job, so that the two processes finish together
     dpo_job = p.job("dpo", "dpo: on the votes", model=str(root / "sft"), data=str(root / "votes" / "train.jsonl"))
     jobs.insert(0, dpo_job)
     policies = [f"base={root / 'pretrain'}", f"ppo={ppo_policy}", f"dpo={root / 'dpo'}"]
