@@ -101,6 +101,9 @@ def test_dpo_table_compares_each_trained_policy_with_the_mean_sft_sample_paired_
     assert lim["bluff_vs_full"]["mean"] == 1.0 and lim["true_vs_full"]["mean"] == -2.0  # against dpo on full votes
     assert "bluff_vs_full" not in un["full"] and un["aid@1"]["true_vs_full"]["mean"] == -0.5
     assert table["all"]["limited"]["true_utility"]["mean"] == 0.0
+    # a 95% interval over the two prompts (diffs -2 and 0), not a point: the seed once went in as the level
+    vs_full = table["all"]["limited"]["true_vs_full"]
+    assert vs_full["mean"] == -1.0 and vs_full["low"] == -2.0 and vs_full["high"] == 0.0
     assert u["limited"].tolist() == [-1.0, 1.0] and u["aid@1"].tolist() == [0.5, 1.0] and u["sft"].tolist() == [0, 1]
     back = recovered_from(u, split, [1.0], n_boot=50, seed=0)
     assert back["unverified"]["1"]["mean"] == pytest.approx((0.5 - -1.0) / (1.0 - -1.0))

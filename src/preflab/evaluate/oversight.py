@@ -278,8 +278,8 @@ def dpo_table(
                     e[gain] = paired_difference(v[key][mask], sft[key][mask], n_boot, seed=seed).as_dict()
             if arm not in ("sft", "full") and "full" in per:  # against the policy trained on the full raters' votes
                 full = per["full"]
-                e["true_vs_full"] = paired_difference(v["utility"][mask], full["utility"][mask], n_boot, seed).as_dict()
-                e["bluff_vs_full"] = paired_difference(v["bluff"][mask], full["bluff"][mask], n_boot, seed).as_dict()
+                for key, field in (("utility", "true_vs_full"), ("bluff", "bluff_vs_full")):
+                    e[field] = paired_difference(v[key][mask], full[key][mask], n_boot, seed=seed).as_dict()
             entry[arm] = e
         table[name] = entry
     return table, {arm: v["utility"] for arm, v in per.items()}
