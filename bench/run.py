@@ -191,6 +191,16 @@ def render(path: Path) -> str:
     return table
 
 
+def table_head(first: list[str], libs: list[str]) -> list[str]:
+    """A results table's header lines: `first` columns, then library_cells' columns."""
+    head = list(first)
+    for lib in libs:
+        head += [f"{lib} s/step", f"{lib} tokens/s", f"{lib} MFU", f"{lib} peak RSS GiB"]
+    if len(libs) == 2:
+        head.append("preflab speed / TRL (from run lengths)")
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+
 def library_cells(row: dict, libs: list[str]) -> list[str]:
     """A table row's cells per library (s/step [spread], tokens/s, MFU, peak RSS) and, for two, the speed ratio."""
     cells = []
@@ -216,12 +226,7 @@ def library_cells(row: dict, libs: list[str]) -> list[str]:
 
 
 def markdown(rows: list, libs: list, meta: dict) -> str:
-    head = ["method", "tokens/step"]
-    for lib in libs:
-        head += [f"{lib} s/step", f"{lib} tokens/s", f"{lib} MFU", f"{lib} peak RSS GiB"]
-    if len(libs) == 2:
-        head.append("preflab speed / TRL (from run lengths)")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = table_head(["method", "tokens/step"], libs)
     for row in rows:
         cells = [row["label"], f"{row['tokens_per_step']} {row['token_kind']}", *library_cells(row, libs)]
         lines.append("| " + " | ".join(cells) + " |")

@@ -114,12 +114,7 @@ def runs(meta: dict) -> list:
 
 def markdown(rows: list, meta: dict) -> str:
     libs = meta["libs"]
-    head = ["method", "batch", "length", "tokens/step"]
-    for lib in libs:
-        head += [f"{lib} s/step", f"{lib} tokens/s", f"{lib} MFU", f"{lib} peak RSS GiB"]
-    if len(libs) == 2:
-        head.append("preflab speed / TRL (from run lengths)")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = bench.table_head(["method", "batch", "length", "tokens/step"], libs)
     for row in rows:
         cells = [row["method"], str(row["batch"]), str(row["length"]), str(row["tokens_per_step"])]
         cells += bench.library_cells(row, libs)
