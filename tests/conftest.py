@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -114,3 +116,19 @@ def ensemble_dir(tmp_path_factory, tokenizer):
     members = [RewardModel(make_model(tokenizer, seed=k), tokenizer, seed=k) for k in (0, 1)]
     RewardEnsemble(members).save(path)
     return path
+
+
+@pytest.fixture
+def quick_bench(tmp_path):
+    """run(SCRIPT, *options, timeout=S): bench/SCRIPT --quick --libs preflab --threads 1 --out tmp_path, which
+    must exit 0 (`make test` does not install TRL, the benchmark-only extra). For tests/bench."""
+
+    def run(script: str, *options: str, timeout: int) -> None:
+        bench = Path(__file__).resolve().parents[1] / "bench" / script
+        command = [sys.executable, str(bench), "--quick", "--libs", "preflab", "--threads", "1"]
+        proc = subprocess.run(
+            [*command, *options, "--out", str(tmp_path)], capture_output=True, text=True, timeout=timeout
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    return run

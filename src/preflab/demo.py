@@ -55,7 +55,7 @@ from preflab.reward.train import train_reward
 from preflab.runs import default_out
 from preflab.sft import sft
 from preflab.stages import stage
-from preflab.training import set_threads
+from preflab.training import runs_on_cpu, set_threads
 
 # Per-stage options of the demo (each stage's own config fields): the `demo` preset, the one source of them.
 DEFAULTS: dict[str, dict] = load_preset("demo")["demo"]
@@ -203,7 +203,7 @@ class Pipeline:
         results do not depend on the thread count, so both ways write the same files (tests/test_demo.py).
         Returns {name: summary}."""
         cores = self.config.threads or os.cpu_count() or 1
-        if not self.config.parallel or len(jobs) < 2 or cores < 2 or torch_cuda():
+        if not self.config.parallel or len(jobs) < 2 or cores < 2 or not runs_on_cpu():
             return {j.name: self.run_stage(j.name, j.fn, j.options, j.title) for j in jobs}
         logs = self.root / "logs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -257,19 +257,12 @@ def as_completed_or_raise(futures: dict):
     while pending:
         done, pending = wait(pending, return_when=FIRST_EXCEPTION)
         for future in done:
-            if future.exception() is not None:
+            error = future.exception()
+            if error is not None:
                 for other in pending:
                     other.cancel()
-                raise RuntimeError(
-                    f"demo stage {futures[future]!r} failed: {future.exception()}"
-                ) from future.exception()
+                raise RuntimeError(f"demo stage {futures[future]!r} failed: {error}") from error
             yield future
-
-
-def torch_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def annotate(root: Path, pairs_file: Path, config: DemoConfig) -> dict:

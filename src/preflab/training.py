@@ -19,6 +19,11 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def runs_on_cpu() -> bool:
+    """Whether the stages run on the CPU: no GPU visible, or PREFLAB_CPU=1."""
+    return not torch.cuda.is_available() or os.environ.get("PREFLAB_CPU") == "1"
+
+
 def make_accelerator(cpu: bool | None = None, gradient_accumulation_steps: int = 1, dtype: str = "fp32"):
     """An `accelerate.Accelerator`: CPU when no GPU is visible; `accelerate launch`/`torchrun` give DDP/FSDP.
 
@@ -27,7 +32,7 @@ def make_accelerator(cpu: bool | None = None, gradient_accumulation_steps: int =
     from accelerate.state import AcceleratorState
 
     if cpu is None:
-        cpu = not torch.cuda.is_available() or os.environ.get("PREFLAB_CPU") == "1"
+        cpu = runs_on_cpu()
     mixed_precision = "bf16" if dtype == "bf16" else "no"
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:

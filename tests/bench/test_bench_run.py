@@ -5,35 +5,15 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
 METHODS = ["reward", "sft", "dpo", "dpo_precomputed", "grpo", "rloo", "ppo"]
 
 
 @pytest.mark.slow
-def test_quick_benchmark_for_preflab_gives_a_finite_table(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "run.py"),
-            "--quick",
-            "--libs",
-            "preflab",
-            "--threads",
-            "1",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_quick_benchmark_for_preflab_gives_a_finite_table(tmp_path, quick_bench):
+    quick_bench("run.py", timeout=900)
 
     (md,) = tmp_path.glob("bench-quick-*.md")
     (raw,) = tmp_path.glob("bench-quick-*.json")

@@ -5,36 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.mark.slow
-def test_quick_scaling_for_preflab_gives_finite_rows_and_two_plots(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "scaling.py"),
-            "--quick",
-            "--libs",
-            "preflab",
-            "--threads",
-            "1",
-            "--points",
-            "2x16,1x32",  # one on the length grid (batch 2), one on the batch grid (length 32)
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_quick_scaling_for_preflab_gives_finite_rows_and_two_plots(tmp_path, quick_bench):
+    quick_bench("scaling.py", "--points", "2x16,1x32", timeout=300)  # one on each grid: batch 2, length 32
 
     (raw,) = tmp_path.glob("scaling-quick-*.json")
     report = json.loads(raw.read_text())
