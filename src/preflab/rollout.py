@@ -13,12 +13,12 @@ The result is laid out exactly as `preflab.data.tokenize.collate` lays out train
 from __future__ import annotations
 
 import functools
-import inspect
 from dataclasses import dataclass
 
 import torch
 
 from preflab.data.tokenize import collate, position_ids
+from preflab.logps import cache_keyword, returned_cache
 
 
 @dataclass
@@ -161,7 +161,7 @@ def _generate_batch(
     logps = torch.zeros(B, max_new_tokens, device=device)
     filtered = bool(top_k and top_k > 0) or top_p < 1.0
     cache = None
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_kw = cache_keyword(model)
     step_ids, step_pos = input_ids, position_ids(attention)
     seen = attention.sum(-1, keepdim=True)  # real tokens so far per row: the next token's position + 1
     n = 0
@@ -174,7 +174,7 @@ def _generate_batch(
             logits_to_keep=1,
             **{cache_kw: cache},
         )
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        cache = returned_cache(out)
         if t == 0:
             _preallocate_cache(cache, P + max_new_tokens)
         logits = out.logits[:, -1, :].float()

@@ -121,12 +121,14 @@ def pairs(tokenizer):
     return tokenize_rows(tokenizer, world_rows(12), 64, 32)[0]
 
 
-def test_one_forward_for_chosen_and_rejected(tokenizer, model, pairs):
-    calls = []
-    model.register_forward_hook(lambda m, a, k: calls.append(1))
+def test_chosen_and_rejected_in_one_pass_their_prompt_once(tokenizer, model, pairs):
+    rows = []
+    model.register_forward_pre_hook(lambda m, a, k: rows.append(k["input_ids"].shape), with_kwargs=True)
     batch = collate_pairs(pairs[:4], tokenizer.pad_token_id)
     chosen, rejected = pair_logps(model, batch)
-    assert len(calls) == 1 and chosen.shape == rejected.shape == (4,)
+    P, T = int(batch["prompt_length"]), batch["input_ids"].shape[1]
+    # the 4 prompts once, then the 8 responses (but the last column, whose logits predict nothing) over their cache
+    assert rows == [(4, P), (8, T - P - 1)] and chosen.shape == rejected.shape == (4,)
     # chosen rows first: row 0 of the batch is pair 0's chosen response, row 4 its rejected one
     single = collate_pairs(pairs[:1], tokenizer.pad_token_id)
     c0, r0 = pair_logps(model, single)

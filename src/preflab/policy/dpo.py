@@ -5,9 +5,9 @@
     2. load the policy and the reference (the same model unless --ref-model), tokenise in token space
     3. precompute the reference log-probs once over the whole dataset (--precompute-ref, default on), then drop
        the reference model; otherwise score each batch with it as we go (the same numbers, more compute)
-    4. the loop: per optimiser step, `gradient_accumulation_steps` micro-batches, each ONE forward over chosen
-       and rejected rows (`collate_pairs` puts chosen rows first), `dpo_loss`, mean, backward; warm-up +
-       cosine lr; by epochs, steps or seconds
+    4. the loop: per optimiser step, `gradient_accumulation_steps` micro-batches, each ONE pass over chosen
+       and rejected rows (`collate_pairs` puts chosen rows first; their shared prompt runs once), `dpo_loss`,
+       mean, backward; warm-up + cosine lr; by epochs, steps or seconds
     5. evaluate on the held-out pairs every `eval_every` steps and at the end
     6. save the policy as a Hugging Face directory in `run.model_dir`
 
@@ -157,7 +157,8 @@ class DPOConfig(OptimConfig, LoraConfig):
 
 
 def pair_logps(model, batch: dict, length_normalize: bool = False, with_token_mean: bool = False):
-    """(chosen [B], rejected [B]) summed (or per-token mean) log-probs from ONE forward over the 2B rows.
+    """(chosen [B], rejected [B]) summed (or per-token mean) log-probs from ONE pass over the 2B rows
+    (each pair's prompt run once for both: `preflab.logps.shared_prompt_forward`).
 
     With `with_token_mean`, also the chosen responses' mean log-prob per token [B] (for the RPO term).
     """

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from preflab.data.tokenize import position_ids
+from preflab.logps import shared_prompt_forward
 
 HEAD_FILE = "value_head.safetensors"
 
@@ -36,12 +37,19 @@ class ValueModel(nn.Module):
 
     def forward(self, batch: dict) -> torch.Tensor:
         P = int(batch["prompt_length"])
-        C = batch["input_ids"].shape[1] - P
-        mask = batch["attention_mask"]
-        hidden = self.backbone(
-            input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids(mask), use_cache=False
-        ).last_hidden_state
-        values = self.head(hidden[:, P - 1 : P + C - 1]).squeeze(-1)  # state before completion token t
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        T = ids.shape[1]
+        # the states before completion tokens P..T-1; samples of one prompt run it once (preflab.logps)
+        shared = shared_prompt_forward(self.backbone, ids, mask, P, T - 1, {}, {})
+        if shared is not None:
+            head, inverse, rest = shared
+            states = torch.cat([head.last_hidden_state[inverse, -1:], rest.last_hidden_state], 1)
+        else:
+            hidden = self.backbone(
+                input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False
+            ).last_hidden_state
+            states = hidden[:, P - 1 : T - 1]
+        values = self.head(states).squeeze(-1)  # state before completion token t
         return values * batch["completion_mask"].to(values.dtype)
 
 

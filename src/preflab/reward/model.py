@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from preflab.data.tokenize import collate, encode_completion, encode_prompt, last_token_index, position_ids, truncate
+from preflab.logps import shared_prompt_forward
 from preflab.models import ModelError, drop_gguf_marker, is_causal_lm, load_model
 
 HEAD_FILE = "reward_head.safetensors"
@@ -72,16 +73,29 @@ class RewardModel(nn.Module):
     def device(self) -> torch.device:
         return self.head.weight.device
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalise: bool = True) -> torch.Tensor:
-        out = self.backbone.get_decoder()(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids(attention_mask),
-            use_cache=False,
-        )
-        hidden = out.last_hidden_state  # [B, T, d]
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalise: bool = True, prompt_length: int = 0
+    ) -> torch.Tensor:
+        """Rewards [B] read at each row's last real token. Given the `collate` layout's `prompt_length` P, rows
+        with the same prompt (a pair's chosen and rejected) run it once (`preflab.logps.shared_prompt_forward`)."""
+        decoder, T = self.backbone.get_decoder(), input_ids.shape[1]
+        shared = None
+        if prompt_length and bool(attention_mask[:, prompt_length:].any(-1).all()):  # every response non-empty
+            shared = shared_prompt_forward(decoder, input_ids, attention_mask, prompt_length, T, {}, {})
+        if shared is not None:
+            hidden, mask = shared[2].last_hidden_state, attention_mask[:, prompt_length:]  # [B, C, d]: responses
+        else:
+            hidden, mask = (
+                decoder(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids(attention_mask),
+                    use_cache=False,
+                ).last_hidden_state,
+                attention_mask,
+            )
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        last = hidden[rows, last_token_index(attention_mask)]  # [B, d] at the last real token
+        last = hidden[rows, last_token_index(mask)]  # [B, d] at the last real token
         raw = self.head(last).squeeze(-1).float()  # [B]
         return raw * self.gain + self.bias if normalise else raw
 
@@ -122,7 +136,10 @@ class RewardModel(nn.Module):
                 [prompts_ids[i] for i in idx], [completions_ids[i] for i in idx], self.tokenizer.pad_token_id
             )
             rewards = self(
-                batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device), normalise=normalise
+                batch["input_ids"].to(self.device),
+                batch["attention_mask"].to(self.device),
+                normalise=normalise,
+                prompt_length=int(batch["prompt_length"]),
             )
             out[idx] = rewards.cpu()
         self.train(was_training)

@@ -176,7 +176,9 @@ def train_step(
     for i, micro in enumerate(micros):
         batch = {k: v.to(device) for k, v in collate_pairs(micro, pad).items()}  # B chosen rows, then B rejected
         with sync_on_last(accelerator, model, i, len(micros)):
-            rewards = model(batch["input_ids"], batch["attention_mask"], normalise=False)
+            rewards = model(
+                batch["input_ids"], batch["attention_mask"], normalise=False, prompt_length=int(batch["prompt_length"])
+            )
             chosen, rejected = rewards[: len(micro)], rewards[len(micro) :]
             margin = batch["margin"] * config.margin_scale if config.use_margin else None
             loss = bradley_terry_loss(chosen, rejected, margin, config.label_smoothing, batch["tie"])
