@@ -58,7 +58,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     sizes = assets_mod.QUICK if args.quick else assets_mod.Sizes()
-    work = Path(args.out or "/tmp") / ("decode-work-quick" if args.quick else "decode-work")
+    work = Path(args.out or HERE / "results") / ("work-quick" if args.quick else "work")  # run.py's assets
     built = assets_mod.build(work, sizes)
     ours, tokenizer = load_model(built["model"])
     theirs = AutoModelForCausalLM.from_pretrained(built["model"]).eval()

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     s = assets_mod.QUICK if args.quick else assets_mod.Sizes()
-    work = Path("/tmp") / ("shared-prompt-work-quick" if args.quick else "shared-prompt-work")
+    work = HERE / "results" / ("work-quick" if args.quick else "work")  # run.py's assets (built again: the same)
     built = assets_mod.build(work, s)
     model, tokenizer = load_model(built["model"])
     model.train()

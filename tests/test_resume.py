@@ -276,7 +276,7 @@ def test_a_nan_loss_stops_the_run_naming_step_and_metric(model_dir, tmp_path, mo
 def test_sigkill_of_a_real_process_then_resume(model_dir, tmp_path):
     """A real `kill -9` of a separate process once its first checkpoint exists, then --resume."""
     argv = stage_argv("sft", model_dir, tmp_path)
-    argv[argv.index("--max-steps") + 1] = "12"
+    argv[argv.index("--max-steps") + 1] = "40"  # long enough that the kill lands before the end on a fast machine
     argv[argv.index("--checkpoint-every") + 1] = "1"
     env = {**os.environ, "PREFLAB_QUIET": "1"}
     cmd = [sys.executable, "-m", "preflab.cli", *argv]

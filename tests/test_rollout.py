@@ -95,6 +95,27 @@ def test_temperature_divides_logits(model, tokenizer, prompts):
     assert abs(float(logits.log_softmax(-1)[token]) - float(expected)) > 1e-3  # T = 1 would differ
 
 
+def test_the_sampler_draws_each_token_with_its_probability_and_never_a_zero_one(monkeypatch):
+    """Inverse-CDF sampling (`sample_rows`): 40,000 draws per row of two distributions with zeros in them (first,
+    middle and last place); each token's share within 4.5 standard errors of its probability, zeros never."""
+    from preflab.rollout import sample_rows
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [0.1, 0.0, 0.6, 0.0, 0.0, 0.3]])
+    generator = torch.Generator().manual_seed(0)
+    n = 40_000
+    draws = torch.stack([sample_rows(probs, None, 2, generator) for _ in range(n)])  # [n, 2]
+    for row in range(2):
+        share = torch.bincount(draws[:, row], minlength=6).double() / n
+        p = probs[row].double()
+        assert (share[p == 0] == 0).all()
+        assert ((share - p).abs() <= 4.5 * (p * (1 - p) / n).sqrt()).all(), (row, share, p)
+    # all the mass on the last token: always that token
+    assert sample_rows(torch.tensor([[0.0, 0.0, 1.0]]), None, 1, generator).tolist() == [2]
+    # u x total rounding up to the total (u = 1 forced) gives the last token of positive probability, not a zero
+    monkeypatch.setattr(torch, "rand", lambda n, **kw: torch.ones(n, dtype=torch.float64))
+    assert sample_rows(probs, None, 2, generator).tolist() == [4, 5]
+
+
 def test_processes_sampling_their_rows_draw_the_one_process_rollout(model, tokenizer, prompts):
     """Three 'processes' (threads, a barrier for the all-done vote), each sampling every third row, draw the
     tokens one process draws: chunks of 4 over 14 prompts (the last chunk leaves a process without rows) and rows
@@ -104,8 +125,10 @@ def test_processes_sampling_their_rows_draw_the_one_process_rollout(model, token
     from preflab.rollout import sample_rows
 
     probs = torch.rand(5, 50).softmax(-1)
-    one = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(3)).squeeze(-1)
-    assert sample_rows(probs[[1, 4]], [1, 4], 5, torch.Generator().manual_seed(3)).tolist() == one[[1, 4]].tolist()
+    g_one, g_part = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    one = sample_rows(probs, None, 5, g_one)
+    assert sample_rows(probs[[1, 4]], [1, 4], 5, g_part).tolist() == one[[1, 4]].tolist()
+    assert torch.equal(torch.rand(3, generator=g_one), torch.rand(3, generator=g_part))  # the generators in step
 
     hook = eos_boost(model, tokenizer, 3.0)
     many = (prompts * 7)[:14]
@@ -145,7 +168,7 @@ def plain_decode(model, prompts, eos_id, pad_id, max_new_tokens, temperature, to
     """The decode loop before it was optimised (the reference the engine must match): a concatenated attention
     mask, HF's own growing cache, the temperature division and a full log-softmax every token."""
     from preflab.data.tokenize import position_ids
-    from preflab.rollout import _filter_logits
+    from preflab.rollout import _filter_logits, sample_rows
 
     batch = collate(prompts, [[]] * len(prompts), pad_id)
     P = int(batch["prompt_length"])
@@ -168,7 +191,8 @@ def plain_decode(model, prompts, eos_id, pad_id, max_new_tokens, temperature, to
         if greedy:
             token = logits.argmax(-1)
         else:
-            token = torch.multinomial(_filter_logits(logits, top_k, top_p).softmax(-1), 1, generator=generator)[:, 0]
+            probs = _filter_logits(logits, top_k, top_p).softmax(-1)
+            token = sample_rows(probs, None, len(prompts), generator)
         logp = logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         tokens.append(token)

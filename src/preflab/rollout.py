@@ -47,24 +47,30 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
-def sample_rows(probs: torch.Tensor, rows: list[int], n_rows: int, generator) -> torch.Tensor:
-    """`torch.multinomial(all_probs, 1, generator)[rows]` for one process holding only `probs = all_probs[rows]`
-    of an `n_rows`-row batch: multinomial draws one sample as argmax(p / q), q ~ Exp(1) drawn for the whole
-    [n_rows, V] tensor, so drawing that whole q here and keeping our rows gives the same tokens, bit for bit, and
-    leaves the generator where one process would (checked in tests/test_rollout.py)."""
-    q = torch.empty((n_rows, probs.shape[-1]), dtype=probs.dtype, device=probs.device).exponential_(
-        1, generator=generator
-    )
-    return (probs / q[rows]).argmax(-1)
+def sample_rows(probs: torch.Tensor, rows: list[int] | None, n_rows: int, generator) -> torch.Tensor:
+    """One token per row of `probs` [B, V] by the inverse CDF: u ~ U[0, 1) per row, the token is the first whose
+    cumulative probability (float64) exceeds u x the row's total, so a zero-probability token is never drawn.
+    One uniform a row, where `torch.multinomial` draws an exponential for every entry of [B, V]: that draw was
+    30% of the decode loop at vocabulary 8,000 and batch 8 (docs/benchmarks.md), and transformers' `generate`
+    pays it too. The uniforms are drawn for the whole `n_rows`-row batch and `rows` kept (`rows=None`: all),
+    so one process of several, holding only its rows of the batch, draws the tokens one process draws and
+    leaves the generator where one process would (tests/test_rollout.py)."""
+    u = torch.rand(n_rows, dtype=torch.float64, device=probs.device, generator=generator)
+    if rows is not None:
+        u = u[rows]
+    cdf = probs.double().cumsum(-1)
+    token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+    if bool((token == probs.shape[-1]).any()):  # u x total rounded up to the total: the last possible token
+        token = torch.minimum(token, (probs > 0).cumsum(-1).argmax(-1))
+    return token
 
 
-def _idle_batch(model, n_rows, max_new_tokens, greedy, generator, all_done, device):
+def _idle_batch(n_rows, max_new_tokens, greedy, generator, all_done, device):
     """A process without rows in a chunk: the same draws from `generator` and the same `all_done` calls as the
     processes that sample, so every generator stays in step."""
-    vocab = model.get_output_embeddings().weight.shape[0]
     for _ in range(max_new_tokens):
         if not greedy:
-            torch.empty((n_rows, vocab), device=device).exponential_(1, generator=generator)
+            torch.rand(n_rows, dtype=torch.float64, device=device, generator=generator)
         if all_done(True):
             break
     return [], torch.zeros(0, 0), torch.zeros(0, dtype=torch.bool)
@@ -137,7 +143,7 @@ def _generate_batch(
     read off that softmax (log p[token]) instead of a second pass over the vocabulary for the log-softmax; the
     attention mask, positions, tokens and log-probs are preallocated and filled in place, and a `transformers`
     DynamicCache gets a preallocated buffer after the prefill (`_preallocate_cache`). The sampled tokens are the
-    same as with the plain loop (the same softmax goes to the same `torch.multinomial` call with the same
+    same as with the plain loop (the same softmax goes to the same sampler, `sample_rows`, with the same
     generator: tests/test_rollout.py checks it against a copy of the plain loop); the log-probs agree within
     rounding (1e-6), as they do with `sequence_logps`' full forward.
 
@@ -151,7 +157,7 @@ def _generate_batch(
     if rows is not None:  # one process's rows, padded as the whole batch is
         input_ids, prompt_mask = input_ids[rows], prompt_mask[rows]
         if not rows:  # none of this chunk: draw the chunk's noise and wait for the others, as if sampling
-            return _idle_batch(model, len(prompts), max_new_tokens, greedy, generator, all_done, device)
+            return _idle_batch(len(prompts), max_new_tokens, greedy, generator, all_done, device)
     B = input_ids.shape[0]
     attention_buffer = torch.zeros(B, P + max_new_tokens, dtype=torch.long, device=device)
     attention_buffer[:, :P] = prompt_mask
@@ -185,10 +191,7 @@ def _generate_batch(
             logp = logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
         else:
             probs = _filter_logits(logits, top_k, top_p).softmax(-1)
-            if rows is None:
-                token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            else:
-                token = sample_rows(probs, rows, len(prompts), generator)
+            token = sample_rows(probs, rows, len(prompts), generator)
             if filtered:  # the recorded log-prob is the unfiltered policy's
                 logp = logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
             else:
