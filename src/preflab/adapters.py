@@ -108,6 +108,10 @@ class AdapterDisabled(nn.Module):
         with self.adapted[0].disable_adapter():
             return self.adapted[0](*args, **kwargs)
 
+    def get_base_model(self):
+        """The transformers model under the adapter (as PEFT's own `get_base_model`): its forward's signature."""
+        return self.adapted[0].get_base_model()
+
 
 def frozen_copy(model):
     """A copy of `model`, eval mode, no gradients."""

@@ -26,8 +26,10 @@ _NO_SHARED_CACHE: weakref.WeakSet = weakref.WeakSet()  # models whose cache cann
 
 
 def cache_keyword(model) -> str:
-    """The forward's name for the KV cache: `cache` in newer transformers, `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    """The forward's name for the KV cache: `cache` in newer transformers, `past_key_values` before (a PEFT
+    model's forward takes **kwargs: its base model's signature decides)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def returned_cache(out):
