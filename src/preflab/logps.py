@@ -52,11 +52,9 @@ def shared_prompt_forward(
     from transformers.cache_utils import DynamicLayer
 
     P = int(prompt_length)
-    if P == 0 or end <= P or isinstance(model, FullyShardedDataParallel):
+    if P == 0 or end <= P or isinstance(model, FullyShardedDataParallel) or model in _NO_SHARED_CACHE:
         return None
     inner = model.module if isinstance(model, DistributedDataParallel) else model
-    if model in _NO_SHARED_CACHE:
-        return None
     prompts, inverse = torch.unique(torch.cat([input_ids[:, :P], attention_mask[:, :P]], 1), dim=0, return_inverse=True)
     R, U = input_ids.shape[0], prompts.shape[0]
     if U == R:

@@ -55,7 +55,7 @@ def sample_rows(probs: torch.Tensor, rows: list[int] | None, n_rows: int, genera
     pays it too. The uniforms are drawn for the whole `n_rows`-row batch and `rows` kept (`rows=None`: all),
     so one process of several, holding only its rows of the batch, draws the tokens one process draws and
     leaves the generator where one process would (tests/test_rollout.py)."""
-    u = torch.rand(n_rows, dtype=torch.float64, device=probs.device, generator=generator)
+    u = _uniforms(n_rows, probs.device, generator)
     if rows is not None:
         u = u[rows]
     cdf = probs.double().cumsum(-1)
@@ -65,12 +65,18 @@ def sample_rows(probs: torch.Tensor, rows: list[int] | None, n_rows: int, genera
     return token
 
 
+def _uniforms(n_rows: int, device, generator) -> torch.Tensor:
+    """The draws of one sampled token for an `n_rows`-row batch: every process makes exactly these (sampling or
+    idle), so the generators stay in step."""
+    return torch.rand(n_rows, dtype=torch.float64, device=device, generator=generator)
+
+
 def _idle_batch(n_rows, max_new_tokens, greedy, generator, all_done, device):
     """A process without rows in a chunk: the same draws from `generator` and the same `all_done` calls as the
     processes that sample, so every generator stays in step."""
     for _ in range(max_new_tokens):
         if not greedy:
-            torch.rand(n_rows, dtype=torch.float64, device=device, generator=generator)
+            _uniforms(n_rows, device, generator)
         if all_done(True):
             break
     return [], torch.zeros(0, 0), torch.zeros(0, dtype=torch.bool)

@@ -82,18 +82,13 @@ class RewardModel(nn.Module):
         shared = None
         if prompt_length and bool(attention_mask[:, prompt_length:].any(-1).all()):  # every response non-empty
             shared = shared_prompt_forward(decoder, input_ids, attention_mask, prompt_length, T, {}, {})
-        if shared is not None:
-            hidden, mask = shared[2].last_hidden_state, attention_mask[:, prompt_length:]  # [B, C, d]: responses
+        if shared is not None:  # the responses' states [B, C, d] and their mask
+            hidden, mask = shared[2].last_hidden_state, attention_mask[:, prompt_length:]
         else:
-            hidden, mask = (
-                decoder(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids(attention_mask),
-                    use_cache=False,
-                ).last_hidden_state,
-                attention_mask,
-            )
+            mask = attention_mask
+            hidden = decoder(
+                input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False
+            ).last_hidden_state
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         last = hidden[rows, last_token_index(mask)]  # [B, d] at the last real token
         raw = self.head(last).squeeze(-1).float()  # [B]
