@@ -208,6 +208,17 @@ def test_ties_are_skipped_and_counted(tokenizer):
     assert summary["ties_skipped"] == 2 and summary["train_pairs"] == len(rows) - 2
 
 
+def test_eval_rows_hold_out_nothing_from_the_training_rows(tokenizer):
+    rows, held = world_rows(10), world_rows(6, seed=1)
+    held[2].tie = True  # a tie is never a held-out pair either
+    config = DPOConfig(batch_size=4, max_steps=1, held_out=0.2, eval_every=0)
+    split = train_dpo(make_model(tokenizer), tokenizer, rows, config)
+    given = train_dpo(make_model(tokenizer), tokenizer, rows, config, eval_rows=held)
+    assert (split["train_pairs"], split["eval_pairs"]) == (8, 2)
+    assert (given["train_pairs"], given["eval_pairs"]) == (10, 5)
+    assert math.isfinite(given["eval_loss"])
+
+
 # ---- the CLI -----------------------------------------------------------------------------------------------
 
 

@@ -118,7 +118,8 @@ class DPOConfig(OptimConfig, LoraConfig):
     epochs: float = opt(1.0, "passes over the training pairs")
     max_prompt_length: int = opt(128, "prompt tokens kept (the end of the prompt)")
     max_completion_length: int = opt(64, "completion tokens kept (the start of each completion)")
-    held_out: float = opt(0.1, "share of pairs held out for evaluation")
+    held_out: float = opt(0.1, "share of pairs held out for evaluation (none with --eval-data)")
+    eval_data: str = opt("", "held-out preference JSONL (default: a held_out share of --data); every --data row trains")
     split_by: str = opt("row", SPLIT_BY_HELP)
     eval_every: int = opt(50, "evaluate on the held-out pairs every N steps (and at the end)")
     log_every: int = opt(10, "log training metrics (means over the interval) every N steps")
@@ -298,10 +299,13 @@ def load_rows(config: DPOConfig) -> list:
 # ---- the trainer -------------------------------------------------------------------------------------------
 
 
-def train_dpo(model, tokenizer, rows: list, config: DPOConfig, ref_model=None, run: Run | None = None) -> dict:
+def train_dpo(
+    model, tokenizer, rows: list, config: DPOConfig, ref_model=None, run: Run | None = None, eval_rows=None
+) -> dict:
     """Train `model` in place on preference rows; the function the demo calls. Returns the summary numbers.
 
-    `ref_model` is the frozen reference (a copy of the starting policy when None).
+    `ref_model` is the frozen reference (a copy of the starting policy when None). `eval_rows`: the held-out
+    rows (every row of `rows` then trains); None: a `held_out` share of `rows`.
     """
     accelerator = make_accelerator(dtype=config.dtype)
     pad_id = tokenizer.pad_token_id
@@ -310,7 +314,10 @@ def train_dpo(model, tokenizer, rows: list, config: DPOConfig, ref_model=None, r
     # 1. ties out (counted), held-out split, tokens
     n_ties = sum(bool(r.tie) for r in rows)
     rows = [r for r in rows if not r.tie]
-    train_rows, eval_rows = split_rows(rows, config.held_out, config.seed, config.split_by)
+    if eval_rows is None:
+        train_rows, eval_rows = split_rows(rows, config.held_out, config.seed, config.split_by)
+    else:
+        train_rows, eval_rows = rows, [r for r in eval_rows if not r.tie]
     train_pairs, n_trunc = tokenize_rows(tokenizer, train_rows, config.max_prompt_length, config.max_completion_length)
     eval_pairs, n_trunc_eval = tokenize_rows(
         tokenizer, eval_rows, config.max_prompt_length, config.max_completion_length
@@ -442,8 +449,13 @@ def dpo(config: DPOConfig) -> dict:
     model = add_lora(model, config, base=config.model)  # --lora-r: only the adapters train
     ref_model = load_model(config.ref_model, tokenizer=tokenizer)[0] if config.ref_model else None
     rows = load_rows(config)
+    eval_rows = None
+    if config.eval_data:
+        from preflab.data import load_preferences
+
+        eval_rows = list(load_preferences(config.eval_data).rows)
     print(f"[dpo] {len(rows)} comparisons, loss {config.loss_type}, beta {config.beta}", flush=True)
-    summary = train_dpo(model, tokenizer, rows, config, ref_model=ref_model, run=run)
+    summary = train_dpo(model, tokenizer, rows, config, ref_model=ref_model, run=run, eval_rows=eval_rows)
     # 6. save the policy (`preflab eval policy` measures what it does)
     run.save_model(model, tokenizer)
     summary["model"] = str(run.model_dir)
