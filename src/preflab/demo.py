@@ -646,7 +646,13 @@ def demo_once(config: DemoConfig, root: Path) -> dict:
     else:
         jobs = [p.job("ppo", "ppo: against the reward model", **common, **watch)]
     jobs += [Job(f"sweep/{label}", fn, options, f"sweep: the {label} arm") for label, (fn, options) in arms.items()]
-    dpo_job = p.job("dpo", "dpo: on the votes", model=str(root / "sft"), data=str(root / "votes" / "train.jsonl"))
+    dpo_job = p.job(
+        "dpo",
+        "dpo: on the votes",
+        model=str(root / "sft"),
+        data=str(root / "votes" / "train.jsonl"),
+        eval_data=str(root / "votes" / "heldout.jsonl"),  # the reward model's held-out votes: every training vote trains
+    )
     jobs.insert(0, dpo_job)
     policies = [f"base={root / 'pretrain'}", f"ppo={ppo_policy}", f"dpo={root / 'dpo'}"]
     if config.run_rloo:
