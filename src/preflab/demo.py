@@ -651,7 +651,8 @@ def demo_once(config: DemoConfig, root: Path) -> dict:
         "dpo: on the votes",
         model=str(root / "sft"),
         data=str(root / "votes" / "train.jsonl"),
-        eval_data=str(root / "votes" / "heldout.jsonl"),  # the reward model's held-out votes: every training vote trains
+        # the reward model's held-out votes: every training vote trains
+        eval_data=str(root / "votes" / "heldout.jsonl"),
     )
     jobs.insert(0, dpo_job)
     policies = [f"base={root / 'pretrain'}", f"ppo={ppo_policy}", f"dpo={root / 'dpo'}"]
