@@ -126,7 +126,9 @@ def test_cli_end_to_end(model_dir, tmp_path, method):
     ):
         assert f"{method}/{name}" in rows[0], name
     assert (f"{method}/loss/kl" in rows[0]) == (method == "grpo")
-    assert rows[1][f"{method}/objective/kl"] != 0.0  # the policy moved away from the reference
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and "eval_kl_after" in summary
+    # the policy moved away from the reference: measured after the run, not from step 2's rollout KL, which is
+    # exactly 0 when step 1's groups all scored alike (zero advantages, no update: the draws of an AMD EPYC did)
+    assert summary["eval_kl_after"] != 0.0
     load_model(out)
