@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from preflab.adapters import add_lora, reference_of
 from preflab.config import LoraConfig, OptimConfig, check, opt
-from preflab.data import DataError, collate_pairs, pair_length, split_rows, tokenize_rows
+from preflab.data import DataError, collate_pairs, load_preferences, pair_length, split_rows, tokenize_rows
 from preflab.data.preferences import SPLIT_BY, SPLIT_BY_HELP
 from preflab.logps import sequence_logps
 from preflab.runs import Run, progress, seed_everything
@@ -282,8 +282,6 @@ def evaluate_pairs(model, pairs: list, reference: Reference, pad_id: int, config
 
 def load_rows(config: DPOConfig) -> list:
     """Preference rows from the file, or simulated votes on world pairs (`--data world`)."""
-    from preflab.data import load_preferences
-
     if config.data == "world":
         from preflab.data.preferences import parse_preference
         from preflab.world.annotators import annotator_pool, simulate_votes, world_pairs
@@ -449,11 +447,7 @@ def dpo(config: DPOConfig) -> dict:
     model = add_lora(model, config, base=config.model)  # --lora-r: only the adapters train
     ref_model = load_model(config.ref_model, tokenizer=tokenizer)[0] if config.ref_model else None
     rows = load_rows(config)
-    eval_rows = None
-    if config.eval_data:
-        from preflab.data import load_preferences
-
-        eval_rows = list(load_preferences(config.eval_data).rows)
+    eval_rows = list(load_preferences(config.eval_data).rows) if config.eval_data else None
     print(f"[dpo] {len(rows)} comparisons, loss {config.loss_type}, beta {config.beta}", flush=True)
     summary = train_dpo(model, tokenizer, rows, config, ref_model=ref_model, run=run, eval_rows=eval_rows)
     # 6. save the policy (`preflab eval policy` measures what it does)
