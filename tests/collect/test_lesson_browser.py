@@ -62,6 +62,9 @@ def test_vote_train_and_compare_in_chromium(tmp_path, browser, server_factory, m
             prompt = json.loads(s.get(Pair, pair_id).prompt)
         left, right = (page.evaluate(f"document.getElementById('{side}').textContent") for side in ("left", "right"))
         page.keyboard.press("1" if true_utility(prompt, left).total >= true_utility(prompt, right).total else "2")
+        # the next pair has loaded: the page's 2-second poll can show the new count while the vote's own
+        # request is still in flight, and a key pressed then is ignored (the page is busy with this vote)
+        expect(page.locator("#pair")).not_to_have_attribute("data-pair-id", str(pair_id), timeout=15_000)
         expect(page.locator("#mine")).to_have_text(str(i + 1), timeout=15_000)
     expect(page.locator("#collected")).to_have_text("30")
 
